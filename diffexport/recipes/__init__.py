@@ -1,0 +1,156 @@
+"""Recipes: strict YAML → ``Recipe``, plus the engine I/O contract that follows from one.
+
+>>> recipe = load_recipe("recipes/quickstart.yaml")
+>>> [s.name for s in io_spec(recipe).inputs]
+['x', 'sigma']
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .schema import Condition, Recipe
+
+__all__ = ["Recipe", "RecipeError", "TensorSpec", "IOSpec", "load_recipe", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and field path."""
+
+
+def _loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif not str(p).startswith(("function-", "literal[")):  # pydantic's union/validator tags
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    return f"{msg} (got {got!r})" if not isinstance(got, dict) and kind != "value_error" else msg
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    """Validate a recipe mapping; ``RecipeError`` lists every problem as ``source: field: what``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of keys, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source}: {_loc(err['loc'])}: {_describe(err)}" for err in e.errors()]
+        raise RecipeError("invalid recipe\n  " + "\n  ".join(lines)) from None
+    try:
+        image_shape(recipe)
+    except ValueError as e:
+        raise RecipeError(f"invalid recipe\n  {source}: {e}") from None
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate ``path``; relative paths inside it are resolved against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    recipe = parse_recipe(data, str(path))
+    recipe._source = path.resolve()
+    return recipe
+
+
+def resolve_path(recipe: Recipe, value: str) -> Path:
+    """``value`` resolved against the recipe file's folder (or the working directory)."""
+    base = recipe._source
+    p = Path(value).expanduser()
+    return p if p.is_absolute() or base is None else (base.parent / p)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One engine input or output; ``shape[0] == -1`` is the dynamic batch."""
+
+    name: str
+    shape: list[int]
+    dtype: str = "float32"
+    kind: str = "tensor"  # x | sigma | vector | image | index | denoised
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    batch: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs], "batch": self.batch}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IOSpec:
+        return cls([TensorSpec(**s) for s in d["inputs"]], [TensorSpec(**s) for s in d["outputs"]], dict(d.get("batch", {})))
+
+
+def _resolution(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def image_shape(recipe: Recipe) -> tuple[int, int, int]:
+    """(C, H, W) of ``x`` from the model's args, checking the conditions add up to its input channels."""
+    a, cls = recipe.model.args, recipe.model.class_name
+    if cls == "DiffusionModel":
+        c, (h, w), c_in = a["channels"], _resolution(a["image_size"]), a["channels"]
+    elif cls == "UNet":
+        c, (h, w), c_in = a["img_out_channels"], _resolution(a["img_resolution"]), a["img_in_channels"]
+    else:
+        c, (h, w), c_in = a["out_channels"], _resolution(a["img_resolution"]), a["in_channels"]
+        if cls in ("SongUNetPosEmbd", "SongUNetPosLtEmbd"):
+            c_in -= a.get("N_grid_channels", 4) if a.get("gridtype", "sinusoidal") != "test" else 2
+        if cls == "SongUNetPosLtEmbd":
+            c_in -= a.get("lead_time_channels") or 0
+    images = [cnd for cnd in recipe.conditions if cnd.kind == "image"]
+    for cnd in images:
+        if cnd.shape[1:] != [h, w]:
+            raise ValueError(f"conditions.{cnd.name}.shape: image conditions must be {h}x{w} like x, got {cnd.shape}")
+    if c + sum(cnd.shape[0] for cnd in images) != c_in:
+        raise ValueError(
+            f"model.args: the model takes {c_in} image channels but x has {c} and the image conditions add "
+            f"{sum(cnd.shape[0] for cnd in images)}; fix in_channels or conditions"
+        )
+    vectors = [cnd for cnd in recipe.conditions if cnd.kind == "vector"]
+    label_dim = a.get("label_dim", 0)
+    if vectors and vectors[0].shape[0] != label_dim:
+        raise ValueError(f"conditions.{vectors[0].name}.shape: the model's label_dim is {label_dim}, got {vectors[0].shape}")
+    return c, h, w
+
+
+def _condition_spec(c: Condition) -> TensorSpec:
+    dtype = "int64" if c.kind == "index" else "float32"
+    return TensorSpec(c.name, [-1, *c.shape], dtype, c.kind)
+
+
+def io_spec(recipe: Recipe) -> IOSpec:
+    """The exported denoiser's contract: ``x [B,C,H,W]``, ``sigma [B]``, conditions → ``denoised``."""
+    c, h, w = image_shape(recipe)
+    inputs = [TensorSpec("x", [-1, c, h, w], kind="x"), TensorSpec("sigma", [-1], kind="sigma")]
+    inputs += [_condition_spec(cnd) for cnd in recipe.conditions]
+    outputs = [TensorSpec("denoised", [-1, c, h, w], kind="denoised")]
+    return IOSpec(inputs, outputs, recipe.inputs.batch.model_dump())

@@ -1,0 +1,218 @@
+"""The recipe: everything needed to build, sample, check and deploy one model.
+
+Every model is strict (``extra="forbid"``, no type coercion beyond int→float), so a typo or a
+wrong type fails at load time. Cross-field checks live in ``model_validator``s with messages that
+name the field; ``diffexport.recipes.load_recipe`` prefixes them with the file and field path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Literal
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+Target = Literal["onnx", "aoti", "tensorrt"]
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECONDITIONERS = ("EDMPreconditioner", "VEPreconditioner", "VPPreconditioner", "IDDPMPreconditioner", "DDPMPreconditioner")
+SCHEDULERS = ("EDMNoiseScheduler", "VENoiseScheduler", "VPNoiseScheduler", "IDDPMNoiseScheduler", "DDPMScheduler")
+SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddpm", "ddim")
+RESERVED_INPUTS = ("x", "sigma", "denoised", "latents", "samples", "seed")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+
+
+class Init(Strict):
+    """Seeded random weights, used when the model has no checkpoint."""
+
+    seed: int = 0
+
+
+class ModelSpec(Strict):
+    class_name: str = Field(alias="class")
+    args: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    init: Init = Init()
+
+    @field_validator("class_name")
+    @classmethod
+    def _known_class(cls, v: str) -> str:
+        from diffexport.models import model_names
+
+        if v not in model_names():
+            raise ValueError(f"unknown model class {v!r}; expected one of {', '.join(model_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _args_match_constructor(self) -> ModelSpec:
+        from diffexport.models import get_model_class
+
+        params = inspect.signature(get_model_class(self.class_name).__init__).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return self
+        unknown = sorted(set(self.args) - set(params) - {"self"})
+        if unknown:
+            allowed = ", ".join(n for n in params if n != "self")
+            raise ValueError(f"args: unknown argument(s) {', '.join(unknown)} for {self.class_name}; expected some of: {allowed}")
+        missing = [n for n, p in params.items() if n != "self" and p.default is p.empty and n not in self.args]
+        if missing:
+            raise ValueError(f"args: {self.class_name} needs {', '.join(missing)}")
+        return self
+
+
+class ClassSpec(Strict):
+    class_name: str = Field(alias="class")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreconditionerSpec(ClassSpec):
+    @field_validator("class_name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in PRECONDITIONERS:
+            raise ValueError(f"unknown preconditioner {v!r}; expected one of {', '.join(PRECONDITIONERS)}")
+        return v
+
+
+class SchedulerSpec(ClassSpec):
+    @field_validator("class_name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            raise ValueError(f"unknown noise scheduler {v!r}; expected one of {', '.join(SCHEDULERS)}")
+        return v
+
+
+class Condition(Strict):
+    """A named engine input after ``x`` and ``sigma``.
+
+    ``vector``: [B, *shape] passed to the model as class labels; ``image``: [B, C, H, W]
+    concatenated to ``x`` channel-wise before the model; ``index``: [B] int64 (e.g. a lead time).
+    """
+
+    name: str
+    kind: Literal["vector", "image", "index"]
+    shape: list[int] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"condition name {v!r} must be an identifier")
+        if v in RESERVED_INPUTS:
+            raise ValueError(f"condition name {v!r} is reserved ({', '.join(RESERVED_INPUTS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _shape_fits_kind(self) -> Condition:
+        rank = {"vector": 1, "image": 3, "index": 0}[self.kind]
+        if len(self.shape) != rank or any(d < 1 for d in self.shape):
+            raise ValueError(f"shape of a {self.kind} condition must be {rank} positive sizes, got {self.shape}")
+        return self
+
+
+class BatchRange(Strict):
+    min: int = Field(1, ge=1)
+    opt: int = Field(1, ge=1)
+    max: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchRange:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}")
+        return self
+
+
+class Inputs(Strict):
+    batch: BatchRange = BatchRange()
+
+
+class Patching(Strict):
+    """Multi-diffusion: sample an ``img_shape`` image with a patch-sized engine."""
+
+    img_shape: list[int]
+    overlap_pix: int = Field(0, ge=0)
+    boundary_pix: int = Field(0, ge=0)
+
+
+class Sampler(Strict):
+    scheduler: SchedulerSpec
+    solver: str = "heun"
+    num_steps: int = Field(18, ge=1)
+    solver_options: dict[str, Any] = Field(default_factory=dict)
+    patching: Patching | None = None
+
+    @field_validator("solver")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SOLVERS:
+            raise ValueError(f"unknown solver {v!r}; expected one of {', '.join(SOLVERS)}")
+        return v
+
+
+class Export(Strict):
+    targets: list[Target] = Field(default_factory=lambda: ["onnx", "aoti"], min_length=1)
+    precision: Precision = "fp32"
+    opset: int = Field(18, ge=18)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @field_validator("targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets repeat: {v}")
+        return v
+
+
+class Parity(Strict):
+    """Parity checks run as the last build stage. Tolerances default to the precision's preset."""
+
+    enabled: bool = True
+    num_sigmas: int = Field(8, ge=2)
+    batch: int = Field(2, ge=1)
+    seed: int = 0
+    per_call_rtol: float | None = Field(None, gt=0)
+    final_rtol: float | None = Field(None, gt=0)
+
+
+class Deploy(Strict):
+    triton: bool = False
+    triton_python_only: bool = False
+    triton_instances: int = Field(1, ge=1)
+    cpp: bool = False
+
+
+class Recipe(Strict):
+    name: str
+    model: ModelSpec
+    preconditioner: PreconditionerSpec = PreconditionerSpec(class_name="EDMPreconditioner")
+    conditions: list[Condition] = Field(default_factory=list)
+    inputs: Inputs = Inputs()
+    sampler: Sampler
+    export: Export = Export()
+    parity: Parity = Parity()
+    deploy: Deploy = Deploy()
+    output: str | None = None
+    _source: Path | None = PrivateAttr(None)  # the YAML file, for resolving relative paths
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"name {v!r} must be letters, digits, '.', '_' or '-' (it names a directory and Triton models)")
+        return v
+
+    @model_validator(mode="after")
+    def _conditions_unique(self) -> Recipe:
+        names = [c.name for c in self.conditions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"conditions: duplicate name(s) {', '.join(dup)}")
+        if sum(c.kind == "vector" for c in self.conditions) > 1:
+            raise ValueError("conditions: at most one vector condition (it feeds the model's class labels)")
+        return self
