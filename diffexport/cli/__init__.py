@@ -5,6 +5,9 @@ from __future__ import annotations
 from .app import app
 
 # Each module registers its commands on ``app`` when imported (one line per module).
+from . import serve  # noqa: F401,E402
+from . import cpp  # noqa: F401,E402
+from . import build  # noqa: F401,E402
 
 
 def main() -> None:

@@ -1,1 +1,80 @@
+"""EDM-style diffusion framework mirroring PhysicsNeMo's ``physicsnemo.diffusion`` layering.
 
+Modules: :mod:`.base` (protocols), :mod:`.preconditioners`, :mod:`.noise_schedulers`,
+:mod:`.samplers`, :mod:`.losses`, :mod:`.guidance`, :mod:`.multi_diffusion`, :mod:`.utils`.
+
+Typical sampling with an exported engine ``D(x, sigma, **conditions)``::
+
+    scheduler = EDMNoiseScheduler()
+    x0_predictor = edm_x0_predictor(engine, scheduler, **conditions)
+    denoiser = scheduler.get_denoiser(x0_predictor=x0_predictor)
+    xN = scheduler.init_latents((C, H, W), scheduler.timesteps(18)[:1].expand(B), generator=0)
+    x0 = sample(denoiser, xN, scheduler, 18, solver="heun", on_step=check_finite)
+"""
+
+from diffexport.diffusion.base import (
+    DiffusionModel,
+    Denoiser,
+    EDMDenoiserFn,
+    NoiseSource,
+    Predictor,
+    PredictorType,
+)
+from diffexport.diffusion.noise_schedulers import (
+    DDPMScheduler,
+    EDMNoiseScheduler,
+    IDDPMNoiseScheduler,
+    LinearGaussianNoiseScheduler,
+    NoiseScheduler,
+    VENoiseScheduler,
+    VPNoiseScheduler,
+)
+from diffexport.diffusion.preconditioners import (
+    BaseAffinePreconditioner,
+    EDMPreconditioner,
+    IDDPMPreconditioner,
+    VEPreconditioner,
+    VPPreconditioner,
+)
+from diffexport.diffusion.samplers import (
+    DDIMSolver,
+    EDMStochasticEulerSolver,
+    EDMStochasticHeunSolver,
+    EulerSolver,
+    HeunSolver,
+    Solver,
+    check_finite,
+    sample,
+)
+from diffexport.diffusion.utils import ConcatConditionWrapper, edm_x0_predictor
+
+__all__ = [
+    "BaseAffinePreconditioner",
+    "ConcatConditionWrapper",
+    "DDIMSolver",
+    "DDPMScheduler",
+    "Denoiser",
+    "DiffusionModel",
+    "EDMDenoiserFn",
+    "EDMNoiseScheduler",
+    "EDMPreconditioner",
+    "EDMStochasticEulerSolver",
+    "EDMStochasticHeunSolver",
+    "EulerSolver",
+    "HeunSolver",
+    "IDDPMNoiseScheduler",
+    "IDDPMPreconditioner",
+    "LinearGaussianNoiseScheduler",
+    "NoiseScheduler",
+    "NoiseSource",
+    "Predictor",
+    "PredictorType",
+    "Solver",
+    "VENoiseScheduler",
+    "VEPreconditioner",
+    "VPNoiseScheduler",
+    "VPPreconditioner",
+    "check_finite",
+    "edm_x0_predictor",
+    "sample",
+]

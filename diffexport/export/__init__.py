@@ -1,1 +1,69 @@
+"""Export: the recipe's preconditioned denoiser, traced once, lowered to each engine target.
 
+>>> denoiser = build_denoiser(recipe); io = io_spec(recipe)
+>>> program = export_program(denoiser, io, "fp32")            # the one torch.export
+>>> info = export_target("onnx", program, io, out_dir)         # writes out_dir/denoiser.onnx
+
+Every target returns the manifest fields it knows: ``file``, ``files`` (written, main first;
+hash them with ``diffexport.engines.manifest.file_record``), ``precision`` and its own details.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from torch.export import ExportedProgram
+
+from diffexport.export.aoti import INDUCTOR_CONFIGS, export_aoti
+from diffexport.export.denoiser import Backbone, Denoiser, build_denoiser, example_inputs, instantiate_model
+from diffexport.export.onnx import GROUP_NORM_OPSET, export_onnx, make_session
+from diffexport.export.precision import dtype_of, mixed_precision
+from diffexport.export.program import export_program
+from diffexport.export.tensorrt import TargetUnavailable, build_tensorrt, export_torch_tensorrt, require
+from diffexport.recipes import IOSpec
+
+__all__ = [
+    "Backbone", "Denoiser", "FILENAMES", "GROUP_NORM_OPSET", "INDUCTOR_CONFIGS", "TARGETS", "TargetUnavailable",
+    "build_denoiser", "build_tensorrt", "dtype_of", "example_inputs", "export_aoti", "export_onnx", "export_program",
+    "export_target", "export_torch_tensorrt", "instantiate_model", "make_session", "mixed_precision",
+]  # fmt: skip
+
+FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan"}
+
+
+def _onnx(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, **_) -> dict:
+    return export_onnx(program, io, out_dir / FILENAMES["onnx"], precision=precision, opset=opset)
+
+
+def _aoti(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, device: str, **_) -> dict:
+    return export_aoti(program, io, out_dir / FILENAMES["aoti"], precision=precision, device=device)
+
+
+def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None, **_) -> dict:
+    require("tensorrt")  # fail before lowering anything
+    if onnx_path is not None:
+        return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
+    with tempfile.TemporaryDirectory() as tmp:  # no ONNX target built: lower to ONNX on the side
+        onnx_path = Path(tmp) / FILENAMES["onnx"]
+        export_onnx(program, io, onnx_path, precision=precision, opset=opset)
+        return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
+
+
+TARGETS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "aoti": _aoti, "tensorrt": _tensorrt}
+
+
+def export_target(
+    name: str, program: ExportedProgram, io: IOSpec, out_dir: str | Path, *, precision: str = "fp32",
+    opset: int = GROUP_NORM_OPSET, device: str = "cpu", onnx_path: str | Path | None = None,
+) -> dict:
+    """Write target ``name``'s artifact into ``out_dir`` (file name from :data:`FILENAMES`).
+
+    ``tensorrt`` builds from ``onnx_path`` when given (the ONNX target of the same build), else
+    from an ONNX lowered to a temporary file; it raises ``TargetUnavailable`` without TensorRT.
+    """
+    if name not in TARGETS:
+        raise ValueError(f"unknown export target {name!r}; expected one of {', '.join(TARGETS)}")
+    options = dict(precision=precision, opset=opset, device=device, onnx_path=Path(onnx_path) if onnx_path else None)
+    return TARGETS[name](program, io, Path(out_dir), **options)

@@ -129,9 +129,8 @@ class DiffusionModel(Module):
     """DDPM noise-prediction U-Net: ``forward(x [B,C,H,W], t int64 [B]) -> eps [B,C,H,W]``.
 
     ``image_size`` (and any input's H, W) must be divisible by ``2**len(hidden_dims)``; every
-    hidden dim by 8 (GroupNorm groups); ``time_dim`` even. The time MLP is
-    ``TimeEmbedding(time_dim) -> Linear(time_dim, 4*time_dim) -> SiLU -> Linear(4*time_dim, time_dim)``,
-    as in DDPM.
+    hidden dim by 8 (GroupNorm groups); ``time_dim`` even. As in DDPM, the time MLP is
+    ``TimeEmbedding(time_dim), Linear(time_dim, 4*time_dim), SiLU, Linear(4*time_dim, time_dim)``.
     """
 
     def __init__(

@@ -18,6 +18,7 @@ from .legacy import rename_attention_keys
 
 __all__ = [
     "weight_init",
+    "check_resolution",
     "activation",
     "drop_labels",
     "Linear",
@@ -66,6 +67,17 @@ def drop_labels(labels: Tensor, p: float, training: bool) -> Tensor:
         return labels
     keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
     return labels * keep.to(labels.dtype)
+
+
+def check_resolution(name: str, shape: Sequence[int], num_levels: int) -> None:
+    """``ValueError`` unless every size in ``shape`` divides by ``2^(num_levels-1)`` (the decoder
+    cannot re-join skips of odd size)."""
+    mult = 2 ** (num_levels - 1)
+    if any(s <= 0 or s % mult != 0 for s in shape):
+        raise ValueError(
+            f"{name}: spatial size {tuple(int(s) for s in shape)} must be a positive multiple of "
+            f"2**(levels-1) = {mult} for a U-Net with {num_levels} levels"
+        )
 
 
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:

@@ -24,15 +24,17 @@ import torch
 __all__ = ["upgrade_legacy_state_dict", "rename_attention_keys"]
 
 _ATTN = {"norm2": "norm", "qkv": "qkv", "proj": "proj"}  # legacy attribute -> name under ``attn.``
-_LEGACY_ATTN_KEY = re.compile(r"^(?P<block>(?:.*\.)?)(?:attn\.(?P<old>norm2)|(?P<name>norm2|qkv|proj))\.(?P<p>weight|bias)$")
+_LEGACY_ATTN_KEY = re.compile(r"^(?P<block>(?:.*\.)?)(?P<name>norm2|qkv|proj)\.(?P<p>weight|bias)$")
 
 
 def _new_attention_key(key: str) -> str | None:
     """The 2.x name of a legacy attention key, or ``None`` if ``key`` is not one."""
     m = _LEGACY_ATTN_KEY.match(key)
-    if m is None or (m["name"] and m["block"].endswith("attn.")):
+    if m is None:
         return None
-    return f"{m['block']}attn.{_ATTN[m['old'] or m['name']]}.{m['p']}"
+    if m["block"].endswith("attn."):  # already under ``attn``: only ``attn.norm2`` is legacy
+        return f"{m['block']}norm.{m['p']}" if m["name"] == "norm2" else None
+    return f"{m['block']}attn.{_ATTN[m['name']]}.{m['p']}"
 
 
 def rename_attention_keys(state_dict: dict[str, Any], prefix: str = "") -> None:

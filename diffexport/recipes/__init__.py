@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .schema import Condition, Recipe
 
@@ -33,10 +33,28 @@ def _loc(loc: tuple) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Keys accepted by the schema model that holds the field at ``loc``."""
+    model: Any = Recipe
+    for p in loc[:-1]:
+        if isinstance(p, int):
+            continue
+        field = model.model_fields.get(p) or next((f for f in model.model_fields.values() if f.alias == p), None)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)] or [ann]
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
 def _describe(err: dict) -> str:
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        return "unknown key"
+        allowed = _allowed_keys(err["loc"])
+        return "unknown key" + (f"; expected one of: {', '.join(allowed)}" if allowed else "")
     if kind == "missing":
         return "required key is missing"
     got = err.get("input")

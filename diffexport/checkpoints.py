@@ -1,0 +1,277 @@
+"""Load and save model checkpoints: PhysicsNeMo ``.mdlus`` archives and plain state_dicts.
+
+A ``.mdlus`` is a ZIP (PhysicsNeMo 2.x, members stored uncompressed) or a tar (1.x) holding
+
+* ``model.pt``: ``torch.save(model.state_dict())``;
+* ``args.json``: ``{"__name__": class name, "__module__": its module, "__args__": {kwargs}}``;
+* ``metadata.json``: ``{"mdlus_file_version": ...}`` (PhysicsNeMo checks it; ignored here).
+
+Only the class name matters on load: it is resolved with :func:`diffexport.models.get_model_class`.
+Weights are always read with ``torch.load(weights_only=True)``: a pickle that would build anything
+but tensors and plain containers (e.g. run ``os.system``) is refused, never executed.
+Every problem is reported as a :class:`CheckpointError` with a one-paragraph message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffexport import __version__
+from diffexport.models import get_model_class, model_names
+
+__all__ = ["CheckpointError", "constructor_args", "load_model", "save_model"]
+
+# PhysicsNeMo 2.x home of the diffusion UNets that diffexport reimplements (written to args.json
+# so PhysicsNeMo can import them; it looks registered names up by name first anyway).
+PHYSICSNEMO_MODULE = "physicsnemo.models.diffusion_unets"
+PHYSICSNEMO_CLASSES = frozenset(
+    {"SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd", "DhariwalUNet", "UNet"}
+)
+# Wrapper prefixes stripped from state-dict keys, outermost first: DDP, torch.compile, and
+# PhysicsNeMo 1.x / EDM preconditioners holding the UNet as ``self.model``.
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # in torch's weights_only refusal
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit its model; the message says why."""
+
+
+def constructor_args(model: torch.nn.Module) -> dict[str, Any]:
+    """The keyword arguments ``model`` was built with (``model._init_args``); ``TypeError`` if
+    it does not record them (subclass :class:`diffexport.models.base.Module` to fix that)."""
+    init_args = getattr(model, "_init_args", None)
+    if not isinstance(init_args, dict):
+        raise TypeError(
+            f"{type(model).__name__} does not record its constructor arguments, so it cannot be "
+            "saved as .mdlus: subclass diffexport.models.base.Module instead of torch.nn.Module "
+            "(or set self._init_args to a dict of its constructor keyword arguments)"
+        )
+    return dict(init_args)
+
+
+def save_model(model: torch.nn.Module, path: PathLike) -> Path:
+    """Write ``model`` as a PhysicsNeMo 2.x ``.mdlus`` ZIP (readable by PhysicsNeMo 2.2's
+    ``Module.from_checkpoint`` for the classes it has); atomically replaces ``path``."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    cls = type(model)
+    spec = {
+        "__name__": cls.__name__,
+        "__module__": PHYSICSNEMO_MODULE if cls.__name__ in PHYSICSNEMO_CLASSES else cls.__module__,
+        "__args__": constructor_args(model),
+    }
+    try:
+        args_json = json.dumps(spec)
+    except TypeError as err:
+        raise TypeError(f"cannot save {cls.__name__}: its constructor arguments {err}") from None
+    metadata = {
+        "mdlus_file_version": getattr(cls, "__model_checkpoint_version__", "0.1.0"),
+        "written_by": f"diffexport {__version__}",
+    }
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("model.pt", weights.getvalue())
+            archive.writestr("args.json", args_json)
+            archive.writestr("metadata.json", json.dumps(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_model(
+    path: PathLike,
+    *,
+    class_name: str | None = None,
+    args: Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Build the model stored at ``path`` and load its weights; returned in eval mode.
+
+    ``path`` is a ``.mdlus`` archive (2.x ZIP or 1.x tar), or a plain ``torch.save`` file of a
+    state_dict (or of a dict holding one under ``"state_dict"`` or ``"model"``), which needs
+    ``class_name`` and, unless the defaults do, ``args``. For a ``.mdlus``, ``class_name``
+    replaces the stored class and ``args`` override the stored constructor arguments.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    members = _archive_members(path)
+    if members is None:  # not a .mdlus: a plain torch.save file
+        state = _state_dict(_torch_load(path, str(path), map_location), str(path))
+        if class_name is None:
+            raise CheckpointError(
+                f"{path} is a plain state_dict, not a .mdlus archive, so it does not say which "
+                f"model it belongs to: pass class_name= (one of {', '.join(model_names())}) "
+                "and the constructor args="
+            )
+        name, kwargs = class_name, dict(args or {})
+    else:
+        missing = [m for m in ("model.pt", "args.json") if m not in members]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a complete .mdlus archive: it lacks {' and '.join(missing)} "
+                f"(it holds: {', '.join(sorted(members)) or 'nothing'})"
+            )
+        stored_name, stored_args = _parse_args_json(members["args.json"], path)
+        name, kwargs = class_name or stored_name, {**stored_args, **(args or {})}
+        where = f"{path} (model.pt)"
+        state = _state_dict(_torch_load(members["model.pt"], where, map_location), where)
+    model = _build(name, kwargs, path).to(map_location)
+    _load_weights(model, state, path)
+    return model.eval()
+
+
+def _archive_members(path: Path) -> dict[str, bytes] | None:
+    """The files in the ``.mdlus`` archive at ``path``, or ``None`` when it is none (a ZIP
+    without ``model.pt``/``args.json`` is taken for a ``torch.save`` file, itself a ZIP)."""
+    try:
+        if tarfile.is_tarfile(path):  # first, as PhysicsNeMo does: some 1.x files are both
+            with tarfile.open(path) as tar:
+                files = [m for m in tar if m.isfile()]
+                return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in files}
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = {n.removeprefix("./"): n for n in archive.namelist()}
+                if not names.keys() & {"model.pt", "args.json"}:
+                    return None
+                return {name: archive.read(n) for name, n in names.items()}
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as err:
+        raise CheckpointError(f"{path} is a damaged or truncated archive ({err})") from None
+    return None
+
+
+def _torch_load(source: Path | bytes, where: str, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)`` with its failures turned into ``CheckpointError``."""
+    try:
+        file = io.BytesIO(source) if isinstance(source, bytes) else source
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        message = str(err)
+        unsafe = _UNSAFE_GLOBAL.search(message)
+        if unsafe:
+            raise CheckpointError(
+                f"refused to load {where}: its pickle references {unsafe[1]}, which is neither a "
+                "tensor nor a plain container and could run arbitrary code; only state_dicts are "
+                "accepted: re-save the weights with torch.save(model.state_dict(), ...)"
+            ) from None
+        unsupported = (s.strip() for s in message.splitlines() if "unsupported" in s.lower())
+        detail = next(unsupported, message.split(". ")[0])
+        raise CheckpointError(
+            f"cannot read {where}: it is corrupt, truncated, or neither a .mdlus archive nor a "
+            f"torch.save file ({detail or type(err).__name__})"
+        ) from None
+
+
+def _state_dict(obj: Any, where: str) -> Mapping[str, torch.Tensor]:
+    """The state_dict in a loaded ``obj``: itself, or its ``state_dict``/``model`` entry."""
+    if isinstance(obj, Mapping):
+        inner = [obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)]
+        obj = inner[0] if inner else obj
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state_dict")
+    odd = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(
+            f"{where} holds a dict that is not a state_dict: entries {_listing(odd)} are not "
+            "tensors (expected a state_dict, or a dict with one under 'state_dict' or 'model')"
+        )
+    return obj
+
+
+def _parse_args_json(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
+    """``(class name, constructor kwargs)`` from an ``args.json``."""
+    try:
+        spec = json.loads(raw)
+        name, kwargs = spec["__name__"], spec.get("__args__", {})
+        if not isinstance(name, str) or not isinstance(kwargs, dict):
+            raise TypeError("__name__ must be a string and __args__ an object")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: args.json is not a PhysicsNeMo model description "
+            f'{{"__name__": ..., "__args__": {{...}}}} ({type(err).__name__}: {err})'
+        ) from None
+    return name, kwargs
+
+
+def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
+    """``name(**kwargs)`` from the diffexport model registry."""
+    try:
+        cls = get_model_class(name)
+    except ValueError:
+        raise CheckpointError(
+            f"{path} holds a {name!r} model, which diffexport does not implement; "
+            f"known classes: {', '.join(model_names())}"
+        ) from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot build {name} from the constructor arguments of {path} ({err}); "
+            f"arguments: {kwargs}"
+        ) from None
+
+
+def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load ``state`` into ``model`` strictly, reporting every missing, unexpected and
+    mis-shaped key at once. Models' own load_state_dict pre-hooks (legacy names) still apply."""
+    expected = model.state_dict().keys()
+    for prefix in _KEY_PREFIXES:
+        if all(k.startswith(prefix) for k in state) and not any(
+            k.startswith(prefix) for k in expected
+        ):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+
+    seen: dict[str, list[str]] = {}
+
+    def record(_module: torch.nn.Module, keys: Any) -> None:  # runs last, after models' hooks
+        seen.update(missing=list(keys.missing_keys), unexpected=list(keys.unexpected_keys))
+
+    handle = model.register_load_state_dict_post_hook(record)
+    try:
+        model.load_state_dict(state, strict=False)
+        mismatched = []
+    except RuntimeError as err:  # raised (after the hook ran) only for shape mismatches
+        mismatched = _SIZE_MISMATCH.findall(str(err))
+        if not mismatched:
+            raise CheckpointError(f"cannot load the weights of {path}: {err}") from None
+    finally:
+        handle.remove()
+
+    shapes = [f"{k} (model expects {want}, checkpoint has {got})" for k, got, want in mismatched]
+    found = {"missing keys": seen["missing"], "unexpected keys": seen["unexpected"]}
+    found["shape mismatches"] = shapes
+    problems = [f"{what} ({len(keys)}): {_listing(keys)}" for what, keys in found.items() if keys]
+    if problems:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the {type(model).__name__} built from its "
+            f"arguments: {'; '.join(problems)}"
+        )
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"

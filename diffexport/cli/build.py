@@ -1,0 +1,169 @@
+"""``diffexport build RECIPE`` and ``diffexport inspect ENGINE_DIR``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffexport.cli.app import app, console, fail
+from diffexport.deploy.cpp import CppBuildError, cpp_stage
+from diffexport.deploy.triton import TritonError, triton_stage
+from diffexport.engines import EngineError, build_engine, read_manifest
+from diffexport.engines.build import Finalize
+from diffexport.export import TargetUnavailable
+from diffexport.recipes import Recipe, RecipeError, load_recipe
+
+STATUS_STYLE = {"ok": "green", "failed": "red", "unchecked": "yellow"}
+KNOWN_ERRORS = (RecipeError, EngineError, TargetUnavailable, TritonError, CppBuildError)  # their messages say it all
+
+
+def size(n: int) -> str:
+    """``n`` bytes in human units (``1.5 MB``)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+class Progress:
+    """``build_engine``'s progress callback: a spinner while a stage runs, one line when it ends."""
+
+    def __init__(self) -> None:
+        self.stage, self.status = "", None
+
+    def __call__(self, stage: str, event: str, seconds: float, detail: str) -> None:
+        self.stop()
+        if event == "start":
+            self.stage, self.started = stage, time.perf_counter()
+            self.status = console.status(f"{stage} [dim]{detail}[/]")
+            self.status.start()
+        elif event == "done":
+            console.print(f"[green]✓[/] {stage:<16} {seconds:7.1f} s  [dim]{detail}[/]")
+        else:
+            console.print(f"[yellow]![/] {stage:<16} skipped: {detail}", soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def finalize_stages(recipe: Recipe) -> list[tuple[str, Finalize]]:
+    """The build stages after export that ``recipe`` asks for, in order (deploy.triton, deploy.cpp)."""
+    stages: list[tuple[str, Finalize]] = []
+    if recipe.deploy.triton:
+        stages.append(("deploy:triton", triton_stage))
+    if recipe.deploy.cpp:
+        stages.append(("deploy:cpp", cpp_stage))
+    return stages
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Engine directory (default: the recipe's output, else engines/<name>)."),
+    targets: str = typer.Option(None, "--targets", help="Comma-separated targets replacing export.targets, e.g. onnx,aoti."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when an identical engine is already there."),
+    no_parity: bool = typer.Option(False, "--no-parity", help="Skip the parity stage (the manifest says status: unchecked)."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure."),
+) -> None:
+    """Build RECIPE into an engine directory (atomically) and print its path."""
+    progress = Progress()
+    try:
+        spec = load_recipe(recipe)
+        if no_parity:
+            spec = spec.model_copy(update={"parity": spec.parity.model_copy(update={"enabled": False})})
+        wanted = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
+        result = build_engine(spec, out, wanted, force=force, progress=progress, finalize=finalize_stages(spec))
+    except BaseException as e:
+        progress.stop()
+        if debug or isinstance(e, SystemExit):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            raise fail("interrupted; the engine directory was left as it was", 130) from None
+        raise fail(str(e) if isinstance(e, KNOWN_ERRORS) else _unexpected(e, recipe, progress.stage)) from None
+    progress.stop()
+    if result.built:  # (a no-op was reported by the progress line)
+        summary(result.engine_dir, result.manifest)
+        console.print(result.message, soft_wrap=True)
+    typer.echo(result.engine_dir)
+
+
+def _unexpected(e: BaseException, recipe: Path, stage: str) -> str:
+    """One paragraph for an export or compiler failure (the traceback is for ``--debug``)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{recipe}: stage '{stage}' failed: {type(e).__name__}: {first} (--debug shows the traceback)"
+
+
+def summary(engine_dir: Path, manifest: dict) -> None:
+    """Artifacts with sizes and stage times, after a build."""
+    table = Table(title=f"{manifest['name']} -> {engine_dir}", title_justify="left", box=None)
+    for column in ("artifact", "file", "size", "seconds"):
+        table.add_column(column, justify="right" if column in ("size", "seconds") else "left")
+    stages = manifest.get("stages", {})
+    table.add_row("weights", manifest["weights"]["file"], size((engine_dir / manifest["weights"]["file"]).stat().st_size), f"{stages.get('load', 0):.1f}")
+    for target, art in manifest["artifacts"].items():
+        table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), f"{stages.get('export:' + target, 0):.1f}")
+    for target, why in manifest.get("skipped", {}).items():
+        table.add_row(target, f"[yellow]skipped[/]: {why}", "", "")
+    console.print(table)
+    status = manifest.get("status", "?")
+    console.print(f"status [{STATUS_STYLE.get(status, 'white')}]{status}[/], total {sum(stages.values()):.1f} s")
+
+
+@app.command()
+def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made by `diffexport build`.")) -> None:
+    """Print ENGINE_DIR's manifest in human form."""
+    try:
+        m = read_manifest(engine_dir)
+    except EngineError as e:
+        raise fail(str(e)) from None
+    out = Console(highlight=False, soft_wrap=True)
+    status = m.get("status", "?")
+    out.print(f"[bold]{m['name']}[/]  status [{STATUS_STYLE.get(status, 'white')}]{status}[/]  built {m.get('created', '?')}  ({m['format']})")
+    out.print(f"[dim]{Path(engine_dir).resolve()}  content key {m.get('content_key', '?')[:16]}[/]")
+
+    io = m["io"]
+    table = Table(title=f"I/O (batch {io['batch'].get('min')}..{io['batch'].get('max')}, opt {io['batch'].get('opt')})", title_justify="left")
+    for column in ("", "name", "kind", "dtype", "shape"):
+        table.add_column(column)
+    for direction, specs in (("in", io["inputs"]), ("out", io["outputs"])):
+        for s in specs:
+            table.add_row(direction, s["name"], s["kind"], s["dtype"], "[" + ", ".join("B" if d == -1 else str(d) for d in s["shape"]) + "]")
+    out.print(table)
+
+    s = m["sampler"]
+    args = ", ".join(f"{k}={v}" for k, v in s["scheduler"]["args"].items())
+    nonzero = [x for x in s["sigmas"] if x > 0]
+    out.print(f"[bold]sampler[/] {s['scheduler']['class']}({args}), {s['solver']} x {s['num_steps']} steps"
+              f"{' ' + str(s['solver_options']) if s['solver_options'] else ''}, sigma {max(nonzero):g} -> {min(nonzero):g} -> 0")
+    if s.get("patching"):
+        out.print(f"  patching {s['patching']}")
+
+    table = Table(title="artifacts", title_justify="left")
+    for column in ("target", "file", "size", "sha256", "details"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    w = m["weights"]
+    w_path = Path(engine_dir) / w["file"]
+    table.add_row("weights", w["file"], size(w_path.stat().st_size) if w_path.is_file() else "[red]missing[/]", w["sha256"][:12], "")
+    skip = {"file", "files", "sha256", "bytes"}
+    for target, art in m["artifacts"].items():
+        details = ", ".join(f"{k}={v}" for k, v in art.items() if k not in skip and not isinstance(v, dict))
+        table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), art["sha256"][:12], details)
+    for target, why in m.get("skipped", {}).items():
+        table.add_row(target, "[yellow]skipped[/]", "", "", why)
+    out.print(table)
+
+    out.print("[bold]versions[/] " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
+    d = m["device"]
+    out.print(f"[bold]device[/] {d['type']}: {d['name']}" + (f" (compute capability {d['compute_capability']})" if d.get("compute_capability") else ""))
+    out.print("[bold]stages[/] " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("stages", {}).items()))
+    if m.get("parity"):
+        out.print("[bold]parity[/]")
+        for key, value in m["parity"].items():
+            out.print(f"  {key}: {value}")

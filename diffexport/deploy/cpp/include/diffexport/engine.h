@@ -1,0 +1,72 @@
+// An engine directory (docs/ENGINE_FORMAT.md) as the C++ runner sees it, and the `Backend`
+// interface every denoiser runtime (AOTInductor, TensorRT) implements.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "diffexport/json.h"
+#include "diffexport/npy.h"
+
+namespace diffexport {
+
+/// One engine input or output; `shape[0] == -1` is the dynamic batch.
+struct TensorSpec {
+  std::string name, kind;  // kind: x | sigma | vector | image | index | denoised
+  DType dtype = DType::Float32;
+  std::vector<int64_t> shape;
+};
+
+/// The sampler the engine was built for (`manifest.sampler`).
+struct SamplerSpec {
+  std::string scheduler, solver;  // scheduler class name; "euler" | "heun"
+  int num_steps = 0;
+  std::vector<double> sigmas;  // N+1 noise levels ending with 0 (empty: compute from the EDM args)
+  double sigma_min = 0, sigma_max = 0, rho = 0;  // EDMNoiseScheduler args (0 when absent)
+  std::vector<double> alphas;                    // α(t) at those times (empty when absent)
+  std::vector<std::string> solver_options;       // names of the solver options that are set
+  bool patching = false;
+};
+
+struct Engine {
+  std::string dir, name;
+  Json manifest;
+  std::vector<TensorSpec> inputs, outputs;  // inputs in call order: x, sigma, conditions...
+  int64_t batch_min = 1, batch_opt = 1, batch_max = 1;
+  SamplerSpec sampler;
+
+  /// Path of `target`'s artifact ("aoti", "tensorrt"), after checking it exists and its
+  /// sha256 matches the manifest; `Error` naming the file otherwise.
+  std::string verified_artifact(const std::string& target) const;
+};
+
+/// Read and check `DIR/manifest.json`; `Error` naming the file and field when it is unusable.
+Engine load_engine(const std::string& dir);
+
+/// A view of one host tensor handed to a backend.
+struct TensorView {
+  const void* data;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+/// Runs the exported denoiser: `denoised [B, C, H, W] = D(x, sigma, conditions...)`.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  /// `inputs` in the engine's input order, batch B within the engine's range, host memory;
+  /// writes B*C*H*W floats to `denoised` (host memory).
+  virtual void run(const std::vector<TensorView>& inputs, float* denoised) = 0;
+};
+
+/// The backend `name` ("aoti", "tensorrt" or "auto": the first built artifact that this
+/// binary can run, TensorRT first). `threads` > 0 sets the CPU threads (AOTInductor).
+std::unique_ptr<Backend> open_backend(const Engine& engine, const std::string& name = "auto", int threads = 0);
+
+std::unique_ptr<Backend> open_aoti(const Engine& engine, int threads);
+std::unique_ptr<Backend> open_tensorrt(const Engine& engine);  // only with DIFFEXPORT_WITH_TENSORRT
+
+}  // namespace diffexport

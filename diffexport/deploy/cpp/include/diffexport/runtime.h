@@ -1,0 +1,13 @@
+// diffexport C++ runtime: load an engine directory and sample from it without Python.
+//
+//   diffexport::Sampler sampler("engines/quickstart");
+//   diffexport::Array samples = sampler.sample(diffexport::read_npy("latents.npy"));
+//   diffexport::write_npy("samples.npy", samples);
+#pragma once
+
+#include "diffexport/engine.h"
+#include "diffexport/error.h"
+#include "diffexport/json.h"
+#include "diffexport/npy.h"
+#include "diffexport/sampler.h"
+#include "diffexport/sha256.h"

@@ -1,0 +1,208 @@
+// `.npy` reader/writer. Format: magic "\x93NUMPY", version (major, minor), header length
+// (uint16 for v1, uint32 for v2/v3, little endian), then a Python dict literal
+// {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } padded with spaces and '\n'.
+#include "diffexport/npy.h"
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+
+#include "diffexport/error.h"
+
+namespace diffexport {
+
+const char* dtype_name(DType dtype) { return dtype == DType::Float32 ? "float32" : "int64"; }
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::Float32;
+  if (name == "int64") return DType::Int64;
+  throw Error("unsupported dtype '" + name + "' (expected float32 or int64)");
+}
+
+size_t dtype_size(DType dtype) { return dtype == DType::Float32 ? 4 : 8; }
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+Array::Array(DType dtype_, std::vector<int64_t> shape_)
+    : dtype(dtype_), shape(std::move(shape_)), bytes(static_cast<size_t>(diffexport::numel(shape)) * dtype_size(dtype)) {}
+
+float* Array::f32() { return const_cast<float*>(static_cast<const Array*>(this)->f32()); }
+int64_t* Array::i64() { return const_cast<int64_t*>(static_cast<const Array*>(this)->i64()); }
+
+const float* Array::f32() const {
+  if (dtype != DType::Float32) throw Error(std::string("array is ") + dtype_name(dtype) + ", not float32");
+  return reinterpret_cast<const float*>(bytes.data());
+}
+
+const int64_t* Array::i64() const {
+  if (dtype != DType::Int64) throw Error(std::string("array is ") + dtype_name(dtype) + ", not int64");
+  return reinterpret_cast<const int64_t*>(bytes.data());
+}
+
+namespace {
+
+/// The header's dict literal: string keys; values are strings, True/False or int tuples.
+class HeaderParser {
+ public:
+  struct Value {
+    std::string text;  // a string value, or "True"/"False"
+    std::vector<int64_t> ints;
+    bool is_tuple = false;
+  };
+
+  HeaderParser(const std::string& s, const std::string& path) : s_(s), path_(path) {}
+
+  std::map<std::string, Value> dict() {
+    std::map<std::string, Value> out;
+    expect('{');
+    while (!peek('}')) {
+      std::string key = quoted();
+      expect(':');
+      out[key] = value();
+      if (!peek('}')) expect(',');
+    }
+    expect('}');
+    return out;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(path_ + ": bad .npy header (" + what + "): " + s_);
+  }
+  void space() {
+    while (i_ < s_.size() && std::strchr(" \t\r\n", s_[i_])) ++i_;
+  }
+  bool peek(char c) {
+    space();
+    return i_ < s_.size() && s_[i_] == c;
+  }
+  void expect(char c) {
+    if (!peek(c)) fail(std::string("expected '") + c + "'");
+    ++i_;
+  }
+  std::string quoted() {
+    space();
+    if (i_ >= s_.size() || (s_[i_] != '\'' && s_[i_] != '"')) fail("expected a quoted string");
+    char q = s_[i_++];
+    size_t end = s_.find(q, i_);
+    if (end == std::string::npos) fail("unterminated string");
+    std::string out = s_.substr(i_, end - i_);
+    i_ = end + 1;
+    return out;
+  }
+  int64_t integer() {
+    space();
+    size_t start = i_;
+    while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') ++i_;
+    if (i_ == start || i_ - start > 15) fail("expected a dimension size");
+    int64_t v = std::stoll(s_.substr(start, i_ - start));
+    if (i_ < s_.size() && s_[i_] == 'L') ++i_;  // Python 2 long literals
+    return v;
+  }
+  Value value() {
+    Value v;
+    if (peek('(')) {
+      ++i_;
+      v.is_tuple = true;
+      while (!peek(')')) {
+        v.ints.push_back(integer());
+        if (!peek(')')) expect(',');
+      }
+      ++i_;
+    } else if (peek('\'') || peek('"')) {
+      v.text = quoted();
+    } else if (s_.compare(i_, 4, "True") == 0 || s_.compare(i_, 5, "False") == 0) {
+      v.text = s_[i_] == 'T' ? "True" : "False";
+      i_ += v.text.size();
+    } else {
+      fail("unsupported value");
+    }
+    return v;
+  }
+
+  const std::string& s_;
+  const std::string& path_;
+  size_t i_ = 0;
+};
+
+uint32_t le32(const unsigned char* p) { return p[0] | p[1] << 8 | p[2] << 16 | uint32_t(p[3]) << 24; }
+
+}  // namespace
+
+Array read_npy(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw Error(path + ": cannot open file");
+  const auto file_size = static_cast<uint64_t>(in.tellg());
+  in.seekg(0);
+  unsigned char pre[12] = {};
+  in.read(reinterpret_cast<char*>(pre), 10);
+  if (in.gcount() < 10 || std::memcmp(pre, "\x93NUMPY", 6) != 0) throw Error(path + ": not a .npy file (bad magic)");
+  const int major = pre[6];
+  if (major < 1 || major > 3) throw Error(path + ": unsupported .npy version " + std::to_string(major) + "." + std::to_string(pre[7]));
+  uint64_t header_len = pre[8] | pre[9] << 8, offset = 10;
+  if (major >= 2) {
+    in.read(reinterpret_cast<char*>(pre + 10), 2);
+    header_len = le32(pre + 8), offset = 12;
+  }
+  if (offset + header_len > file_size) throw Error(path + ": truncated .npy header");
+  std::string header(header_len, '\0');
+  in.read(&header[0], static_cast<std::streamsize>(header_len));
+  while (!header.empty() && std::strchr(" \n\r\t", header.back())) header.pop_back();
+
+  auto dict = HeaderParser(header, path).dict();
+  for (const char* key : {"descr", "fortran_order", "shape"})
+    if (!dict.count(key)) throw Error(path + ": .npy header has no '" + key + "'");
+  const auto& descr = dict["descr"].text;
+  if (dict["fortran_order"].text != "False")
+    throw Error(path + ": Fortran-order arrays are not supported; save with np.ascontiguousarray");
+  if (!dict["shape"].is_tuple) throw Error(path + ": .npy header 'shape' is not a tuple");
+  DType dtype;
+  if (descr == "<f4") dtype = DType::Float32;
+  else if (descr == "<i8") dtype = DType::Int64;
+  else throw Error(path + ": dtype '" + descr + "' is not supported (float32 '<f4' or int64 '<i8', little endian)");
+
+  Array a(dtype, dict["shape"].ints);
+  const uint64_t expected = offset + header_len + a.bytes.size();
+  if (file_size != expected)
+    throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(a.shape) + " " +
+                dtype_name(dtype) + " needs " + std::to_string(expected) + (file_size < expected ? " (truncated)" : ""));
+  in.read(reinterpret_cast<char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
+  if (!in) throw Error(path + ": read error");
+  return a;
+}
+
+void write_npy(const std::string& path, const Array& a) {
+  std::string shape = "(";
+  for (int64_t d : a.shape) shape += std::to_string(d) + ", ";
+  if (a.shape.size() > 1) shape.resize(shape.size() - 2);
+  else if (a.shape.size() == 1) shape.resize(shape.size() - 1);  // "(5,)"
+  shape += ")";
+  std::string header = std::string("{'descr': '") + (a.dtype == DType::Float32 ? "<f4" : "<i8") +
+                       "', 'fortran_order': False, 'shape': " + shape + ", }";
+  header.append(63 - (10 + header.size()) % 64, ' ');  // magic + header + '\n' is a multiple of 64
+  header += '\n';
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error(path + ": cannot write file");
+    const char lo = static_cast<char>(header.size() & 0xFF), hi = static_cast<char>(header.size() >> 8);
+    out.write("\x93NUMPY\x01\x00", 8).put(lo).put(hi);
+    out.write(header.data(), static_cast<std::streamsize>(header.size()));
+    out.write(reinterpret_cast<const char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
+    if (!out.flush()) throw Error(path + ": write error");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path + ": cannot rename " + tmp + " into place");
+}
+
+}  // namespace diffexport

@@ -1,0 +1,152 @@
+"""Write an engine's Triton model repositories (layout in ``docs/ENGINE_FORMAT.md``).
+
+Two repositories, same two models, same client-facing API::
+
+    ENGINE_DIR/triton/            full: the denoiser runs in Triton's TensorRT / ONNX Runtime backend
+      <name>_denoiser/config.pbtxt, 1/model.plan | 1/model.onnx (+ its external data files)
+      <name>_sampler/config.pbtxt,  1/model.py     Python backend: sampler loop, BLS calls to the denoiser
+    ENGINE_DIR/triton-python/     self-contained: only the Python backend is needed
+      <name>_denoiser/config.pbtxt, 1/model.py     the engine in-process (ONNX Runtime, else AOTInductor)
+      <name>_sampler/...                           as above
+
+Model sources find the engine through the ``engine_dir`` parameter, a path relative to their model
+folder (``../..``), so repositories survive the engine directory being renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
+from diffexport.engines.base import EngineError
+from diffexport.engines.manifest import read_manifest
+from diffexport.recipes import IOSpec
+
+FULL, PYTHON_ONLY = "triton", "triton-python"
+ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
+PYTHON_BACKENDS = {"onnx": "onnxruntime", "aoti": "aoti"}  # engine target -> in-process runtime, in preference order
+NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
+NATIVE_BACKENDS = {"tensorrt": "tensorrt", "onnx": "onnxruntime"}  # engine target -> Triton backend serving it
+
+
+def repository_dir(engine_dir: str | Path, python_only: bool = False) -> Path:
+    """Where :func:`write_repository` puts the (full or self-contained) repository."""
+    return Path(engine_dir) / (PYTHON_ONLY if python_only else FULL)
+
+
+def model_names(name: str) -> tuple[str, str]:
+    """``(denoiser, sampler)`` model names of engine ``name``."""
+    return f"{name}_denoiser", f"{name}_sampler"
+
+
+def native_target(manifest: dict) -> str:
+    """The artifact served by Triton's own backend in the full repository: ``tensorrt`` if built, else ``onnx``."""
+    target = next((t for t in NATIVE_PLATFORMS if t in manifest.get("artifacts", {})), None)
+    if target is None:
+        raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact (built: {', '.join(manifest.get('artifacts', {})) or 'none'})")
+    return target
+
+
+def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = False) -> str | None:
+    """Why the self-contained repository must be served on a Triton with ``backends`` (``None``: the full one can)."""
+    if forced:
+        return "--python-only"
+    if manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"):
+        return "the recipe sets deploy.triton_python_only"
+    try:
+        backend = NATIVE_BACKENDS[native_target(manifest)]
+    except EngineError:
+        return "the engine has no onnx or tensorrt artifact for a native backend"
+    return None if backend in backends else f"this Triton has no {backend} backend (only {', '.join(sorted(backends))})"
+
+
+def python_backend(manifest: dict) -> str:
+    """The runtime the self-contained denoiser loads in-process: ``onnxruntime`` if built, else ``aoti``."""
+    target = next((t for t in PYTHON_BACKENDS if t in manifest.get("artifacts", {})), None)
+    if target is None:
+        raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact (built: {', '.join(manifest.get('artifacts', {})) or 'none'})")
+    return PYTHON_BACKENDS[target]
+
+
+def _model_source(name: str) -> str:
+    return resources.files("diffexport.deploy.triton").joinpath("models", f"{name}.py").read_text()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _write_model(repo: Path, config: dict, files: dict[str, str | Path]) -> None:
+    """``repo/<name>/config.pbtxt`` and ``repo/<name>/1/<file>`` (text, or a linked/copied file)."""
+    version = repo / config["name"] / "1"
+    version.mkdir(parents=True)
+    (repo / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
+    for fname, content in files.items():
+        if isinstance(content, Path):
+            _link_or_copy(content, version / fname)
+        else:
+            (version / fname).write_text(content)
+
+
+def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None) -> Path:
+    """Write ``ENGINE_DIR/triton`` (or ``triton-python`` when ``python_only``) atomically and return it.
+
+    ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is writing).
+    Instance counts come from the recipe's ``deploy.triton_instances``.
+    """
+    engine_dir = Path(engine_dir)
+    manifest = manifest if manifest is not None else read_manifest(engine_dir)
+    io = IOSpec.from_dict(manifest["io"])
+    instances = int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1))
+    denoiser, sampler = model_names(manifest["name"])
+    params = {"engine_dir": ENGINE_DIR_PARAM}
+    if python_only:
+        den_cfg = denoiser_config(denoiser, io, instances=instances, parameters={**params, "backend": python_backend(manifest)})
+        den_files: dict[str, str | Path] = {"model.py": _model_source("denoiser")}
+    else:
+        target = native_target(manifest)
+        platform, fname = NATIVE_PLATFORMS[target]
+        art = manifest["artifacts"][target]
+        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, gpu=target == "tensorrt")
+        extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
+        den_files = {fname: engine_dir / art["file"], **{f: engine_dir / f for f in extra}}
+        for f in den_files.values():
+            if not Path(f).is_file():
+                raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
+    sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser})
+
+    final = repository_dir(engine_dir, python_only)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))
+    try:
+        _write_model(tmp, den_cfg, den_files)
+        _write_model(tmp, sam_cfg, {"model.py": _model_source("sampler")})
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=engine_dir))
+            final.rename(old / final.name)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def triton_stage(engine_dir: str | Path, manifest: dict) -> list[Path]:
+    """Build stage for ``deploy.triton``: the full repository when the engine has an onnx/tensorrt
+    artifact and ``deploy.triton_python_only`` is off, the self-contained one when it has an
+    onnx/aoti artifact (always when ``triton_python_only``); returns the folders written."""
+    arts, python_only = manifest.get("artifacts", {}), bool(manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"))
+    full = not python_only and any(t in arts for t in NATIVE_PLATFORMS)
+    written = [write_repository(engine_dir, manifest=manifest)] if full else []
+    if python_only or not full or any(t in arts for t in PYTHON_BACKENDS):
+        written.append(write_repository(engine_dir, python_only=True, manifest=manifest))
+    return written

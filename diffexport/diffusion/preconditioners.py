@@ -1,0 +1,124 @@
+"""Preconditioners (Karras et al. 2022, Table 1): ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``.
+
+All built-in preconditioners take the EDM noise level ``sigma`` [B] and an unscaled input
+``x = x0 + sigma n`` -- exactly the contract of exported engines
+(:class:`~diffexport.diffusion.base.EDMDenoiserFn`). Use
+:func:`~diffexport.diffusion.utils.edm_x0_predictor` to drive them on a schedule with
+``alpha(t) != 1`` (VP). A subclass may override :meth:`BaseAffinePreconditioner.sigma` to take a
+diffusion time ``t`` instead.
+
+Export-friendly: no Python branching on tensor values in ``forward``; constant tables are
+buffers; input checks are skipped while tracing (``torch.compiler.is_compiling()``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffexport.diffusion.base import Condition, batch_view, check_batch
+from diffexport.diffusion.noise_schedulers import VPNoiseScheduler, iddpm_sigma_table
+
+Coefficients = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class BaseAffinePreconditioner(nn.Module, ABC):
+    """Wrap a :class:`~diffexport.diffusion.base.DiffusionModel` ``F`` into ``D(x, t, condition, **kw)``.
+
+    ``sigma = self.sigma(t)`` (identity by default); :meth:`compute_coefficients` gets sigma
+    shaped (B, 1, ..., 1) and returns ``(c_in, c_noise, c_out, c_skip)`` of that shape; the model
+    receives ``c_noise`` flattened to [B]. The preconditioner is itself a DiffusionModel.
+    """
+
+    #: whether sigma must be > 0 (c_noise takes its log); checked in eager mode only
+    positive_sigma: bool = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @abstractmethod
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        """``(c_in, c_noise, c_out, c_skip)`` for sigma of shape (B, 1, ..., 1)."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """Noise level for the forward's ``t`` (identity: ``t`` is sigma)."""
+        return t
+
+    def forward(self, x: Tensor, t: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            check_batch("t", t, x.shape[0], exact_1d=True)
+            check_batch("condition", condition, x.shape[0])
+        sigma = batch_view(self.sigma(t), x)
+        if eager and self.positive_sigma and bool((sigma <= 0).any()):
+            raise ValueError(f"t (noise level sigma) must be > 0 for {type(self).__name__}, got min {sigma.min().item():g}")
+        c_in, c_noise, c_out, c_skip = self.compute_coefficients(sigma)
+        if condition is not None:
+            model_kwargs["condition"] = condition
+        F_x = self.model(c_in * x, c_noise.reshape(-1), **model_kwargs)
+        return c_skip * x + c_out * F_x
+
+
+class EDMPreconditioner(BaseAffinePreconditioner):
+    """EDM: ``c_skip = sd^2/(s^2+sd^2)``, ``c_out = s sd/sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)``,
+    ``c_noise = ln(s)/4``."""
+
+    positive_sigma = True
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5) -> None:
+        super().__init__(model)
+        self.sigma_data = sigma_data
+
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
+        return c_in, sigma.log() / 4, c_out, c_skip
+
+
+class VEPreconditioner(BaseAffinePreconditioner):
+    """VE: ``c_skip = 1``, ``c_out = s``, ``c_in = 1``, ``c_noise = ln(s/2)``."""
+
+    positive_sigma = True
+
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        one = torch.ones_like(sigma)
+        return one, (0.5 * sigma).log(), sigma, one
+
+
+class VPPreconditioner(BaseAffinePreconditioner):
+    """VP: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) t(s)`` with t(s)
+    the inverse of the VP schedule ``s(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``."""
+
+    def __init__(self, model: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000) -> None:
+        super().__init__(model)
+        self.schedule = VPNoiseScheduler(beta_min=beta_min, beta_d=beta_d)
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return c_in, (self.M - 1) * self.schedule.edm_sigma_inv(sigma), -sigma, torch.ones_like(sigma)
+
+
+class IDDPMPreconditioner(BaseAffinePreconditioner):
+    """iDDPM: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``,
+    ``c_noise = M - 1 - argmin_j |s - u_j|`` over the buffer ``u`` of iDDPM noise levels."""
+
+    def __init__(self, model: nn.Module, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> None:
+        super().__init__(model)
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        self.register_buffer("u", iddpm_sigma_table(C_1, C_2, M).float())
+
+    def round_sigma(self, sigma: Tensor, return_index: bool = False) -> Tensor:
+        """Nearest table level u_j to each sigma (or its index j), same shape as sigma."""
+        index = (sigma.reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
+        return index if return_index else self.u[index].to(sigma.dtype)
+
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        c_noise = (self.M - 1 - self.round_sigma(sigma, return_index=True)).to(sigma.dtype)
+        return 1 / (sigma**2 + 1).sqrt(), c_noise, -sigma, torch.ones_like(sigma)

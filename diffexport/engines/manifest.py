@@ -1,0 +1,153 @@
+"""``manifest.json``: read, write (atomically), hash, and the content key of a build.
+
+The format is documented in ``docs/ENGINE_FORMAT.md``; this module is its only reader and writer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import diffexport
+from diffexport.engines.base import EngineError
+
+FORMAT = "diffexport-engine/1"
+MANIFEST = "manifest.json"
+STATUSES = ("ok", "failed", "unchecked")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Hex sha256 of ``value`` as canonical JSON (sorted keys, no spaces)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the tools that shape an engine (``None``: not installed)."""
+    trt = next((v for d in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12") if (v := _version(d))), None)
+    return {
+        "diffexport": diffexport.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "tensorrt": trt,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``{"type", "name", "compute_capability"}`` of ``device`` (capability ``"9.0"`` on CUDA, else None)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {device} requested but CUDA is not available")
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    return {"type": device.type, "name": _cpu_name(), "compute_capability": None}
+
+
+def content_key(weights_sha: str, resolved_recipe: dict, versions: dict, device: dict, stages: Sequence[str] = ()) -> str:
+    """What makes two builds identical: weights, resolved recipe (targets included), tools, device,
+    and the names of the finalize ``stages`` that ran (parity, deploy)."""
+    return sha256_json({"weights": weights_sha, "recipe": resolved_recipe, "versions": versions, "device": device, "stages": list(stages)})
+
+
+def file_record(engine_dir: Path, files: list[str]) -> dict[str, Any]:
+    """``{"file", "sha256", "bytes", "files"}`` for an artifact made of ``files`` (the first is the main one)."""
+    hashes = {name: sha256_file(engine_dir / name) for name in files}
+    return {
+        "file": files[0],
+        "sha256": hashes[files[0]],
+        "bytes": sum((engine_dir / name).stat().st_size for name in files),
+        "files": hashes,
+    }
+
+
+def verify_files(engine_dir: Path, record: dict) -> None:
+    """``EngineError`` naming the first file of ``record`` that is missing or whose sha256 differs."""
+    for name, want in (record.get("files") or {record["file"]: record["sha256"]}).items():
+        path = engine_dir / name
+        if not path.is_file():
+            raise EngineError(f"{path}: file is missing (listed in {MANIFEST})")
+        if sha256_file(path) != want:
+            raise EngineError(f"{path}: sha256 does not match {MANIFEST}: the file is corrupted or truncated; rebuild the engine")
+
+
+def read_manifest(engine_dir: str | Path) -> dict:
+    """The manifest of ``engine_dir``; ``EngineError`` naming the file when absent, invalid or of another format."""
+    path = Path(engine_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"{path}: not found; is {engine_dir} an engine directory built by `diffexport build`?") from None
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{path}: cannot read manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise EngineError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as indented JSON to ``path`` atomically (temp file in the same folder, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other users (Triton, CI)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_manifest(engine_dir: str | Path, manifest: dict) -> None:
+    """Write ``manifest.json`` in ``engine_dir`` atomically."""
+    write_json(Path(engine_dir) / MANIFEST, manifest)
+
+
+def mark(engine_dir: str | Path, status: str | None = None, parity: dict | None = None, **fields: Any) -> dict:
+    """Update ``status`` (ok | failed | unchecked), the ``parity`` summary and any other top-level
+    ``fields`` of an engine's manifest, atomically; returns the new manifest."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    manifest = read_manifest(engine_dir)
+    updates = {"status": status, "parity": parity, **fields}
+    manifest.update({k: v for k, v in updates.items() if v is not None})
+    write_manifest(engine_dir, manifest)
+    return manifest

@@ -1,0 +1,121 @@
+"""ONNX target: the exported program through the dynamo ONNX exporter, checked, written atomically.
+
+GroupNorm stays one op: at opset >= 21 each ``aten.group_norm`` becomes one
+``GroupNormalization`` (per-channel scale, the semantics of torch); at opsets 18-20 the
+exporter lowers it to one ``InstanceNormalization`` over a ``[B, G, -1]`` reshape plus the
+per-channel affine. (``GroupNormalization``-18 took per-group scales and is deprecated: onnx's
+checker rejects models that use it.) Either way there is no ReduceMean/Pow decomposition.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import onnxscript
+import torch
+from torch.export import ExportedProgram
+
+from diffexport.export.denoiser import Denoiser
+from diffexport.export.program import export_program
+from diffexport.recipes import IOSpec
+
+GROUP_NORM_OPSET = 21  # first opset whose GroupNormalization matches torch's group_norm
+
+
+def export_onnx(
+    program_or_denoiser: ExportedProgram | Denoiser, io: IOSpec, path: str | Path, *, precision: str = "fp32",
+    opset: int = GROUP_NORM_OPSET,
+) -> dict:
+    """Write ``path`` (+ ``path.data`` when over 2 GB); returns the manifest fields of the artifact.
+
+    Inputs and outputs carry the ``io`` names with a symbolic ``batch`` axis; constants are
+    folded (including weight casts of fp16/bf16 graphs), shapes inferred, ``onnx.checker`` passes.
+    """
+    program = program_or_denoiser
+    if not isinstance(program, ExportedProgram):
+        program = export_program(program_or_denoiser, io, precision)
+    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            program,
+            input_names=[s.name for s in io.inputs],
+            output_names=[s.name for s in io.outputs],
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    model = onnx_program.model
+    _name_batch_axis(model)
+    limit = max((v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None), default=0)
+    onnxscript.optimizer.optimize(model, input_size_limit=limit, output_size_limit=limit)  # folds weight casts
+    model.doc_string = f"diffexport denoiser, precision {precision}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        onnx_program.save(tmp / path.name, external_data=None)  # external data only past 2 GB
+        onnx.shape_inference.infer_shapes_path(str(tmp / path.name), str(tmp / path.name), strict_mode=True, data_prop=True)
+        onnx.checker.check_model(str(tmp / path.name), full_check=True)
+        files = sorted(os.listdir(tmp), key=lambda name: name != path.name)  # the model first
+        for name in reversed(files):  # external data before the model that points at it
+            os.replace(tmp / name, path.parent / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return {"file": path.name, "files": files, "opset": opset, "precision": precision, "group_norm": _group_norm_op(ops)}
+
+
+def _name_batch_axis(model) -> None:
+    """Call the dynamic leading axis of every graph input and output ``batch``."""
+    import onnx_ir as ir
+
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
+            value.shape = ir.Shape(["batch", *value.shape[1:]])
+
+
+def _group_norm_op(ops: set[str]) -> str | None:
+    return next((op for op in ("GroupNormalization", "InstanceNormalization") if op in ops), None)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    allowed = os.sched_getaffinity(0)
+    cores, cpu, physical = set(), None, "0"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                physical = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((physical, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)
+
+
+def make_session(path: str | Path, threads: int | None = None, providers: list | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session tuned for one denoiser call at a time.
+
+    One intra-op thread per physical core (``threads`` overrides), no inter-op parallelism, all
+    graph optimisations, spinning worker threads (lower latency per call); ``providers``
+    default to CUDA/TensorRT when this onnxruntime has them, then CPU.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), options, providers=providers)

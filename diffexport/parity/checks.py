@@ -1,0 +1,105 @@
+"""The two parity checks of an engine against the torch reference: per call, and along a trajectory.
+
+Each check is split into seeded inputs, runs (one per engine: the reference's can be reused for
+every backend) and a comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffexport.engines.base import Engine
+from diffexport.parity.metrics import errors
+from diffexport.runtime.batching import batch_range
+from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
+
+
+def sigma_sweep(spec: SamplerSpec, num: int) -> list[float]:
+    """``num`` log-spaced σ from the schedule's largest to its smallest positive EDM noise level."""
+    s = spec.edm_sigmas()
+    s = s[s > 0]
+    hi, lo = math.log(float(s.max())), math.log(float(s.min()))
+    return [math.exp(hi + (lo - hi) * i / (num - 1)) for i in range(num)]
+
+
+def clamp_batch(engine: Engine, batch: int) -> int:
+    """``batch`` moved into the engine's batch range."""
+    lo, hi = batch_range(engine)
+    return min(max(batch, lo), hi)
+
+
+def random_conditions(engine: Engine, batch: int, generator: torch.Generator, index_high: int = 1,
+                      image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Seeded condition inputs: image and vector ``N(0, 1)``, index uniform in ``[0, index_high)``.
+    ``image_hw`` overrides the size of image conditions (the full image under patching)."""
+    out = {}
+    for spec in engine.io.inputs[2:]:
+        shape = [batch, *spec.shape[1:]]
+        if spec.kind == "image" and image_hw is not None:
+            shape[-2:] = image_hw
+        if spec.kind == "index":
+            out[spec.name] = torch.randint(0, max(index_high, 1), shape, generator=generator)
+        else:
+            out[spec.name] = torch.randn(shape, generator=generator)
+    return out
+
+
+def call_inputs(engine: Engine, sigmas: list[float], batch: int, seed: int, index_high: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Per σ, the inputs of one call: ``x = x0 + σ n`` with ``x0 ~ N(0, 0.5²)``, random conditions."""
+    g = torch.Generator().manual_seed(seed)
+    shape = [batch, *engine.io.inputs[0].shape[1:]]
+    out = []
+    for sigma in sigmas:
+        x = 0.5 * torch.randn(shape, generator=g) + sigma * torch.randn(shape, generator=g)
+        out.append({"x": x, "sigma": torch.full((batch,), sigma), **random_conditions(engine, batch, g, index_high)})
+    return out
+
+
+@torch.no_grad()
+def call_outputs(engine: Engine, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """``engine`` on each input set, outputs on CPU."""
+    return [engine(**{k: v.to(engine.device) for k, v in i.items()}).cpu() for i in inputs]
+
+
+def compare_calls(sigmas: list[float], refs: list[torch.Tensor], outs: list[torch.Tensor]) -> list[dict]:
+    """``[{"sigma", "max_abs", "rel_l2"}]``."""
+    return [{"sigma": s, **errors(r, o)} for s, r, o in zip(sigmas, refs, outs)]
+
+
+@dataclass(frozen=True)
+class TrajectoryInputs:
+    latents: torch.Tensor  # [B, C, H, W], noise at the first time step
+    conditions: dict[str, torch.Tensor]
+    seed: int  # of the per-step noise
+
+
+def trajectory_inputs(engine: Engine, spec: SamplerSpec, batch: int, seed: int, index_high: int = 1) -> TrajectoryInputs:
+    """Seeded latents and conditions for :func:`trajectory_states` (on CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = image_shape(engine, spec)
+    latents = spec.scheduler.init_latents((c, h, w), spec.time_steps[:1].expand(batch), g, dtype=torch.float32)
+    return TrajectoryInputs(latents, random_conditions(engine, batch, g, index_high, (h, w) if spec.patching else None), seed)
+
+
+@torch.no_grad()
+def trajectory_states(engine: Engine, spec: SamplerSpec, inputs: TrajectoryInputs) -> list[torch.Tensor]:
+    """The state after every step of the whole sampler (the last one is the sample), on CPU.
+
+    The per-step noise of a stochastic solver comes from ``inputs.seed`` on the engine's device,
+    so two engines on one device see the same noise. NaN/Inf are kept (and compared), not raised.
+    """
+    states: list[torch.Tensor] = []
+    sample(engine, spec, latents=inputs.latents, conditions=inputs.conditions, seed=inputs.seed, check_finite=False,
+           on_step=lambda i, t_cur, t_next, x: states.append(x.detach().cpu().clone()))
+    return states
+
+
+def compare_steps(spec: SamplerSpec, refs: list[torch.Tensor], outs: list[torch.Tensor]) -> dict:
+    """``{"steps": [{"step", "t", "sigma", "max_abs", "rel_l2"}], "final": {"max_abs", "rel_l2"}}``."""
+    sig = spec.edm_sigmas()
+    steps = [{"step": i, "t": float(spec.time_steps[i + 1]), "sigma": float(sig[i + 1]), **errors(r, o)}
+             for i, (r, o) in enumerate(zip(refs, outs))]
+    return {"steps": steps, "final": errors(refs[-1], outs[-1])}

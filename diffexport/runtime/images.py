@@ -1,0 +1,61 @@
+"""Samples to a PNG grid with a small dependency-free PNG writer (8-bit grey or RGB)."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+
+def to_grid(samples: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0), pad: int = 1) -> np.ndarray:
+    """``[N, C, H, W]`` floats (C = 1 or 3) -> one ``[rows, cols, C]`` uint8 image, samples on a near-square grid."""
+    n, c, h, w = samples.shape
+    if c not in (1, 3):
+        raise ValueError(f"a PNG grid needs 1 or 3 channels, got {c}")
+    lo, hi = value_range
+    img = np.clip((samples - lo) / (hi - lo) * 255 + 0.5, 0, 255).astype(np.uint8)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y:y + h, x:x + w] = img[i].transpose(1, 2, 0)
+    return grid
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An 8-bit PNG of ``image`` [H, W, 1 | 3] uint8."""
+    h, w, c = image.shape
+    color = {1: 0, 3: 2}[c]  # grey, truecolour
+    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_png_grid(samples: np.ndarray, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """Write ``samples`` [N, C, H, W] (C = 1 or 3, values in ``value_range``) as one PNG grid."""
+    write_atomic(path, png_bytes(to_grid(np.asarray(samples, dtype=np.float32), value_range)))
+    return Path(path)

@@ -1,0 +1,215 @@
+"""Sample with an engine through the sampler its manifest records.
+
+The solver math is :func:`diffexport.diffusion.samplers.sample`; this module only assembles its
+arguments from ``manifest["sampler"]`` and turns the engine into the solver's denoiser::
+
+    engine -> [CUDA graph] -> batch chunks -> NaN/Inf guard -> edm_x0_predictor(·, scheduler)
+           -> [patch-wise, fused] -> scheduler.get_denoiser -> diffusion.samplers.sample
+
+Randomness comes from one seeded ``torch.Generator`` on the engine's device: it draws the initial
+latents (unless given) and then every per-step noise of a stochastic solver, so a seed fixes the
+samples bit for bit on a given device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffexport.diffusion import noise_schedulers, samplers
+from diffexport.diffusion.utils import edm_x0_predictor
+from diffexport.engines.base import Engine
+from diffexport.runtime.batching import BatchedEngine
+from diffexport.runtime.cuda_graphs import CUDAGraphEngine
+from diffexport.runtime.guards import FiniteGuard
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
+_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def make_scheduler(spec: dict) -> Any:
+    """``{"class": name, "args": {...}}`` -> that class of :mod:`diffexport.diffusion.noise_schedulers`."""
+    cls = getattr(noise_schedulers, spec.get("class", ""), None)
+    if not isinstance(cls, type):
+        raise ValueError(f"sampler.scheduler.class: {spec.get('class')!r} is not a noise scheduler of diffexport.diffusion")
+    return cls(**spec.get("args", {}))
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What :func:`sample` runs: scheduler, solver and options, the N + 1 times, and patching."""
+
+    scheduler: Any
+    solver: str
+    time_steps: torch.Tensor  # [N + 1], decreasing, last 0
+    solver_options: dict = field(default_factory=dict)
+    patching: dict | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.time_steps) - 1
+
+    @classmethod
+    def from_manifest(cls, sampler: dict, num_steps: int | None = None) -> SamplerSpec:
+        """From ``manifest["sampler"]``; ``num_steps`` re-discretises the schedule (else its ``time_steps``)."""
+        scheduler = make_scheduler(sampler["scheduler"])
+        if num_steps is not None and num_steps != sampler.get("num_steps"):
+            times = scheduler.timesteps(num_steps)
+        elif sampler.get("time_steps") is not None:
+            times = torch.tensor(sampler["time_steps"], dtype=torch.float64)
+        else:
+            times = scheduler.timesteps(int(sampler["num_steps"]))
+        if not times.is_floating_point():
+            times = times.long()
+        return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"))
+
+    def edm_sigmas(self) -> torch.Tensor:
+        """The EDM noise level the engine receives at each time step (float64, [N + 1])."""
+        t = self.time_steps
+        s = self.scheduler
+        return (s.edm_sigma(t.double()) if hasattr(s, "edm_sigma") else s.sigma(t) / s.alpha(t)).double()
+
+
+def image_shape(engine: Engine, spec: SamplerSpec) -> tuple[int, int, int]:
+    """(C, H, W) of a sample: the engine's ``x`` or, with patching, the full image."""
+    c, h, w = engine.io.inputs[0].shape[1:]
+    if spec.patching:
+        h, w = spec.patching["img_shape"]
+    return c, h, w
+
+
+def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None, batch: int,
+                     image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``conditions`` by engine input name, each ``[batch, *shape]`` with the engine's dtype, on its device.
+
+    A condition given without its batch axis, or with batch 1, is repeated over the batch. With
+    patching, ``image_hw`` is the full image size that image conditions must have.
+    """
+    conditions = dict(conditions or {})
+    specs = engine.io.inputs[2:]
+    names = [s.name for s in specs]
+    unknown, missing = sorted(set(conditions) - set(names)), [n for n in names if n not in conditions]
+    if unknown or missing:
+        raise ValueError(f"conditions: the engine takes {names or 'none'}; missing {missing or '-'}, unexpected {unknown or '-'}")
+    out = {}
+    for spec in specs:
+        t = torch.as_tensor(conditions[spec.name])
+        want = list(spec.shape[1:])
+        if spec.kind == "image" and image_hw is not None:
+            want[-2:] = image_hw
+        if list(t.shape) == want:
+            t = t.unsqueeze(0)
+        if t.ndim == len(want) + 1 and t.shape[0] == 1 and batch > 1 and list(t.shape[1:]) == want:
+            t = t.expand(batch, *want)
+        if list(t.shape) != [batch, *want]:
+            raise ValueError(f"condition '{spec.name}' ({spec.kind}) must have shape {[batch, *want]} or {want}, got {list(t.shape)}")
+        dtype = _DTYPES[spec.dtype]
+        if dtype == torch.int64 and t.is_floating_point() and not bool((t == t.round()).all()):
+            raise ValueError(f"condition '{spec.name}' is an index (int64) but holds non-integer values")
+        out[spec.name] = t.to(device=engine.device, dtype=dtype).contiguous()
+    return out
+
+
+def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``scheduler.init_latents`` at the first time step: noise scaled to σ_max, [B, C, H, W] float32."""
+    t0 = spec.time_steps[0].to(device).expand(shape[0])
+    return spec.scheduler.init_latents(tuple(shape[1:]), t0, generator, device=device, dtype=torch.float32)
+
+
+def _solver_options(spec: SamplerSpec, generator: torch.Generator) -> dict:
+    """The recipe's solver options, plus the generator when the solver draws noise and none is set."""
+    opts = dict(spec.solver_options)
+    cls = samplers.SOLVERS.get(spec.solver)
+    if cls is not None and "generator" in inspect.signature(cls).parameters and opts.get("generator") is None:
+        opts["generator"] = generator
+    return opts
+
+
+def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, torch.Tensor], *, chunk: int | None = None,
+                     check_finite: bool = True, cuda_graph: bool = False) -> tuple[Callable[..., torch.Tensor], FiniteGuard | None]:
+    """The engine as the solvers' x0-predictor ``(x_t, t) -> x0`` on full-size images, and its NaN/Inf
+    guard (whose :meth:`FiniteGuard.on_step` must see every step; None when not checking).
+
+    Any batch (chunked to the engine's range); with ``spec.patching`` the image is cut into the
+    engine's patch size (:class:`~diffexport.diffusion.multi_diffusion.GridPatching2D`), image
+    conditions with it, other conditions repeated per patch, and the patch outputs fused.
+    """
+    d: Any = BatchedEngine(CUDAGraphEngine(engine) if cuda_graph else engine, chunk)
+    guard = FiniteGuard(d) if check_finite else None
+    d = guard or d
+    if not spec.patching:
+        return edm_x0_predictor(d, spec.scheduler, **conditions), guard
+    from tensordict import TensorDict
+
+    from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
+
+    p = spec.patching
+    patching = GridPatching2D(tuple(p["img_shape"]), tuple(engine.io.inputs[0].shape[2:]), p.get("overlap_pix", 0), p.get("boundary_pix", 0))
+    per_patch = edm_x0_predictor(d, spec.scheduler)
+
+    def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None) -> torch.Tensor:
+        return per_patch(x, t, **(dict(condition.items()) if condition is not None else {}))
+
+    batch = next(iter(conditions.values())).shape[0] if conditions else None
+    condition = TensorDict(conditions, batch_size=[batch]) if conditions else None
+    return PatchBasedPredictor(predictor, patching.to(engine.device), condition=condition), guard
+
+
+@torch.no_grad()
+def sample(
+    engine: Engine,
+    sampler: SamplerSpec | dict,
+    *,
+    batch: int | None = None,
+    seed: int = 0,
+    latents: torch.Tensor | None = None,
+    conditions: dict[str, torch.Tensor] | None = None,
+    num_steps: int | None = None,
+    chunk: int | None = None,
+    check_finite: bool = True,
+    cuda_graph: bool = False,
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
+    """Samples ``[N, C, H, W]`` (float32, on the engine's device) from ``engine``.
+
+    Args:
+        engine: any :class:`~diffexport.engines.base.Engine`.
+        sampler: ``manifest["sampler"]`` or a :class:`SamplerSpec`.
+        batch: number of samples N (default 1, or the batch of ``latents``).
+        seed: seeds the generator of the initial latents and of the per-step noise.
+        latents: explicit initial noise, already scaled to σ_max, [N, C, H, W].
+        conditions: engine condition inputs by name, [N, ...] (or one, repeated over N).
+        num_steps: re-discretise the schedule with this many steps.
+        chunk: rows per engine call (default: the engine's ``batch.max``).
+        check_finite: stop with :class:`~diffexport.runtime.guards.SamplingError` at the first NaN/Inf.
+        cuda_graph: replay each engine call from a CUDA graph (CUDA engines, static shapes).
+        on_step: ``on_step(i, t_cur, t_next, x)`` after every step.
+    """
+    spec = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec.from_manifest(sampler, num_steps)
+    if num_steps is not None and spec.num_steps != num_steps:
+        spec = SamplerSpec(spec.scheduler, spec.solver, spec.scheduler.timesteps(num_steps), spec.solver_options, spec.patching)
+    device = engine.device
+    c, h, w = image_shape(engine, spec)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if latents is None:
+        latents = initial_latents(spec, (batch or 1, c, h, w), generator, device)
+    else:
+        if latents.ndim != 4 or tuple(latents.shape[1:]) != (c, h, w) or (batch is not None and latents.shape[0] != batch):
+            raise ValueError(f"latents must have shape [{batch or 'N'}, {c}, {h}, {w}], got {list(latents.shape)}")
+        latents = latents.to(device=device, dtype=torch.float32)
+    n = latents.shape[0]
+    conds = check_conditions(engine, conditions, n, (h, w) if spec.patching else None)
+    predictor, guard = engine_predictor(engine, spec, conds, chunk=chunk, check_finite=check_finite, cuda_graph=cuda_graph)
+    hooks = [f for f in (guard and guard.on_step, on_step) if f is not None]
+
+    def hook(i: int, t_cur: torch.Tensor, t_next: torch.Tensor, x: torch.Tensor) -> None:
+        for f in hooks:
+            f(i, t_cur, t_next, x)
+
+    denoiser = spec.scheduler.get_denoiser(x0_predictor=predictor)
+    return samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
+                           time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)

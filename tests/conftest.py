@@ -1,0 +1,107 @@
+"""Shared, session-scoped tiny engines: each is built once per test session and reused.
+
+Fixtures (stable names; every engine directory follows docs/ENGINE_FORMAT.md, weights seeded and
+redrawn by ``randomize_``, batch range [1, 4] unless noted):
+
+* ``tiny_recipe_paths`` -- ``{name: Path}`` of the tiny recipe YAML files below (written once).
+* ``built_quickstart`` -- ``recipes/quickstart.yaml`` as shipped (SongUNet 16x16, 3 channels,
+  unconditional, batch [1, 16]), target onnx only.
+* ``onnx_engine_dir`` -- alias of ``built_quickstart`` (an unconditional ONNX engine).
+* ``built_conditional`` -- SongUNetPosEmbd 16x16, x 2 channels, an image condition ``cond``
+  [3, 16, 16], a vector condition ``class_labels`` [4], sinusoidal grid; targets onnx **and aoti**
+  (the session's only AOTInductor compile, about 60-100 s on 2 cores).
+* ``aoti_engine_dir`` -- alias of ``built_conditional``.
+* ``built_dhariwal`` -- DhariwalUNet 16x16 with ``class_labels`` [4]; onnx only.
+* ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside a
+  VPPreconditioner (continuous time); onnx only.
+
+Copy an engine directory (``shutil.copytree``) before modifying it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+EDM = {
+    "preconditioner": {"class": "EDMPreconditioner", "args": {"sigma_data": 0.5}},
+    "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}, "num_steps": 6},
+}
+TINY_RECIPES: dict[str, dict] = {
+    "conditional": {
+        "name": "tiny-conditional",
+        "model": {"class": "SongUNetPosEmbd", "init": {"seed": 1},
+                  "args": {**TINY, "in_channels": 2 + 3 + 4, "out_channels": 2, "label_dim": 4, "gridtype": "sinusoidal", "N_grid_channels": 4}},
+        "conditions": [{"name": "cond", "kind": "image", "shape": [3, 16, 16]}, {"name": "class_labels", "kind": "vector", "shape": [4]}],
+        "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
+        "export": {"targets": ["onnx", "aoti"]},
+        **EDM,
+    },
+    "dhariwal": {
+        "name": "tiny-dhariwal",
+        "model": {"class": "DhariwalUNet", "init": {"seed": 2}, "args": {**TINY, "in_channels": 3, "out_channels": 3, "label_dim": 4}},
+        "conditions": [{"name": "class_labels", "kind": "vector", "shape": [4]}],
+        "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
+        "export": {"targets": ["onnx"]},
+        **EDM,
+    },
+    "seed_unet": {
+        "name": "tiny-seed-unet",
+        "model": {"class": "DiffusionModel", "init": {"seed": 3}, "args": {"image_size": 16, "channels": 3, "hidden_dims": [8, 16], "time_dim": 16}},
+        "preconditioner": {"class": "VPPreconditioner", "args": {}},
+        "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
+        "sampler": {"scheduler": {"class": "VPNoiseScheduler", "args": {}}, "num_steps": 6},
+        "export": {"targets": ["onnx"]},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe_paths(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("recipes")
+    paths = {"quickstart": REPO / "recipes" / "quickstart.yaml"}
+    for key, data in TINY_RECIPES.items():
+        paths[key] = folder / f"{data['name']}.yaml"
+        paths[key].write_text(yaml.safe_dump(data, sort_keys=False))
+    return paths
+
+
+def _build(tmp_path_factory, recipe: Path, targets: list[str] | None = None) -> Path:
+    from diffexport.engines import build_engine
+
+    out = tmp_path_factory.mktemp("engines") / recipe.stem
+    return build_engine(recipe, out, targets).engine_dir
+
+
+@pytest.fixture(scope="session")
+def built_quickstart(tmp_path_factory, tiny_recipe_paths) -> Path:
+    return _build(tmp_path_factory, tiny_recipe_paths["quickstart"], ["onnx"])
+
+
+@pytest.fixture(scope="session")
+def onnx_engine_dir(built_quickstart) -> Path:
+    return built_quickstart
+
+
+@pytest.fixture(scope="session")
+def built_conditional(tmp_path_factory, tiny_recipe_paths) -> Path:
+    return _build(tmp_path_factory, tiny_recipe_paths["conditional"])
+
+
+@pytest.fixture(scope="session")
+def aoti_engine_dir(built_conditional) -> Path:
+    return built_conditional
+
+
+@pytest.fixture(scope="session")
+def built_dhariwal(tmp_path_factory, tiny_recipe_paths) -> Path:
+    return _build(tmp_path_factory, tiny_recipe_paths["dhariwal"])
+
+
+@pytest.fixture(scope="session")
+def built_seed_unet(tmp_path_factory, tiny_recipe_paths) -> Path:
+    return _build(tmp_path_factory, tiny_recipe_paths["seed_unet"])

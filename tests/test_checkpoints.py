@@ -1,0 +1,333 @@
+"""Checkpoint import/export (diffexport.checkpoints): .mdlus 2.x ZIP / 1.x tar, plain state_dicts."""
+
+import copy
+import io
+import json
+import math
+import os
+import shlex
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffexport.checkpoints import CheckpointError, constructor_args, load_model, save_model
+from diffexport.models import get_model_class
+from diffexport.models.base import Module
+from diffexport.models.diffusion import DiffusionModel
+
+ARGS = dict(image_size=8, channels=2, hidden_dims=[8, 16], time_dim=16)
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with every parameter drawn from N(0, 1/fan_in): all non-zero, unlike init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+    return model.eval()
+
+
+@pytest.fixture
+def model() -> DiffusionModel:
+    return randomized(DiffusionModel(**ARGS))
+
+
+def same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        return torch.equal(a(x, t), b(x, t))
+
+
+def write_archive(path: Path, members: dict[str, bytes], fmt: str = "zip") -> Path:
+    """A .mdlus-like archive: ZIP (PhysicsNeMo 2.x) or tar (1.x) of ``members``."""
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in members.items():
+                archive.writestr(name, data)
+    else:
+        with tarfile.open(path, "w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def mdlus_members(state_dict, name="DiffusionModel", args=ARGS, module="physicsnemo.x") -> dict:
+    spec = {"__name__": name, "__module__": module, "__args__": args}
+    return {
+        "model.pt": torch_bytes(state_dict),
+        "args.json": json.dumps(spec).encode(),
+        "metadata.json": b'{"mdlus_file_version": "0.1.0"}',
+    }
+
+
+# --- save -> load ---------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(model, tmp_path):
+    path = save_model(model, tmp_path / "seed.mdlus")
+    loaded = load_model(path)
+    assert type(loaded) is DiffusionModel and not loaded.training
+    assert loaded._init_args == model._init_args
+    assert same_outputs(model, loaded)
+    assert not same_outputs(randomized(DiffusionModel(**ARGS), seed=1), loaded)  # test can fail
+
+
+def test_saved_archive_has_physicsnemo_2x_layout(model, tmp_path):
+    path = save_model(model, tmp_path / "seed.mdlus")
+    assert not tarfile.is_tarfile(path)  # PhysicsNeMo tries the 1.x tar layout first
+    with zipfile.ZipFile(path) as archive:
+        assert sorted(archive.namelist()) == ["args.json", "metadata.json", "model.pt"]
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
+        spec = json.loads(archive.read("args.json"))
+        metadata = json.loads(archive.read("metadata.json"))
+        state = torch.load(io.BytesIO(archive.read("model.pt")), weights_only=True)
+    assert spec == {"__name__": "DiffusionModel", "__module__": "diffexport.models.diffusion", "__args__": ARGS}
+    assert metadata["mdlus_file_version"] == "0.1.0"
+    assert state.keys() == model.state_dict().keys()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_save_model_needs_recorded_constructor_args(tmp_path):
+    with pytest.raises(TypeError, match="diffexport.models.base.Module"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "x.mdlus")
+    assert not list(tmp_path.iterdir())
+
+
+def test_save_model_refuses_args_json_cannot_hold(tmp_path):
+    class Typed(Module):
+        def __init__(self, dtype=torch.float64):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="JSON serializable"):
+        save_model(Typed(), tmp_path / "x.mdlus")
+
+
+def test_base_module_records_bound_args():
+    class Net(Module):
+        def __init__(self, a, b=2, *rest, c=3, **extra):
+            super().__init__()
+            self.lin = torch.nn.Linear(a, b)
+
+    net = Net(4, 5, 6, d=7)
+    assert constructor_args(net) == {"a": 4, "b": 5, "c": 3, "d": 7}  # *rest cannot be rebuilt
+    assert copy.deepcopy(net)._init_args == net._init_args
+    constructor_args(net)["a"] = 0  # a copy
+    assert net._init_args["a"] == 4
+
+
+# --- PhysicsNeMo archives and plain state_dicts -----------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_loads_physicsnemo_archives_with_model_prefix(model, tmp_path, fmt):
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # 1.x wrapper prefix
+    members = mdlus_members(state, module="modulus.models.diffusion.song_unet")
+    loaded = load_model(write_archive(tmp_path / "old.mdlus", members, fmt))
+    assert same_outputs(model, loaded)
+
+
+def test_tar_with_dot_slash_member_names(model, tmp_path):
+    members = {f"./{k}": v for k, v in mdlus_members(model.state_dict()).items()}
+    assert same_outputs(model, load_model(write_archive(tmp_path / "m.mdlus", members, "tar")))
+
+
+def test_mdlus_args_override(model, tmp_path):
+    members = mdlus_members(model.state_dict(), args={**ARGS, "image_size": 16})
+    loaded = load_model(write_archive(tmp_path / "m.mdlus", members), args={"image_size": 8})
+    assert loaded._init_args["image_size"] == 8
+
+
+@pytest.mark.parametrize("wrap", [lambda sd: sd, lambda sd: {"state_dict": sd}, lambda sd: {"model": sd, "epoch": 3}])
+def test_plain_state_dict_with_class_and_args(model, tmp_path, wrap):
+    path = tmp_path / "weights.pt"
+    torch.save(wrap(model.state_dict()), path)
+    loaded = load_model(path, class_name="DiffusionModel", args=ARGS)
+    assert type(loaded) is DiffusionModel and same_outputs(model, loaded)
+
+
+def test_plain_state_dict_with_ddp_prefix(model, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    assert same_outputs(model, load_model(path, class_name="DiffusionModel", args=ARGS))
+
+
+def test_map_location(model, tmp_path):
+    loaded = load_model(save_model(model, tmp_path / "m.mdlus"), map_location="meta")
+    assert loaded.device.type == "meta"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_malicious_pickle_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    state = {"init_conv.weight": torch.zeros(1), "evil": Payload()}
+    archive = write_archive(tmp_path / "evil.mdlus", mdlus_members(state))
+    plain = tmp_path / "evil.pt"
+    plain.write_bytes(torch_bytes(state))
+    for path, kwargs in ((archive, {}), (plain, {"class_name": "DiffusionModel", "args": ARGS})):
+        with pytest.raises(CheckpointError, match=r"refused .*references (posix|os)\.system"):
+            load_model(path, **kwargs)
+        assert not marker.exists()
+    torch.load(plain, weights_only=False)  # control: the payload is live
+    assert marker.exists()
+
+
+def test_pickled_module_is_refused(model, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(CheckpointError, match="references diffexport.models.diffusion.DiffusionModel.*state_dict"):
+        load_model(path, class_name="DiffusionModel", args=ARGS)
+
+
+def test_unknown_class_lists_known(model, tmp_path):
+    path = write_archive(tmp_path / "m.mdlus", mdlus_members(model.state_dict(), name="FNO"))
+    with pytest.raises(CheckpointError, match="'FNO'.*known classes: .*DiffusionModel.*SongUNet"):
+        load_model(path)
+
+
+def test_missing_and_unexpected_keys_are_listed(model, tmp_path):
+    state = dict(model.state_dict())
+    del state["out_conv.bias"], state["init_conv.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as err:
+        load_model(write_archive(tmp_path / "m.mdlus", mdlus_members(state)))
+    message = str(err.value)
+    assert "missing keys (2): init_conv.weight, out_conv.bias" in message
+    assert "unexpected keys (1): extra.weight" in message
+
+
+def test_shape_mismatch_names_key_expected_and_got(model, tmp_path):
+    state = dict(model.state_dict())
+    state["out_conv.bias"] = torch.zeros(5)
+    with pytest.raises(CheckpointError, match=r"out_conv.bias \(model expects \[2\], checkpoint has \[5\]\)"):
+        load_model(write_archive(tmp_path / "m.mdlus", mdlus_members(state)))
+
+
+def test_wrong_constructor_args(model, tmp_path):
+    path = write_archive(tmp_path / "m.mdlus", mdlus_members(model.state_dict(), args={"bogus": 1}))
+    with pytest.raises(CheckpointError, match="cannot build DiffusionModel.*bogus"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("missing", ["args.json", "model.pt"])
+def test_archive_missing_member(model, tmp_path, missing):
+    members = mdlus_members(model.state_dict())
+    del members[missing]
+    with pytest.raises(CheckpointError, match=f"lacks {missing}"):
+        load_model(write_archive(tmp_path / "m.mdlus", members))
+
+
+def test_bad_args_json(model, tmp_path):
+    members = {**mdlus_members(model.state_dict()), "args.json": b'{"__args__": {}}'}
+    with pytest.raises(CheckpointError, match="args.json is not a PhysicsNeMo model description"):
+        load_model(write_archive(tmp_path / "m.mdlus", members))
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_truncated_archive(model, tmp_path, fmt):
+    path = write_archive(tmp_path / "m.mdlus", mdlus_members(model.state_dict()), fmt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(path)
+
+
+def test_truncated_plain_file(model, tmp_path):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(torch_bytes(model.state_dict())[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(path, class_name="DiffusionModel", args=ARGS)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint\n", bytes(range(256)) * 4])
+def test_non_checkpoint_file(tmp_path, content):
+    path = tmp_path / "junk.mdlus"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="corrupt, truncated, or neither a .mdlus archive nor a torch.save file"):
+        load_model(path)
+
+
+def test_plain_state_dict_needs_class_name(model, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="pass class_name="):
+        load_model(path)
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"net": {"w": 1}, "step": 3}, path)
+    with pytest.raises(CheckpointError, match="entries net, step are not tensors"):
+        load_model(path, class_name="DiffusionModel", args=ARGS)
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(CheckpointError, match="holds a list, not a state_dict"):
+        load_model(path, class_name="DiffusionModel", args=ARGS)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope.mdlus")
+
+
+# --- SongUNet (PhysicsNeMo's diffusion backbone) ---------------------------------------------
+
+SONG = dict(
+    img_resolution=16, in_channels=2, out_channels=2, model_channels=16,
+    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+)
+
+
+def song_unet() -> torch.nn.Module:
+    model = randomized(get_model_class("SongUNet")(**SONG))
+    model._init_args = dict(SONG)  # in case SongUNet does not subclass models.base.Module yet
+    return model
+
+
+def same_song_outputs(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x, sigma = torch.randn(2, 2, 16, 16), torch.tensor([0.3, 20.0])
+    with torch.no_grad():
+        return torch.equal(a(x, sigma, None), b(x, sigma, None))
+
+
+def test_song_unet_round_trip_names_physicsnemo_module(tmp_path):
+    model = song_unet()
+    path = save_model(model, tmp_path / "song.mdlus")
+    with zipfile.ZipFile(path) as archive:
+        spec = json.loads(archive.read("args.json"))
+    assert spec["__name__"] == "SongUNet"
+    assert spec["__module__"] == "physicsnemo.models.diffusion_unets"
+    loaded = load_model(path)
+    assert type(loaded) is type(model) and same_song_outputs(model, loaded)
+    assert not same_song_outputs(randomized(get_model_class("SongUNet")(**SONG), seed=1), loaded)
+
+
+def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
+    """1.x: tar, ``model.``-prefixed keys, attention on the block (``norm2``/``qkv``/``proj``),
+    no ``map_noise.freqs``; the model's own load hooks map the names, load_model the rest."""
+    model = song_unet()
+    legacy = {
+        "model." + k.replace("attn.norm.", "norm2.").replace("attn.", ""): v
+        for k, v in model.state_dict().items()
+        if k != "map_noise.freqs"
+    }
+    assert "model.enc.8x8_block0.norm2.weight" in legacy
+    members = mdlus_members(legacy, "SongUNet", SONG, "modulus.models.diffusion.song_unet")
+    loaded = load_model(write_archive(tmp_path / "old.mdlus", members, "tar"))
+    assert same_song_outputs(model, loaded)

@@ -1,0 +1,286 @@
+"""Export layer: Denoiser wiring, one torch.export, ONNX (ORT) and AOTInductor parity, TensorRT gating.
+
+One tiny SongUNet (16x16, 16 channels, attention at 8x8) with randomised weights is exported once
+per session; the ONNX file and the single AOTInductor package built from it are shared.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from diffexport.engines.base import EngineError
+from diffexport.engines.onnxruntime import OnnxRuntimeEngine
+from diffexport.export import (
+    GROUP_NORM_OPSET,
+    Backbone,
+    Denoiser,
+    TargetUnavailable,
+    build_denoiser,
+    build_tensorrt,
+    example_inputs,
+    export_aoti,
+    export_onnx,
+    export_program,
+    export_target,
+    make_session,
+)
+from diffexport.recipes import io_spec, parse_recipe
+
+SIGMAS = (0.002, 0.05, 1.0, 10.0, 80.0)
+SONG = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[8], dropout=0.0)  # fmt: skip
+
+
+def tiny_recipe(**overrides):
+    data = dict(
+        name="tiny",
+        model={"class": "SongUNet", "args": SONG, "init": {"seed": 3}},
+        preconditioner={"class": "EDMPreconditioner", "args": {"sigma_data": 0.5}},
+        inputs={"batch": {"min": 1, "opt": 2, "max": 4}},
+        sampler={"scheduler": {"class": "EDMNoiseScheduler", "args": {}}},
+    )
+    return parse_recipe({**data, **overrides}, "tiny")
+
+
+def rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
+    a = torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a
+    return float((a - b).norm() / b.norm())
+
+
+def inputs_at(io, batch: int, sigma: float, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Engine inputs with ``x = x0 + sigma n`` at one noise level ``sigma``."""
+    x, _, *conds = example_inputs(io, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = 0.5 * torch.randn(x.shape, generator=g) + sigma * torch.randn(x.shape, generator=g)
+    return (x, torch.full((batch,), sigma), *conds)
+
+
+@pytest.fixture(scope="session")
+def recipe():
+    return tiny_recipe()
+
+
+@pytest.fixture(scope="session")
+def io(recipe):
+    return io_spec(recipe)
+
+
+@pytest.fixture(scope="session")
+def denoiser(recipe):
+    return build_denoiser(recipe)  # no checkpoint: randomize_(model, seed) redrew every weight
+
+
+@pytest.fixture(scope="session")
+def program(denoiser, io):
+    return export_program(denoiser, io, "fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_path(program, io, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    info = export_target("onnx", program, io, out)
+    assert info["file"] == "denoiser.onnx" and info["opset"] == GROUP_NORM_OPSET and info["files"] == ["denoiser.onnx"]
+    return out / info["file"]
+
+
+# ----------------------------------------------------------------------------
+# The Denoiser: preconditioner around the backbone, conditions routed by kind.
+
+
+def test_denoiser_is_edm_preconditioned_backbone(denoiser, io):
+    x, sigma = inputs_at(io, 3, 2.0)
+    sigma = torch.tensor([0.01, 2.0, 60.0])
+    net = denoiser.preconditioner.model.model
+    sd = 0.5
+    s = sigma.reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        want = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * net((x / (s**2 + sd**2).sqrt()), sigma.log() / 4, None)
+        got = denoiser(x, sigma)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
+    assert rel_err(got, x) > 1e-2  # the network contributes: weights are not EDM's zero init
+
+
+def test_image_condition_is_concatenated_after_input_scaling():
+    recipe = tiny_recipe(
+        model={"class": "SongUNet", "args": {**SONG, "in_channels": 5, "label_dim": 4}},
+        conditions=[{"name": "low_res", "kind": "image", "shape": [2, 16, 16]}, {"name": "labels", "kind": "vector", "shape": [4]}],
+    )
+    io = io_spec(recipe)
+    d = build_denoiser(recipe)
+    x, sigma, low_res, labels = example_inputs(io, 2, seed=1)
+    net = d.preconditioner.model.model
+    c_in = (1 / (sigma**2 + 0.25).sqrt()).reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        f = net(torch.cat([c_in * x, low_res], 1), sigma.log() / 4, labels)
+        want = 0.25 / (sigma**2 + 0.25).reshape(-1, 1, 1, 1) * x + (0.5 * sigma / (sigma**2 + 0.25).sqrt()).reshape(-1, 1, 1, 1) * f
+        assert rel_err(d(x, sigma, low_res, labels), want) < 1e-6
+        assert rel_err(d(x, sigma, low_res, torch.zeros_like(labels)), want) > 1e-3  # labels reach the model
+    with pytest.raises(TypeError, match="low_res"):
+        d(x, sigma, low_res)
+
+
+def test_index_condition_is_passed_by_name():
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, t, class_labels, lead_time_label=None):
+            seen.update(x=x, lead_time_label=lead_time_label)
+            return x[:, :1]
+
+    from diffexport.diffusion.preconditioners import EDMPreconditioner
+
+    spec = io_spec(tiny_recipe(conditions=[{"name": "lead_time_label", "kind": "index"}]))
+    d = Denoiser(EDMPreconditioner(Backbone(Probe())), spec.inputs[2:], index_high=5)
+    lead = torch.tensor([4, 0])
+    d(torch.ones(2, 1, 4, 4), torch.ones(2), lead)
+    assert seen["lead_time_label"] is lead and seen["x"].shape == (2, 1, 4, 4)
+
+
+def test_example_inputs_follow_the_io_contract():
+    io = io_spec(tiny_recipe(model={"class": "SongUNet", "args": {**SONG, "in_channels": 5}},
+                             conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]},
+                                         {"name": "lead", "kind": "index"}]))  # fmt: skip
+    x, sigma, cond, lead = example_inputs(io, 64, seed=0, index_high=3)
+    assert x.shape == (64, 3, 16, 16) and cond.shape == (64, 2, 16, 16) and sigma.shape == (64,)
+    assert lead.dtype == torch.int64 and set(lead.tolist()) == {0, 1, 2}
+    assert 0.02 <= sigma.min() and sigma.max() <= 20 and sigma.max() / sigma.min() > 50
+    assert torch.equal(example_inputs(io, 64, seed=0, index_high=3)[0], x)
+
+
+def test_missing_preconditioner_is_named():
+    recipe = tiny_recipe(model={"class": "DiffusionModel", "args": dict(image_size=8, channels=2, hidden_dims=[8], time_dim=8)},
+                         preconditioner={"class": "DDPMPreconditioner"})  # fmt: skip
+    from diffexport.diffusion import preconditioners
+
+    if hasattr(preconditioners, "DDPMPreconditioner"):
+        pytest.skip("DDPMPreconditioner exists now: nothing missing to report")
+    with pytest.raises(ValueError, match="preconditioner.class: 'DDPMPreconditioner'"):
+        build_denoiser(recipe)
+
+
+# ----------------------------------------------------------------------------
+# ONNX
+
+
+def test_onnx_matches_eager_at_every_sigma_and_batch_bound(denoiser, io, onnx_path):
+    session = make_session(onnx_path)
+    for batch in (io.batch["min"], io.batch["max"]):
+        for sigma in SIGMAS:
+            args = inputs_at(io, batch, sigma, seed=batch)
+            with torch.no_grad():
+                want = denoiser(*args)
+            (got,) = session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)})
+            assert got.shape == tuple(want.shape)
+            assert rel_err(got, want) <= 1e-5, (batch, sigma)
+
+
+def test_onnx_graph_has_native_group_norm_and_symbolic_batch(denoiser, onnx_path, io):
+    model = onnx.load(str(onnx_path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    group_norms = sum(type(m).__name__ == "GroupNorm" for m in denoiser.modules())
+    assert group_norms > 0 and ops["GroupNormalization"] == group_norms
+    assert ops["ReduceMean"] == 0 and ops["InstanceNormalization"] == 0
+    assert [i.name for i in model.graph.input] == [s.name for s in io.inputs]
+    assert [o.name for o in model.graph.output] == ["denoised"]
+    for value in (*model.graph.input, *model.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    onnx.checker.check_model(str(onnx_path), full_check=True)
+    assert not list(onnx_path.parent.glob(".*")), "temporary files left behind"
+
+
+def test_onnx_opset18_uses_instance_norm_and_still_matches(denoiser, program, io, tmp_path):
+    info = export_onnx(program, io, tmp_path / "d18.onnx", opset=18)
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "d18.onnx")).graph.node)
+    assert info["group_norm"] == "InstanceNormalization" and ops["GroupNormalization"] == 0 and ops["ReduceMean"] == 0
+    args = inputs_at(io, 3, 1.0)
+    (got,) = make_session(tmp_path / "d18.onnx").run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)})
+    with torch.no_grad():
+        assert rel_err(got, denoiser(*args)) <= 1e-5
+
+
+def test_onnx_runtime_engine_takes_and_returns_torch_tensors(denoiser, io, onnx_path):
+    engine = OnnxRuntimeEngine(onnx_path, io, threads=1)
+    assert engine.backend == "onnxruntime" and engine.device == torch.device("cpu")
+    x, sigma = inputs_at(io, 4, 5.0)
+    out = engine(x, sigma)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    with torch.no_grad():
+        assert rel_err(out, denoiser(x, sigma)) <= 1e-5
+    assert rel_err(engine(x[:1], sigma[:1]), out[:1]) <= 1e-5
+    with pytest.raises(EngineError, match="batch 5"):
+        engine(torch.zeros(5, 3, 16, 16), torch.ones(5))
+
+
+def test_mixed_precision_graph(denoiser, io, tmp_path):
+    program = export_program(denoiser, io, "fp16")
+    path = tmp_path / "fp16.onnx"
+    export_onnx(program, io, path, precision="fp16")
+    model = onnx.load(str(path))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(types.get(n.input[1]) == onnx.TensorProto.FLOAT16 for n in convs)  # weights stored fp16
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in (*model.graph.input, *model.graph.output))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dtype = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    for node in inferred.graph.node:
+        if node.op_type in ("GroupNormalization", "Softmax"):
+            assert dtype[node.input[0]] == onnx.TensorProto.FLOAT, node.name
+    args = inputs_at(io, 2, 1.0)
+    with torch.no_grad():
+        want = denoiser(*args)
+        err = rel_err(program.module()(*args), want)
+    assert 1e-6 < err < 1e-2  # really ran in fp16, and not far off
+    (got,) = make_session(path).run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)})
+    assert rel_err(got, want) < 1e-2
+
+
+# ----------------------------------------------------------------------------
+# AOTInductor (one compile, ~40-100 s on 2 cores)
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_eager(denoiser, program, io, tmp_path_factory):
+    path = tmp_path_factory.mktemp("aoti") / "denoiser.pt2"
+    info = export_aoti(program, io, path)
+    assert info["device"] == "cpu" and path.is_file() and not list(path.parent.glob(".*"))
+    runner = torch._inductor.aoti_load_package(str(path))
+    for batch in (io.batch["min"], io.batch["max"]):
+        for sigma in (0.002, 1.0, 80.0):
+            args = inputs_at(io, batch, sigma, seed=batch)
+            with torch.no_grad():
+                out, want = runner(*args), denoiser(*args)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            assert rel_err(out, want) <= 1e-5, (batch, sigma)
+
+
+# ----------------------------------------------------------------------------
+# TensorRT
+
+
+def test_tensorrt_unavailable_names_package_and_extra(onnx_path, io, tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed: the unavailable path cannot be exercised")
+    with pytest.raises(TargetUnavailable, match=r"'tensorrt' is not installed.*pip install 'diffexport\[tensorrt\]'"):
+        build_tensorrt(onnx_path, io, tmp_path / "denoiser.plan")
+    with pytest.raises(TargetUnavailable, match="tensorrt"):
+        export_target("tensorrt", None, io, tmp_path)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="unknown export target 'tflite'"):
+        export_target("tflite", None, io, tmp_path)
+
+
+def test_tensorrt_plan_builds_for_the_batch_profile(onnx_path, io, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'diffexport[tensorrt]')")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    info = build_tensorrt(onnx_path, io, tmp_path / "denoiser.plan", timing_cache=tmp_path / "timing.cache")
+    assert (tmp_path / "timing.cache").stat().st_size > 0 and info["compute_capability"]
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((tmp_path / "denoiser.plan").read_bytes())
+    assert [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)] == ["x", "sigma", "denoised"]
+    assert tuple(engine.get_tensor_profile_shape("x", 0)[2]) == (io.batch["max"], 3, 16, 16)
