@@ -36,9 +36,12 @@ def request(url: str, model: str, latents: np.ndarray) -> float:
     client = httpclient.InferenceServerClient(url)
     x = httpclient.InferInput("latents", list(latents.shape), "FP32")
     x.set_data_from_numpy(latents)
-    t0 = time.perf_counter()
-    client.infer(model, [x]).as_numpy("samples")
-    return time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        client.infer(model, [x]).as_numpy("samples")
+        return time.perf_counter() - t0
+    finally:
+        client.close()
 
 
 def run(url: str, model: str, latents: np.ndarray, concurrency: int, requests: int) -> dict:

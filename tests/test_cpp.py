@@ -162,6 +162,8 @@ BROKEN = {
     "missing artifact": (lambda e: (e / "denoiser.pt2").unlink(), "denoiser.pt2: missing"),
     "sha256 mismatch": (_flip_bytes, "denoiser.pt2: corrupted"),
     "unsupported solver": (lambda e: _edit_manifest(e, lambda m: m["sampler"].update(solver="ddim")), "sampler.solver: 'ddim'"),
+    "unsupported scheduler": (lambda e: _edit_manifest(e, lambda m: m["sampler"]["scheduler"].update({"class": "VENoiseScheduler"})),
+                              "sampler.scheduler.class: 'VENoiseScheduler'"),
 }
 
 

@@ -43,7 +43,8 @@ class TinyUNet(nn.Module):
         self.emb = nn.Linear(1, out_ch)
         self.label = nn.Linear(label_dim, out_ch) if label_dim else None
 
-    def forward(self, x, noise_labels, class_labels, augment_labels=None, lead_time_label=None, global_index=None, embedding_selector=None):
+    def forward(self, x, noise_labels, class_labels, augment_labels=None, lead_time_label=None, global_index=None,
+                embedding_selector=None):
         h = self.conv(x) + self.emb(noise_labels[:, None])[:, :, None, None]
         if class_labels is not None:
             h = h + self.label(class_labels)[:, :, None, None]

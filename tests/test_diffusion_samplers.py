@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from diffexport.diffusion import (
     DDPMScheduler,
@@ -118,7 +119,8 @@ def test_stochastic_heun_matches_edm_algorithm_2():
             x_next = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
         x = x_next
     opts = dict(S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise, generator=11)
-    out = sample(sched.get_denoiser(x0_predictor=edm_x0_predictor(D, sched)), xN, sched, N, "edm_stochastic_heun", solver_options=opts)
+    den = sched.get_denoiser(x0_predictor=edm_x0_predictor(D, sched))
+    out = sample(den, xN, sched, N, "edm_stochastic_heun", solver_options=opts)
     torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
 
 
@@ -151,14 +153,16 @@ def test_zero_churn_is_deterministic_heun():
         D = GaussianDenoiser(MU, S)
         xN = sched.init_latents((4,), sched.timesteps(10)[:1].expand(8), generator=0)
         den = sched.get_denoiser(x0_predictor=edm_x0_predictor(D, sched))
-        assert torch.equal(sample(den, xN, sched, 10, "edm_stochastic_heun", solver_options={"S_churn": 0}), sample(den, xN, sched, 10))
+        churn0 = sample(den, xN, sched, 10, "edm_stochastic_heun", solver_options={"S_churn": 0})
+        assert torch.equal(churn0, sample(den, xN, sched, 10))
 
 
 def test_churn_gamma_rule_and_vp_marginal():
     """gamma = min(S_churn/N, sqrt(2)-1) inside [S_min, S_max], else 0; for VP the raised state is
     distributed exactly as the forward process at t_hat (x / alpha = x0 + edm_sigma * n)."""
     vp = VPNoiseScheduler()
-    solver = EDMStochasticHeunSolver(lambda x, t: x, S_churn=1000, S_min=0.1, S_max=10, num_steps=10, generator=0, noise_scheduler=vp)
+    solver = EDMStochasticHeunSolver(lambda x, t: x, S_churn=1000, S_min=0.1, S_max=10, num_steps=10, generator=0,
+                                     noise_scheduler=vp)
     assert solver.gamma == pytest.approx(math.sqrt(2) - 1)
     t = vp.edm_sigma_inv(torch.tensor([0.05, 1.0, 20.0]))
     x = torch.randn(3, 4)
@@ -242,6 +246,17 @@ def test_ddpm_ancestral_and_ddim_gaussian():
         assert abs(x0.mean().item() - MU) <= MEAN_TOL and abs(x0.std().item() / S - 1) <= std_tol
     a = dd.sample(eps, (8, 1), 20, eta=1.0, generator=5)
     assert torch.equal(a, dd.sample(eps, (8, 1), 20, eta=1.0, generator=5))
+    # a plain epsilon U-Net model(x, t_int) (stand-in) is called with int64 timesteps, T-1 first
+    net = nn.Conv2d(1, 1, 1)
+    seen = []
+
+    def unet(x, t):
+        seen.append(t)
+        return net(x)
+
+    with torch.no_grad():
+        assert dd.sample(unet, (2, 1, 4, 4), 10, eta=0.0, generator=0).shape == (2, 1, 4, 4)
+    assert len(seen) == 10 and seen[0].dtype == torch.int64 and seen[0].tolist() == [999, 999]
     # the same chain through the generic sample() with the "ddim" key
     xT = dd.init_latents((1,), torch.full((8,), 999), generator=0)
     b = sample(dd.get_denoiser(epsilon_predictor=eps), xT, dd, 20, solver="ddim", solver_options={"eta": 0.0})

@@ -79,7 +79,8 @@ def test_conversions_round_trip(sched):
     torch.testing.assert_close(sched.epsilon_to_score(eps, t), score, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sched.score_to_epsilon(score, t), eps, rtol=1e-4, atol=1e-4)
     # get_denoiser gives the same ODE right-hand side from all three predictor types
-    f = {k: sched.get_denoiser(**{f"{k}_predictor": (lambda x, t, v=v: v)}) for k, v in (("x0", x0), ("score", score), ("epsilon", eps))}
+    preds = {"x0": x0, "score": score, "epsilon": eps}
+    f = {k: sched.get_denoiser(**{f"{k}_predictor": (lambda x, t, v=v: v)}) for k, v in preds.items()}
     ref = f["x0"](x_t, t)
     for k in ("score", "epsilon"):
         torch.testing.assert_close(f[k](x_t, t), ref, rtol=1e-4, atol=1e-4)

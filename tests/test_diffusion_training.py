@@ -105,9 +105,10 @@ def test_dps_guidance_analytic():
     tb = t[:, None, None]
     c = s**2 / (s**2 + tb**2)
     x0 = x0_pred(x, t)
+    sda = dict(gamma=gamma, sigma_fn=sched.sigma)
     for g, var in ((DataConsistencyDPSGuidance(mask, y, std_y), std_y**2),
-                   (DataConsistencyDPSGuidance(mask, y, std_y, gamma=gamma, sigma_fn=sched.sigma, alpha_fn=sched.alpha), std_y**2 + gamma * tb**2),
-                   (ModelConsistencyDPSGuidance(lambda z: z[:, :1], y[:, :1], std_y, gamma=gamma, sigma_fn=sched.sigma), std_y**2 + gamma * tb**2)):
+                   (DataConsistencyDPSGuidance(mask, y, std_y, alpha_fn=sched.alpha, **sda), std_y**2 + gamma * tb**2),
+                   (ModelConsistencyDPSGuidance(lambda z: z[:, :1], y[:, :1], std_y, **sda), std_y**2 + gamma * tb**2)):
         dps = DPSScorePredictor(x0_pred, sched.x0_to_score, g)
         with torch.no_grad():
             out = dps(x, t)

@@ -93,7 +93,7 @@ def server(engine: Path):
         pytest.skip("tritonserver binary not found (nvidia-pytriton, the [triton] extra)")
     http, grpc, metrics = free_ports(3)
     log = engine.parent / "serve.log"
-    cmd = [sys.executable, "-m", "diffexport.cli", "serve", str(engine), "--http-port", str(http),
+    cmd = [str(Path(sys.executable).parent / "diffexport"), "serve", str(engine), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log)]
     out = engine.parent / "serve.out"
     with open(out, "w") as f:
@@ -118,7 +118,10 @@ def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], ou
         t = client_mod.InferInput(name, list(a.shape), {np.dtype("float32"): "FP32", np.dtype("int64"): "INT64"}[a.dtype])
         t.set_data_from_numpy(a)
         tensors.append(t)
-    return client.infer(model, tensors).as_numpy(output)
+    try:
+        return client.infer(model, tensors).as_numpy(output)
+    finally:
+        client.close()  # an open keep-alive connection would hold up the server's shutdown
 
 
 # --- repositories ----------------------------------------------------------------------------
@@ -163,9 +166,11 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
 
 
 def test_pbtxt_writer_quotes_and_nests():
-    text = to_pbtxt({"name": 'a"b', "dims": [], "dynamic_batching": {}, "parameters": [{"key": "k", "value": {"string_value": "v"}}]})
+    text = to_pbtxt({"name": 'a"b\\', "input": [{"name": "s", "dims": [1], "reshape": {"shape": []}}], "dynamic_batching": {},
+                     "parameters": [{"key": "k", "value": {"string_value": "v"}}]})
     cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
-    assert cfg.name == 'a"b' and cfg.HasField("dynamic_batching") and cfg.parameters["k"].string_value == "v"
+    assert cfg.name == 'a"b\\' and cfg.HasField("dynamic_batching") and cfg.parameters["k"].string_value == "v"
+    assert list(cfg.input[0].dims) == [1] and cfg.input[0].HasField("reshape") and list(cfg.input[0].reshape.shape) == []
 
 
 def test_write_repository_replaces_atomically(engine: Path, manifest: dict, tmp_path: Path):

@@ -147,7 +147,7 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
 
     table = Table(title="artifacts", title_justify="left")
     for column in ("target", "file", "size", "sha256", "details"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+        table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
     w = m["weights"]
     w_path = Path(engine_dir) / w["file"]
     table.add_row("weights", w["file"], size(w_path.stat().st_size) if w_path.is_file() else "[red]missing[/]", w["sha256"][:12], "")

@@ -117,7 +117,7 @@ def install_binary(tree: Path, engine_dir: Path) -> Path:
     """Copy the built runner to ``ENGINE_DIR/cpp/diffexport-sample`` (temp file, then rename)."""
     out = engine_dir / "cpp"
     out.mkdir(exist_ok=True)
-    tmp = out / f".{BINARY}.tmp"
+    tmp = out / f".{BINARY}.{os.getpid()}.tmp"
     shutil.copy2(tree / BINARY, tmp)
     os.replace(tmp, out / BINARY)
     return out / BINARY

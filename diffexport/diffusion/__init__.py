@@ -20,6 +20,14 @@ from diffexport.diffusion.base import (
     Predictor,
     PredictorType,
 )
+from diffexport.diffusion.guidance import (
+    ClassifierFreeGuidance,
+    DataConsistencyDPSGuidance,
+    DPSScorePredictor,
+    ModelConsistencyDPSGuidance,
+)
+from diffexport.diffusion.losses import MSEDSMLoss
+from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
 from diffexport.diffusion.noise_schedulers import (
     DDPMScheduler,
     EDMNoiseScheduler,
@@ -50,9 +58,12 @@ from diffexport.diffusion.utils import ConcatConditionWrapper, edm_x0_predictor
 
 __all__ = [
     "BaseAffinePreconditioner",
+    "ClassifierFreeGuidance",
     "ConcatConditionWrapper",
     "DDIMSolver",
     "DDPMScheduler",
+    "DPSScorePredictor",
+    "DataConsistencyDPSGuidance",
     "Denoiser",
     "DiffusionModel",
     "EDMDenoiserFn",
@@ -61,12 +72,16 @@ __all__ = [
     "EDMStochasticEulerSolver",
     "EDMStochasticHeunSolver",
     "EulerSolver",
+    "GridPatching2D",
     "HeunSolver",
     "IDDPMNoiseScheduler",
     "IDDPMPreconditioner",
     "LinearGaussianNoiseScheduler",
+    "MSEDSMLoss",
+    "ModelConsistencyDPSGuidance",
     "NoiseScheduler",
     "NoiseSource",
+    "PatchBasedPredictor",
     "Predictor",
     "PredictorType",
     "Solver",

@@ -93,6 +93,11 @@ class NoiseSource:
         self.seed = generator if isinstance(generator, int) else None
         self.generator = generator if isinstance(generator, torch.Generator) else None
 
+    @classmethod
+    def of(cls, generator: GeneratorLike | NoiseSource) -> NoiseSource:
+        """``generator`` itself if it is already a NoiseSource (to share one stream), else a new one."""
+        return generator if isinstance(generator, NoiseSource) else cls(generator)
+
     def _draw(self, fn, x: Tensor) -> Tensor:
         if self.seed is not None and self.generator is None:
             self.generator = torch.Generator(device=x.device).manual_seed(self.seed)

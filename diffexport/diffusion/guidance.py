@@ -22,7 +22,8 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, cond_predictor: Predictor, uncond_predictor: Predictor, guidance_scale: float) -> None:
-        self.cond_predictor, self.uncond_predictor, self.guidance_scale = cond_predictor, uncond_predictor, guidance_scale
+        self.cond_predictor, self.uncond_predictor = cond_predictor, uncond_predictor
+        self.guidance_scale = guidance_scale
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         uncond = self.uncond_predictor(x, t)
@@ -44,7 +45,8 @@ class DPSScorePredictor:
     autograd guidances, all but the last need ``retain_graph=True``.
     """
 
-    def __init__(self, x0_predictor: Predictor, x0_to_score_fn: ToScore, guidances: DPSGuidance | Sequence[DPSGuidance]) -> None:
+    def __init__(self, x0_predictor: Predictor, x0_to_score_fn: ToScore,
+                 guidances: DPSGuidance | Sequence[DPSGuidance]) -> None:
         self.x0_predictor, self.x0_to_score_fn = x0_predictor, x0_to_score_fn
         self.guidances = list(guidances) if isinstance(guidances, Sequence) else [guidances]
 

@@ -34,8 +34,9 @@ class MSEDSMLoss:
         if default is not None and convert is None:
             convert = getattr(noise_scheduler, default, None)
             if convert is None:
-                raise ValueError(f"prediction_type={prediction_type!r} needs {default}_fn (the scheduler has no {default})")
-        self.model, self.noise_scheduler, self.prediction_type, self.reduction = model, noise_scheduler, prediction_type, reduction
+                raise ValueError(f"prediction_type={prediction_type!r} needs {default}_fn (the scheduler has none)")
+        self.model, self.noise_scheduler = model, noise_scheduler
+        self.prediction_type, self.reduction = prediction_type, reduction
         self.to_x0: ToX0 = convert or (lambda prediction, x_t, t: prediction)
 
     def __call__(self, x0: Tensor, condition: Condition = None, t: Tensor | None = None, **model_kwargs: Any) -> Tensor:

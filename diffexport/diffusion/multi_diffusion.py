@@ -23,7 +23,8 @@ class GridPatching2D(nn.Module):
     overlaps.
     """
 
-    def __init__(self, img_shape: tuple[int, int], patch_shape: tuple[int, int], overlap_pix: int = 0, boundary_pix: int = 0) -> None:
+    def __init__(self, img_shape: tuple[int, int], patch_shape: tuple[int, int], overlap_pix: int = 0,
+                 boundary_pix: int = 0) -> None:
         super().__init__()
         if len(img_shape) != 2 or len(patch_shape) != 2:
             raise ValueError(f"img_shape and patch_shape must be (H, W), got {img_shape} and {patch_shape}")
@@ -34,23 +35,27 @@ class GridPatching2D(nn.Module):
         self.overlap_pix, self.boundary_pix = overlap_pix, boundary_pix
         for p in self.patch_shape:
             if p <= overlap_pix + 2 * boundary_pix:
-                raise ValueError(f"patch_shape {self.patch_shape} must exceed overlap_pix + 2 * boundary_pix = {overlap_pix + 2 * boundary_pix}")
+                raise ValueError(f"patch_shape {self.patch_shape} must exceed overlap_pix + 2 * boundary_pix "
+                                 f"= {overlap_pix + 2 * boundary_pix}")
         self.stride = tuple(p - overlap_pix - boundary_pix for p in self.patch_shape)
         self.grid = tuple(math.ceil(i / s) for i, s in zip(self.img_shape, self.stride))  # (n_y, n_x)
-        self.padded_shape = tuple(s * (n - 1) + p + boundary_pix for s, n, p in zip(self.stride, self.grid, self.patch_shape))
+        self.padded_shape = tuple(s * (n - 1) + p + boundary_pix
+                                  for s, n, p in zip(self.stride, self.grid, self.patch_shape))
         (H, W), (Hp, Wp) = self.img_shape, self.padded_shape
         self.pad = (boundary_pix, Wp - W - boundary_pix, boundary_pix, Hp - H - boundary_pix)  # F.pad order
         ones = torch.ones(1, 1, *self.padded_shape)
-        count = F.fold(F.unfold(ones, self.patch_shape, stride=self.stride), self.padded_shape, self.patch_shape, stride=self.stride)
-        self.register_buffer("overlap_count", self._crop(count), persistent=False)
+        count = self._fold(F.unfold(ones, self.patch_shape, stride=self.stride))
+        self.register_buffer("overlap_count", count, persistent=False)
 
     @property
     def patch_num(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def _crop(self, x: Tensor) -> Tensor:
+    def _fold(self, cols: Tensor) -> Tensor:
+        """Sum [B, C * H_p * W_p, P] patch columns into the padded image, cropped to (H, W)."""
+        full = F.fold(cols, self.padded_shape, self.patch_shape, stride=self.stride)
         left, _, top, _ = self.pad
-        return x[..., top : top + self.img_shape[0], left : left + self.img_shape[1]]
+        return full[..., top : top + self.img_shape[0], left : left + self.img_shape[1]]
 
     def apply(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [P * B, C, H_p, W_p]."""
@@ -67,11 +72,12 @@ class GridPatching2D(nn.Module):
         """[P * B, C, H_p, W_p] -> [B, C, H, W], overlapping pixels averaged."""
         (ny, nx), (ph, pw) = self.grid, self.patch_shape
         if patches.shape[0] != self.patch_num * batch_size:
-            raise ValueError(f"patches has {patches.shape[0]} rows, expected patch_num * batch_size = {self.patch_num * batch_size}")
-        C = patches.shape[1]
-        cols = patches.reshape(nx, ny, batch_size, C, ph, pw).permute(2, 3, 4, 5, 1, 0).reshape(batch_size, C * ph * pw, ny * nx)
-        full = F.fold(cols, self.padded_shape, self.patch_shape, stride=self.stride)
-        return self._crop(full) / self.overlap_count.to(full.device, full.dtype)
+            raise ValueError(f"patches has {patches.shape[0]} rows, expected patch_num * batch_size "
+                             f"= {self.patch_num * batch_size}")
+        B, C = batch_size, patches.shape[1]
+        cols = patches.reshape(nx, ny, B, C, ph, pw).permute(2, 3, 4, 5, 1, 0).reshape(B, C * ph * pw, ny * nx)
+        full = self._fold(cols)
+        return full / self.overlap_count.to(full.device, full.dtype)
 
     def global_index(self, batch_size: int = 1, device: torch.device | str | None = None) -> Tensor:
         """int64 [P, 2, H_p, W_p]: global (y, x) pixel coordinates of every patch pixel, the
@@ -99,8 +105,8 @@ class PatchBasedPredictor:
     def patch_condition(self, condition: Tensor | TensorDict) -> Tensor | TensorDict:
         """Patch image-shaped tensors like x; repeat the others P times along the batch."""
         if isinstance(condition, TensorDict):
-            B = condition.batch_size[0]
-            return TensorDict({k: self.patch_condition(v) for k, v in condition.items()}, batch_size=[self.patching.patch_num * B])
+            patched = {k: self.patch_condition(v) for k, v in condition.items()}
+            return TensorDict(patched, batch_size=[self.patching.patch_num * condition.batch_size[0]])
         if condition.ndim == 4 and tuple(condition.shape[-2:]) == self.patching.img_shape:
             return self.patching.apply(condition)
         return condition.repeat(self.patching.patch_num, *([1] * (condition.ndim - 1)))

@@ -54,7 +54,8 @@ def _rand(N: int, device, dtype, generator: GeneratorLike) -> Tensor:
 def _one_predictor(
     x0_predictor: Predictor | None, score_predictor: Predictor | None, epsilon_predictor: Predictor | None
 ) -> tuple[PredictorType, Predictor]:
-    given = [(k, p) for k, p in (("x0", x0_predictor), ("score", score_predictor), ("epsilon", epsilon_predictor)) if p is not None]
+    named = (("x0", x0_predictor), ("score", score_predictor), ("epsilon", epsilon_predictor))
+    given = [(kind, p) for kind, p in named if p is not None]
     if len(given) != 1:
         raise ValueError("pass exactly one of x0_predictor, score_predictor, epsilon_predictor")
     return given[0]
@@ -71,7 +72,9 @@ class NoiseScheduler(Protocol):
 
     def timesteps(self, num_steps: int, *, device=None, dtype=None) -> Tensor: ...
 
-    def init_latents(self, spatial_shape: tuple[int, ...], tmax: Tensor, generator: GeneratorLike = None, *, device=None, dtype=None) -> Tensor: ...
+    def init_latents(
+        self, spatial_shape: tuple[int, ...], tmax: Tensor, generator: GeneratorLike = None, *, device=None, dtype=None
+    ) -> Tensor: ...
 
     def get_denoiser(self, **predictor) -> Denoiser: ...
 
@@ -131,16 +134,6 @@ class GaussianScheduler(ABC):
     def x0_to_epsilon(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         a, s = self._coef(t, x_t)
         return (x_t - a * x0) / s
-
-    def to_x0(self, prediction: Tensor, x_t: Tensor, t: Tensor, prediction_type: PredictorType) -> Tensor:
-        """Convert a prediction of the given type to an x0 estimate."""
-        if prediction_type == "x0":
-            return prediction
-        if prediction_type == "score":
-            return self.score_to_x0(prediction, x_t, t)
-        if prediction_type == "epsilon":
-            return self.epsilon_to_x0(prediction, x_t, t)
-        raise ValueError(f"prediction_type must be 'x0', 'score' or 'epsilon', got {prediction_type!r}")
 
 
 class LinearGaussianNoiseScheduler(GaussianScheduler):
@@ -355,7 +348,8 @@ def iddpm_sigma_table(C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> 
 class IDDPMNoiseScheduler(_VarianceExploding):
     """Improved DDPM (Nichol & Dhariwal) in EDM form: sigma(t) = t restricted to the u_j table."""
 
-    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> None:
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: float = 0.001, C_2: float = 0.008,
+                 M: int = 1000) -> None:
         self.sigma_min, self.sigma_max, self.C_1, self.C_2, self.M = sigma_min, sigma_max, C_1, C_2, M
         u = iddpm_sigma_table(C_1, C_2, M)
         self.u = u[(u >= sigma_min) & (u <= sigma_max)]  # decreasing
@@ -414,10 +408,12 @@ class DDPMScheduler(GaussianScheduler):
         abar = self.alpha_bar(t)
         return (abar / (1 - abar)).float()
 
-    def init_latents(self, spatial_shape: tuple[int, ...], tmax: Tensor, generator: GeneratorLike = None, *, device=None, dtype=None) -> Tensor:
+    def init_latents(
+        self, spatial_shape: tuple[int, ...], tmax: Tensor, generator: GeneratorLike = None, *, device=None, dtype=None
+    ) -> Tensor:
         """x_T ~ N(0, I), as DDPM samples it."""
-        like = torch.empty(tmax.shape[0], *spatial_shape, device=device if device is not None else tmax.device, dtype=dtype or torch.float32)
-        return NoiseSource(generator).randn_like(like)
+        device = device if device is not None else tmax.device
+        return NoiseSource(generator).randn_like(torch.empty(tmax.shape[0], *spatial_shape, device=device, dtype=dtype))
 
     def get_denoiser(self, *, x0_predictor: Predictor | None = None, score_predictor: Predictor | None = None,
                      epsilon_predictor: Predictor | None = None) -> Denoiser:
@@ -441,15 +437,14 @@ class DDPMScheduler(GaussianScheduler):
         t_prev = t - 1 if t_prev is None else torch.as_tensor(t_prev, device=x.device).expand(x.shape[0])
         ab_t, ab_p = batch_view(self.alpha_bar(t), x), batch_view(self.alpha_bar(t_prev), x)
         s = eta * ((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)).sqrt()
-        x0 = (x - (1 - ab_t).sqrt().to(x.dtype) * epsilon) / ab_t.sqrt().to(x.dtype)
+        x0 = self.epsilon_to_x0(epsilon, x, t)
         x_prev = ab_p.sqrt().to(x.dtype) * x0 + (1 - ab_p - s**2).clamp(min=0).sqrt().to(x.dtype) * epsilon
         if eta == 0:
             return x_prev
-        noise = generator if isinstance(generator, NoiseSource) else NoiseSource(generator)
-        return x_prev + s.to(x.dtype) * noise.randn_like(x)
+        return x_prev + s.to(x.dtype) * NoiseSource.of(generator).randn_like(x)
 
-    def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...], num_steps: int | None = None, *,
-               eta: float = 1.0, generator: GeneratorLike = None, device=None, dtype=torch.float32,
+    def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...], num_steps: int | None = None,
+               *, eta: float = 1.0, generator: GeneratorLike = None, device=None, dtype=torch.float32,
                on_step=None) -> Tensor:
         """Sample ``shape = (B, *)`` with an epsilon-predicting ``model(x, t_int [B])``.
 

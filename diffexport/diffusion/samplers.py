@@ -101,11 +101,11 @@ class _EDMChurnSolver:
     scheduler_type = LinearGaussianNoiseScheduler
 
     def __init__(self, ode: Solver, S_churn: float, S_min: float, S_max: float, S_noise: float, num_steps: int,
-                 generator: GeneratorLike, noise_scheduler: LinearGaussianNoiseScheduler | None) -> None:
+                 generator: GeneratorLike | NoiseSource, noise_scheduler: LinearGaussianNoiseScheduler | None) -> None:
         check_num_steps(num_steps)
         if S_churn < 0:
             raise ValueError(f"S_churn must be >= 0, got {S_churn}")
-        self.ode, self.noise_scheduler, self.noise = ode, noise_scheduler, NoiseSource(generator)
+        self.ode, self.noise_scheduler, self.noise = ode, noise_scheduler, NoiseSource.of(generator)
         self.S_churn, self.S_min, self.S_max, self.S_noise, self.num_steps = S_churn, S_min, S_max, S_noise, num_steps
         self.gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
 
@@ -155,7 +155,7 @@ class DDIMSolver:
     def __init__(self, denoiser: Denoiser, noise_scheduler: DDPMScheduler, eta: float = 0.0,
                  generator: GeneratorLike | NoiseSource = None) -> None:
         self.denoiser, self.noise_scheduler, self.eta = denoiser, noise_scheduler, eta
-        self.noise = generator if isinstance(generator, NoiseSource) else NoiseSource(generator)
+        self.noise = NoiseSource.of(generator)
 
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor) -> Tensor:
         _check_times(x, t_cur, t_next)
@@ -231,7 +231,7 @@ def sample(
     step = _make_solver(solver, denoiser, solver_options, noise_scheduler, n).step
     keep_graph, B, x = torch.is_grad_enabled(), xN.shape[0], xN
     for i in range(n):
-        x = step(x, t_steps[i].expand(B), t_steps[i + 1].expand(B))
+        x = step(x, t_steps[i].repeat(B), t_steps[i + 1].repeat(B))
         if not keep_graph:
             x = x.detach()
         if on_step is not None:

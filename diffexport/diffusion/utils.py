@@ -93,4 +93,5 @@ class ConcatConditionWrapper(nn.Module):
             raise ValueError(f"condition[{self.image_cond_key!r}] must match the spatial shape of x {tuple(x.shape[2:])}, "
                              f"got {tuple(cond_concat.shape)}")
         if cond_vec is not None and not self.takes_class_labels:
-            raise ValueError(f"condition[{self.vector_cond_key!r}] given but {type(self.model).__name__} takes no class_labels")
+            raise ValueError(f"condition[{self.vector_cond_key!r}] given but {type(self.model).__name__} "
+                             "takes no class_labels")

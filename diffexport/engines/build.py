@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch.export import ExportedProgram
 
+from diffexport.diffusion import noise_schedulers
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
     FORMAT, MANIFEST, content_key, device_info, file_record, read_manifest, sha256_file, verify_files, versions, write_manifest,
@@ -70,6 +71,10 @@ class _Stages:
         self.progress(name, "skip", 0.0, why)
 
 
+def _source(recipe: Recipe) -> str:
+    return str(recipe._source or "<recipe>")
+
+
 def resolve_recipe(recipe: Recipe, targets: Sequence[str] | None = None) -> Recipe:
     """The recipe as built: defaults filled, paths absolute, ``targets`` (if given) replacing
     ``export.targets``; validated again, so a bad target is a ``RecipeError``."""
@@ -80,7 +85,7 @@ def resolve_recipe(recipe: Recipe, targets: Sequence[str] | None = None) -> Reci
             where[key] = str(resolve_path(recipe, where[key]).resolve())
     if targets is not None:
         data["export"]["targets"] = list(targets)
-    resolved = parse_recipe(data, str(recipe._source or "<recipe>"))
+    resolved = parse_recipe(data, _source(recipe))
     resolved._source = recipe._source
     return resolved
 
@@ -102,17 +107,15 @@ def engine_dir_for(recipe: Recipe, out_dir: str | Path | None = None) -> Path:
 def sampler_schedule(recipe: Recipe) -> dict:
     """The manifest's ``sampler``: the recipe's sampler plus its discretisation ``time_steps``
     (N + 1, trailing end time), the EDM ``sigmas`` σ(t)/α(t) the engine receives, and ``alphas``."""
-    from diffexport.diffusion import noise_schedulers
-
     s = recipe.sampler
     cls = getattr(noise_schedulers, s.scheduler.class_name, None)
     if cls is None:
-        raise RecipeError(f"sampler.scheduler.class: {s.scheduler.class_name!r} is not in diffexport.diffusion.noise_schedulers")
+        raise RecipeError(f"{_source(recipe)}: sampler.scheduler.class: {s.scheduler.class_name!r} is not in diffexport.diffusion.noise_schedulers")
     try:
         scheduler = cls(**s.scheduler.args)
         t = scheduler.timesteps(s.num_steps)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"{recipe._source or '<recipe>'}: sampler: {s.scheduler.class_name}: {e}") from None
+        raise RecipeError(f"{_source(recipe)}: sampler.scheduler: {s.scheduler.class_name}: {e}") from None
     alphas = scheduler.alpha(t).double()
     sigmas = scheduler.edm_sigma(t) if hasattr(scheduler, "edm_sigma") else scheduler.sigma(t) / alphas
     return {
@@ -140,7 +143,7 @@ def _denoiser(recipe: Recipe) -> Denoiser:
     except RecipeError:
         raise
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"{recipe._source or '<recipe>'}: cannot build the model and preconditioner: {e}") from e
+        raise RecipeError(f"{_source(recipe)}: model / preconditioner: cannot build them: {e}") from e
 
 
 def _up_to_date(engine_dir: Path, key: str) -> dict | None:

@@ -12,10 +12,12 @@ stable between two exports (counters are global), so the mapping is built in thr
    skipped);
 3. for each FX node, the last ONNX node it produced carries its value.
 
-The candidates, in the engine graph's topological order, are then searched for the first one whose
-relative L2 error exceeds ``rtol``: each round exposes up to ``probes_per_round`` of them as extra
-graph outputs of one ONNX Runtime session and narrows the range (k-ary bisection; exact when all
-candidates fit in one round).
+The search then looks for the first candidate, in the engine graph's topological order, whose
+relative L2 error exceeds ``rtol`` and whose matched ancestors all pass. Each round exposes up to
+``probes_per_round`` candidates as extra graph outputs of one ONNX Runtime session: a failing probe
+narrows the search to its ancestors, a passing one clears itself and its ancestors (errors are
+assumed to propagate downstream, which holds unless a later op masks them). It ends when the
+current failing node has no uncleared ancestor left; exact when everything fits in one round.
 """
 
 from __future__ import annotations
@@ -133,11 +135,24 @@ def _skipped_types(engine: onnx.ModelProto) -> set[str]:
     return {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type in _SKIP_TYPES}
 
 
-def _spread(lo: int, hi: int, k: int) -> list[int]:
-    """Up to ``k`` indices spread evenly over ``[lo, hi)``, both ends included."""
-    if hi - lo <= k:
-        return list(range(lo, hi))
-    return sorted({lo + round(i * (hi - lo - 1) / (k - 1)) for i in range(k)})
+def _spread(pool: list[int], k: int) -> list[int]:
+    """Up to ``k`` entries of ``pool`` spread evenly over it, both ends included."""
+    if len(pool) <= k:
+        return pool
+    return [pool[i] for i in sorted({round(i * (len(pool) - 1) / (k - 1)) for i in range(k)})]
+
+
+def _ancestors(graph: onnx.GraphProto) -> list[int]:
+    """Per node, a bitset (int) of the nodes upstream of it."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output}
+    anc: list[int] = []
+    for n in graph.node:
+        bits = 0
+        for name in n.input:
+            if (p := producer.get(name)) is not None:
+                bits |= anc[p] | (1 << p)
+        anc.append(bits)
+    return anc
 
 
 def locate_divergence(
@@ -170,10 +185,11 @@ def locate_divergence(
         raise ValueError(f"{onnx_path}: no ONNX node could be matched with the reference (no '{_FX}' metadata?)")
     feed = {s.name: t.numpy() for s, t in zip(io.inputs, args)}
     n_outputs = len(engine.graph.output)
+    where = {pos: (fx, mod) for pos, fx, mod in cands}
     errs: dict[int, dict[str, float]] = {}
 
-    def probe(indices: list[int]) -> None:
-        names = [engine.graph.node[cands[c][0]].output[0] for c in indices]
+    def probe(positions: list[int]) -> None:
+        names = [engine.graph.node[p].output[0] for p in positions]
         existing = {o.name for o in engine.graph.output}
         engine.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
         try:
@@ -181,24 +197,26 @@ def locate_divergence(
             got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         finally:
             del engine.graph.output[n_outputs:]
-        for c, name in zip(indices, names):
-            ref = values[cands[c][1]]
-            out = torch.from_numpy(np.asarray(got[name]))
-            errs[c] = errors(ref, out) if out.shape == ref.shape else {"max_abs": float("nan"), "rel_l2": float("nan")}
+        for p, name in zip(positions, names):
+            ref, out = values[where[p][0]], torch.from_numpy(np.asarray(got[name]))
+            errs[p] = errors(ref, out) if out.shape == ref.shape else {"max_abs": float("nan"), "rel_l2": float("nan")}
 
-    lo, hi = 0, len(cands)  # invariant: candidates before lo pass; hi fails (or == len: none known)
-    while lo < hi:
-        indices = _spread(lo, hi, probes_per_round)
-        probe(indices)
-        failing = [c for c in indices if errs[c]["rel_l2"] > rtol]  # NaN (shape mismatch) never fails
-        if failing:
-            hi = failing[0]
-            lo = max([c for c in indices if c < hi], default=lo - 1) + 1
-        else:
-            lo = indices[-1] + 1
-    if hi == len(cands):
+    anc = _ancestors(engine.graph)
+    failing: int | None = None  # the earliest failing node found so far
+    cleared = 0  # bitset of nodes assumed to pass
+    while True:
+        pool = [p for p, _, _ in cands if not cleared >> p & 1 and p != failing and (failing is None or anc[failing] >> p & 1)]
+        if not pool:
+            break
+        probes = _spread(pool, probes_per_round)
+        probe(probes)
+        for p in probes:
+            if errs[p]["rel_l2"] > rtol:  # NaN (a shape mismatch) never fails
+                failing = p
+                break
+            cleared |= anc[p] | (1 << p)
+    if failing is None:
         return None
-    pos, fx, module = cands[hi]
-    node = engine.graph.node[pos]
-    return Divergence(node.name, node.op_type, node.output[0], fx, module, errs[hi]["max_abs"], errs[hi]["rel_l2"],
-                      rtol, pos, len(cands), len(errs))
+    node, (fx, module) = engine.graph.node[failing], where[failing]
+    e = errs[failing]
+    return Divergence(node.name, node.op_type, node.output[0], fx, module, e["max_abs"], e["rel_l2"], rtol, failing, len(cands), len(errs))

@@ -4,7 +4,6 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
-#include <cstdlib>
 #include <cstring>
 
 #include "diffexport/engine.h"
@@ -24,12 +23,7 @@ class AotiBackend : public Backend {
     } catch (const std::exception&) {
       throw Error(engine.dir + "/manifest.json: artifacts.aoti.device: unknown device '" + device + "'");
     }
-    if (threads > 0) {
-      // The package's kernels use the OpenMP runtime the package links, which reads
-      // OMP_NUM_THREADS when it is loaded below; libtorch's own pool is set directly.
-      setenv("OMP_NUM_THREADS", std::to_string(threads).c_str(), 1);
-      at::set_num_threads(threads);
-    }
+    if (threads > 0) at::set_num_threads(threads);  // the package's kernels share libtorch's OpenMP pool
     try {
       loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(file_);
     } catch (const std::exception& e) {

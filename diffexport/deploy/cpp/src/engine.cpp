@@ -56,8 +56,6 @@ SamplerSpec sampler_spec(const Json& j) {
   s.num_steps = static_cast<int>(j.at("num_steps").as_int());
   if (const Json* v = j.find("sigmas"))
     for (const Json& x : v->as_array()) s.sigmas.push_back(x.as_number());
-  if (const Json* v = j.find("alphas"))
-    for (const Json& x : v->as_array()) s.alphas.push_back(x.as_number());
   if (const Json* v = j.find("solver_options"))
     for (const auto& kv : v->items()) s.solver_options.push_back(kv.first);
   s.patching = j.find("patching") != nullptr;

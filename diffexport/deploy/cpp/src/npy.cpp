@@ -78,7 +78,9 @@ class HeaderParser {
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
-    throw Error(path_ + ": bad .npy header (" + what + "): " + s_);
+    std::string shown = s_.substr(0, 120);  // printable, one line
+    for (char& c : shown) c = c >= 0x20 && c < 0x7F ? c : '?';
+    throw Error(path_ + ": bad .npy header (" + what + " at character " + std::to_string(i_) + "): " + shown);
   }
   void space() {
     while (i_ < s_.size() && std::strchr(" \t\r\n", s_[i_])) ++i_;
@@ -172,11 +174,14 @@ Array read_npy(const std::string& path) {
   else if (descr == "<i8") dtype = DType::Int64;
   else throw Error(path + ": dtype '" + descr + "' is not supported (float32 '<f4' or int64 '<i8', little endian)");
 
-  Array a(dtype, dict["shape"].ints);
-  const uint64_t expected = offset + header_len + a.bytes.size();
+  const std::vector<int64_t>& shape = dict["shape"].ints;
+  uint64_t expected = dtype_size(dtype);  // data bytes, saturating instead of overflowing
+  for (int64_t d : shape) expected = d && expected > (UINT64_MAX >> 1) / d ? UINT64_MAX >> 1 : expected * d;
+  expected += offset + header_len;
   if (file_size != expected)
-    throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(a.shape) + " " +
+    throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(shape) + " " +
                 dtype_name(dtype) + " needs " + std::to_string(expected) + (file_size < expected ? " (truncated)" : ""));
+  Array a(dtype, shape);  // allocated only once the file is known to hold it
   in.read(reinterpret_cast<char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
   if (!in) throw Error(path + ": read error");
   return a;

@@ -18,20 +18,22 @@ Array rows(const Array& a, int64_t start, int64_t n, int64_t b) {
   return out;
 }
 
+/// The noise levels to integrate over: the manifest's `sampler.sigmas`, or the EDM formula when
+/// `steps` overrides num_steps (or the manifest has none). The loop integrates in σ, which is the
+/// solver's time only for the EDM scheduler (t = σ, α = 1); other schedulers are refused.
 std::vector<double> schedule(const Engine& e, int steps) {
   const SamplerSpec& s = e.sampler;
   const std::string where = e.dir + "/manifest.json: sampler.";
+  if (s.scheduler != "EDMNoiseScheduler")
+    throw Error(where + "scheduler.class: '" + s.scheduler + "' is not supported by the C++ runner (EDMNoiseScheduler)");
   if (s.solver != "euler" && s.solver != "heun")
     throw Error(where + "solver: '" + s.solver + "' is not supported by the C++ runner (euler, heun)");
   if (!s.solver_options.empty()) throw Error(where + "solver_options: not supported by the C++ runner (" + s.solver_options[0] + ")");
   if (s.patching) throw Error(where + "patching: patch-based sampling is not supported by the C++ runner");
-  for (double a : s.alphas)
-    if (a != 1.0) throw Error(where + "alphas: the C++ runner supports α(t) = 1 (EDM-style) schedules only");
   std::vector<double> sigmas = s.sigmas;
   if (sigmas.empty() || (steps > 0 && steps != s.num_steps)) {
-    const std::string what = steps > 0 ? "--steps needs" : "without sampler.sigmas the runner needs";
-    if (s.scheduler != "EDMNoiseScheduler" || !(s.sigma_min > 0 && s.sigma_max > s.sigma_min && s.rho > 0))
-      throw Error(where + "scheduler: " + what + " an EDMNoiseScheduler with sigma_min, sigma_max and rho (got " + s.scheduler + ")");
+    if (!(s.sigma_min > 0 && s.sigma_max > s.sigma_min && s.rho > 0))
+      throw Error(where + "scheduler.args: sigma_min, sigma_max and rho are needed to compute the noise levels");
     sigmas = edm_sigmas(steps > 0 ? steps : s.num_steps, s.sigma_min, s.sigma_max, s.rho);
   }
   bool ok = sigmas.size() >= 2 && sigmas.back() == 0.0;
@@ -112,9 +114,9 @@ void Sampler::run_chunk(std::vector<Array>& inputs, float* out) {
   std::vector<TensorView> views;
   for (const Array& a : inputs) views.push_back({a.bytes.data(), a.dtype, a.shape});
   float* sigma_in = inputs[1].f32();
-  auto denoise = [&](const std::vector<float>& at, float sigma) {
+  auto denoise = [&](const std::vector<float>& state, float sigma) {
     std::fill(sigma_in, sigma_in + inputs[1].numel(), sigma);
-    views[0].data = at.data();
+    views[0].data = state.data();
     backend_->run(views, denoised.data());
   };
   for (size_t i = 0; i + 1 < sigmas_.size(); ++i) {
@@ -125,6 +127,9 @@ void Sampler::run_chunk(std::vector<Array>& inputs, float* out) {
       denoise(x_next, s_next);
       for (size_t k = 0; k < size; ++k) x_next[k] = x[k] + h * (0.5f * (d[k] + (x_next[k] - denoised[k]) / s_next));
     }
+    if (!std::all_of(x_next.begin(), x_next.end(), [](float v) { return std::isfinite(v); }))
+      throw Error("sampling produced NaN/Inf at step " + std::to_string(i) + " (sigma " + std::to_string(s) + " -> " +
+                  std::to_string(s_next) + ")");
     x.swap(x_next);
   }
   std::memcpy(out, x.data(), size * sizeof(float));

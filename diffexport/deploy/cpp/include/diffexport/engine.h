@@ -25,7 +25,6 @@ struct SamplerSpec {
   int num_steps = 0;
   std::vector<double> sigmas;  // N+1 noise levels ending with 0 (empty: compute from the EDM args)
   double sigma_min = 0, sigma_max = 0, rho = 0;  // EDMNoiseScheduler args (0 when absent)
-  std::vector<double> alphas;                    // α(t) at those times (empty when absent)
   std::vector<std::string> solver_options;       // names of the solver options that are set
   bool patching = false;
 };

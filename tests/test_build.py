@@ -1,0 +1,227 @@
+"""``build_engine`` and ``diffexport build | inspect``: manifest contents, content key, atomicity.
+
+Engines come from the session fixtures of ``conftest.py``; the few rebuilds here are ONNX-only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from diffexport.cli import app
+from diffexport.engines import EngineError, build_engine, mark, read_manifest
+from diffexport.engines.manifest import sha256_file
+from diffexport.export import TargetUnavailable
+from diffexport.models import get_model_class
+from diffexport.models.init import randomize_
+from diffexport.recipes import io_spec, load_recipe
+
+pytestmark = pytest.mark.slow
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative names)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+# --- the manifest -----------------------------------------------------------------------------
+
+
+def test_manifest_follows_engine_format(built_conditional: Path):
+    m = read_manifest(built_conditional)
+    assert m["format"] == "diffexport-engine/1" and m["name"] == "tiny-conditional" and m["status"] == "unchecked"
+    assert re.fullmatch(r"[0-9a-f]{64}", m["content_key"]) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["created"])
+    recipe = load_recipe(built_conditional / "recipe.yaml")  # the resolved recipe, as built
+    assert yaml.safe_load((built_conditional / "recipe.yaml").read_text()) == m["recipe"]
+    assert m["io"] == io_spec(recipe).to_dict()
+    assert [s["name"] for s in m["io"]["inputs"]] == ["x", "sigma", "cond", "class_labels"]
+
+    s, n = m["sampler"], recipe.sampler.num_steps
+    lo, hi, rho = 0.002, 80.0, 7.0
+    edm = [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)] + [0.0]
+    assert len(s["time_steps"]) == len(s["sigmas"]) == len(s["alphas"]) == n + 1
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(s["sigmas"], edm)) and s["sigmas"][-1] == 0.0
+    assert s["alphas"] == [1.0] * (n + 1) and s["solver"] == "heun" and s["patching"] is None
+
+    assert set(m["artifacts"]) == {"onnx", "aoti"} and m["skipped"] == {}
+    for target, art in m["artifacts"].items():
+        path = built_conditional / art["file"]
+        assert art["sha256"] == sha256_file(path) and art["bytes"] == sum((built_conditional / f).stat().st_size for f in art["files"])
+        assert art["files"][art["file"]] == art["sha256"] and art["precision"] == "fp32"
+    assert m["artifacts"]["aoti"]["device"] == "cpu" and m["artifacts"]["onnx"]["opset"] == recipe.export.opset
+    assert m["weights"] == {"file": "weights.pt", "sha256": sha256_file(built_conditional / "weights.pt")}
+    assert m["versions"]["torch"] == torch.__version__ and m["device"]["type"] == "cpu"
+    assert set(m["stages"]) == {"load", "export", "export:onnx", "export:aoti"} and all(t > 0 for t in m["stages"].values())
+    assert leftovers(built_conditional) == []
+
+
+def test_weights_pt_is_the_seeded_models_state_dict(built_dhariwal: Path):
+    recipe = load_recipe(built_dhariwal / "recipe.yaml")
+    model = randomize_(get_model_class(recipe.model.class_name)(**recipe.model.args), recipe.model.init.seed)
+    saved = torch.load(built_dhariwal / "weights.pt", weights_only=True)
+    expected = model.state_dict()
+    assert list(saved) == list(expected)
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+# --- content key, force, atomicity ------------------------------------------------------------
+
+
+def test_second_build_is_a_noop(built_quickstart: Path, tiny_recipe_paths):
+    before = snapshot(built_quickstart)
+    stale = built_quickstart.with_name(f".{built_quickstart.name}.{2**22 + 1}.x.building")  # a dead process' leftover
+    stale.mkdir()
+    events = []
+    result = build_engine(tiny_recipe_paths["quickstart"], built_quickstart, ["onnx"], progress=lambda *e: events.append(e[:2]))
+    assert not result.built and "up to date" in result.message
+    assert events == [("load", "start"), ("load", "done"), ("build", "skip")]
+    assert snapshot(built_quickstart) == before and leftovers(built_quickstart) == []
+
+
+class Injected(Exception):
+    pass
+
+
+def _raise_at(stage: str, exc: BaseException):
+    def progress(name: str, event: str, seconds: float, detail: str) -> None:
+        if name == stage and event == "start":
+            raise exc
+
+    return progress
+
+
+@pytest.mark.parametrize("change", ["damaged artifact", "recipe edited", "different finalize stages"])
+def test_changes_are_not_a_noop_and_interrupts_keep_the_old_engine(tmp_path: Path, built_quickstart: Path, tiny_recipe_paths, change: str):
+    """Each change makes the build go on to export, where an injected error (or Ctrl-C) stops it:
+    the previous engine directory is left exactly as it was and no temporary directory remains."""
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
+    recipe, finalize = load_recipe(tiny_recipe_paths["quickstart"]), ()
+    if change == "damaged artifact":
+        (engine_dir / "denoiser.onnx").write_bytes(b"truncated")
+    elif change == "recipe edited":
+        recipe = recipe.model_copy(update={"sampler": recipe.sampler.model_copy(update={"num_steps": 7})})
+    else:
+        finalize = [("deploy:triton", lambda d, m: None)]
+    before = snapshot(engine_dir)
+    for exc in (Injected("boom"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            build_engine(recipe, engine_dir, ["onnx"], progress=_raise_at("export", exc), finalize=finalize)
+        assert snapshot(engine_dir) == before and leftovers(engine_dir) == []
+
+
+def test_interrupt_inside_a_target_stage_keeps_the_old_engine(tmp_path: Path, built_quickstart: Path, tiny_recipe_paths):
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
+    before = snapshot(engine_dir)
+    with pytest.raises(Injected):
+        build_engine(tiny_recipe_paths["quickstart"], engine_dir, ["onnx"], force=True, progress=_raise_at("export:onnx", Injected()))
+    assert snapshot(engine_dir) == before and leftovers(engine_dir) == []
+
+
+def test_force_rebuilds_skips_missing_tensorrt_and_runs_finalize(tmp_path: Path, built_quickstart: Path, tiny_recipe_paths):
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
+    old = read_manifest(engine_dir)
+    seen = {}
+
+    def note(tmp: Path, manifest: dict) -> None:  # edits the manifest in place
+        seen["dir"], seen["files"] = tmp, sorted(p.name for p in tmp.iterdir())
+        manifest["deploy"] = {"note": "in place"}
+
+    def parity(tmp: Path, manifest: dict) -> None:  # rewrites manifest.json, as the parity stage does
+        mark(tmp, status="ok", parity={"max_rel_l2": 1e-7})
+
+    targets = ["onnx"] if HAS_TENSORRT else ["onnx", "tensorrt"]
+    with pytest.warns(UserWarning, match="Python package 'tensorrt'") if not HAS_TENSORRT else nullcontext():
+        result = build_engine(tiny_recipe_paths["quickstart"], engine_dir, targets, force=True, finalize=[note, ("parity", parity)])
+    m = read_manifest(engine_dir)
+    assert result.built and m == result.manifest and m["created"] >= old["created"]
+    assert seen["dir"] != engine_dir and seen["files"] == ["denoiser.onnx", "manifest.json", "recipe.yaml", "weights.pt"]
+    assert m["status"] == "ok" and m["parity"] == {"max_rel_l2": 1e-7} and m["deploy"] == {"note": "in place"}
+    assert {"note", "parity"} <= set(m["stages"])
+    assert m["content_key"] != old["content_key"]  # other targets and stages
+    assert m["weights"] == old["weights"] and m["artifacts"]["onnx"]["sha256"] == sha256_file(engine_dir / "denoiser.onnx")
+    if not HAS_TENSORRT:
+        assert "tensorrt" in m["skipped"] and "'tensorrt'" in m["skipped"]["tensorrt"] and "tensorrt" not in m["artifacts"]
+    assert leftovers(engine_dir) == []
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT can be built here")
+def test_tensorrt_as_only_target_fails_before_any_work(tmp_path: Path, tiny_recipe_paths):
+    with pytest.raises(TargetUnavailable, match="Python package 'tensorrt'"):
+        build_engine(tiny_recipe_paths["quickstart"], tmp_path / "e", ["tensorrt"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_engine(tmp_path: Path, tiny_recipe_paths):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(EngineError, match="is not an engine directory"):
+        build_engine(tiny_recipe_paths["quickstart"], tmp_path, ["onnx"])
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# --- the command line -------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_build_summary_noop_and_inspect(tmp_path: Path, built_quickstart: Path, tiny_recipe_paths):
+    """The CLI adds the recipe's deploy.triton stage, so the fixture's engine (built without) is rebuilt."""
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
+    args = ["build", str(tiny_recipe_paths["quickstart"]), "--out", str(engine_dir), "--targets", "onnx", "--no-parity"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    for text in ("✓ load", "✓ export:onnx", "✓ deploy:triton", "weights.pt", "denoiser.onnx", "status unchecked", f"built {engine_dir}"):
+        assert text in r.output, text
+    assert r.stdout.strip().endswith(str(engine_dir))
+    m = read_manifest(engine_dir)
+    assert m["status"] == "unchecked" and m["recipe"]["parity"]["enabled"] is False
+    assert "deploy:triton" in m["stages"] and (engine_dir / "triton").is_dir()
+
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "up to date" in r.output and "export" not in r.output, r.output
+
+    r = runner.invoke(app, ["inspect", str(engine_dir)])
+    assert r.exit_code == 0, r.output
+    for text in ("quickstart", "unchecked", "[B, 3, 16, 16]", "EDMNoiseScheduler", "heun x 18", "denoiser.onnx",
+                 m["artifacts"]["onnx"]["sha256"][:12], "deploy:triton", "torch " + torch.__version__):  # fmt: skip
+        assert text in r.stdout, text
+
+
+def test_cli_errors_are_one_paragraph(tmp_path: Path, tiny_recipe_paths):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(tiny_recipe_paths["quickstart"].read_text().replace("num_steps: 18", "num_steps: -3"))
+    r = runner.invoke(app, ["build", str(broken), "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "error:" in r.output and "broken.yaml: sampler.num_steps" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "e").exists()
+
+    r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--targets", "onnx,tflite", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 1 and "export.targets[1]" in r.output, r.output
+
+    if not HAS_TENSORRT:
+        r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--targets", "tensorrt", "--out", str(tmp_path / "e")])
+        assert r.exit_code == 1 and "'tensorrt'" in r.output and "Traceback" not in r.output, r.output
+
+    r = runner.invoke(app, ["inspect", str(tmp_path / "absent")])
+    assert r.exit_code == 1 and "manifest.json: not found" in r.output
+
+
+def test_cli_inspect_shows_conditions_and_every_artifact(built_conditional: Path):
+    r = runner.invoke(app, ["inspect", str(built_conditional)])
+    assert r.exit_code == 0, r.output
+    m = read_manifest(built_conditional)
+    for text in ("tiny-conditional", "cond", "[B, 3, 16, 16]", "class_labels", "[B, 4]", "denoiser.pt2", "device=cpu",
+                 m["artifacts"]["aoti"]["sha256"][:12], m["weights"]["sha256"][:12], "export:aoti"):  # fmt: skip
+        assert text in r.stdout, text
