@@ -189,3 +189,19 @@ def test_torch_export_table_preconditioners(cls):
     x, sigma = torch.randn(3, 1, 4, 4), torch.tensor([0.01, 1.0, 50.0])
     torch.testing.assert_close(ep.module()(x, sigma), pre(x, sigma))
     assert math.isfinite(ep.module()(x, sigma).abs().max().item())
+
+
+def test_ddpm_preconditioner_is_the_epsilon_model_in_edm_form():
+    """D(x, s_t) = x - s_t * eps(sqrt(abar_t) x, t) at the table's own noise levels."""
+    from diffexport.diffusion import DDPMPreconditioner, DDPMScheduler
+
+    class Eps(nn.Module):
+        def forward(self, x, t):
+            return torch.sin(x + t.view(-1, 1, 1, 1) / 100)  # depends on both, non-zero
+
+    t = torch.tensor([0, 10, 500, 999])
+    abar = DDPMScheduler().alpha_bar(t)
+    s = ((1 - abar) / abar).sqrt().float()
+    x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = x - s.view(-1, 1, 1, 1) * Eps()(x * abar.sqrt().float().view(-1, 1, 1, 1), t.float())
+    torch.testing.assert_close(DDPMPreconditioner(Eps())(x, s), expected, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
@@ -39,7 +38,7 @@ class Progress:
     def __call__(self, stage: str, event: str, seconds: float, detail: str) -> None:
         self.stop()
         if event == "start":
-            self.stage, self.started = stage, time.perf_counter()
+            self.stage = stage
             self.status = console.status(f"{stage} [dim]{detail}[/]")
             self.status.start()
         elif event == "done":
@@ -54,7 +53,8 @@ class Progress:
 
 
 def finalize_stages(recipe: Recipe) -> list[tuple[str, Finalize]]:
-    """The build stages after export that ``recipe`` asks for, in order (deploy.triton, deploy.cpp)."""
+    """The build stages after export that ``recipe`` asks for, in order: deploy.triton, deploy.cpp.
+    (The parity stage, when ``recipe.parity.enabled``, belongs first.)"""
     stages: list[tuple[str, Finalize]] = []
     if recipe.deploy.triton:
         stages.append(("deploy:triton", triton_stage))

@@ -40,6 +40,7 @@ from diffexport.diffusion.noise_schedulers import (
 from diffexport.diffusion.preconditioners import (
     BaseAffinePreconditioner,
     EDMPreconditioner,
+    DDPMPreconditioner,
     IDDPMPreconditioner,
     VEPreconditioner,
     VPPreconditioner,
@@ -75,6 +76,7 @@ __all__ = [
     "GridPatching2D",
     "HeunSolver",
     "IDDPMNoiseScheduler",
+    "DDPMPreconditioner",
     "IDDPMPreconditioner",
     "LinearGaussianNoiseScheduler",
     "MSEDSMLoss",

@@ -122,3 +122,21 @@ class IDDPMPreconditioner(BaseAffinePreconditioner):
     def compute_coefficients(self, sigma: Tensor) -> Coefficients:
         c_noise = (self.M - 1 - self.round_sigma(sigma, return_index=True)).to(sigma.dtype)
         return 1 / (sigma**2 + 1).sqrt(), c_noise, -sigma, torch.ones_like(sigma)
+
+
+class DDPMPreconditioner(BaseAffinePreconditioner):
+    """A discrete DDPM epsilon-predictor ``eps(x_t, t_int)`` as an EDM denoiser.
+
+    With ``x_t = sqrt(abar_t) (x0 + s_t n)`` and ``s_t = sqrt((1 - abar_t) / abar_t)``:
+    ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)`` (= sqrt(abar_t)), ``c_noise`` = the
+    timestep t whose ``s_t`` is nearest to s (linear betas, as :class:`DDPMScheduler`).
+    """
+
+    def __init__(self, model: nn.Module, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        super().__init__(model)
+        abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), 0)
+        self.register_buffer("s", ((1 - abar) / abar).sqrt().float())
+
+    def compute_coefficients(self, sigma: Tensor) -> Coefficients:
+        t = (sigma.reshape(-1, 1) - self.s.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
+        return 1 / (sigma**2 + 1).sqrt(), t.to(sigma.dtype), -sigma, torch.ones_like(sigma)

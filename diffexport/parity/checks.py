@@ -14,6 +14,7 @@ import torch
 from diffexport.engines.base import Engine
 from diffexport.parity.metrics import errors
 from diffexport.runtime.batching import batch_range
+from diffexport.runtime.inputs import random_call, random_conditions
 from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
 
 
@@ -31,31 +32,10 @@ def clamp_batch(engine: Engine, batch: int) -> int:
     return min(max(batch, lo), hi)
 
 
-def random_conditions(engine: Engine, batch: int, generator: torch.Generator, index_high: int = 1,
-                      image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Seeded condition inputs: image and vector ``N(0, 1)``, index uniform in ``[0, index_high)``.
-    ``image_hw`` overrides the size of image conditions (the full image under patching)."""
-    out = {}
-    for spec in engine.io.inputs[2:]:
-        shape = [batch, *spec.shape[1:]]
-        if spec.kind == "image" and image_hw is not None:
-            shape[-2:] = image_hw
-        if spec.kind == "index":
-            out[spec.name] = torch.randint(0, max(index_high, 1), shape, generator=generator)
-        else:
-            out[spec.name] = torch.randn(shape, generator=generator)
-    return out
-
-
 def call_inputs(engine: Engine, sigmas: list[float], batch: int, seed: int, index_high: int = 1) -> list[dict[str, torch.Tensor]]:
-    """Per σ, the inputs of one call: ``x = x0 + σ n`` with ``x0 ~ N(0, 0.5²)``, random conditions."""
+    """Per σ, the seeded inputs of one call (:func:`~diffexport.runtime.inputs.random_call`)."""
     g = torch.Generator().manual_seed(seed)
-    shape = [batch, *engine.io.inputs[0].shape[1:]]
-    out = []
-    for sigma in sigmas:
-        x = 0.5 * torch.randn(shape, generator=g) + sigma * torch.randn(shape, generator=g)
-        out.append({"x": x, "sigma": torch.full((batch,), sigma), **random_conditions(engine, batch, g, index_high)})
-    return out
+    return [random_call(engine, sigma, batch, g, index_high) for sigma in sigmas]
 
 
 @torch.no_grad()

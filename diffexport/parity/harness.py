@@ -21,6 +21,7 @@ from diffexport.parity import checks
 from diffexport.parity.report import json_safe, write_report
 from diffexport.parity.tolerances import tolerances
 from diffexport.recipes import IOSpec
+from diffexport.runtime.inputs import index_high
 from diffexport.runtime.sampler import SamplerSpec
 
 FORMAT = "diffexport-parity/1"
@@ -106,12 +107,12 @@ def check_engine(
 def _check_backend(engine_dir: Path, backend: str, device, reference: _Reference, spec: SamplerSpec, sigmas: list[float],
                    batch: int, seed: int, tol: dict, entry: dict) -> None:
     engine = load(engine_dir, backend, device=device)
-    index_high = _index_high(reference.engine(engine.device))
+    high = index_high(reference.engine(engine.device))
     batch = checks.clamp_batch(engine, batch)
-    inputs = checks.call_inputs(engine, sigmas, batch, seed, index_high)
+    inputs = checks.call_inputs(engine, sigmas, batch, seed, high)
     refs = reference.run(f"calls:{batch}", engine.device, lambda ref: checks.call_outputs(ref, inputs))
     entry["per_call"] = checks.compare_calls(sigmas, refs, checks.call_outputs(engine, inputs))
-    traj_inputs = checks.trajectory_inputs(engine, spec, batch, seed, index_high)
+    traj_inputs = checks.trajectory_inputs(engine, spec, batch, seed, high)
     ref_states = reference.run(f"trajectory:{batch}", engine.device, lambda ref: checks.trajectory_states(ref, spec, traj_inputs))
     entry["trajectory"] = checks.compare_steps(spec, ref_states, checks.trajectory_states(engine, spec, traj_inputs))
     worst = max(entry["per_call"], key=lambda r: _key(r["rel_l2"]))
@@ -124,10 +125,6 @@ def _key(v: float) -> float:
     return math.inf if math.isnan(v) else v
 
 
-def _index_high(reference) -> int:
-    return int(getattr(getattr(reference, "denoiser", None), "index_high", 1))
-
-
 def _locate(engine_dir: Path, manifest: dict, record: dict, reference: _Reference, sigmas: list[float], batch: int, seed: int,
             tol: dict, entry: dict) -> dict | None:
     """The first diverging ONNX node on the worst per-call inputs (None: no single node exceeds the tolerance)."""
@@ -136,7 +133,7 @@ def _locate(engine_dir: Path, manifest: dict, record: dict, reference: _Referenc
     ref = reference.engine(torch.device("cpu"))
     io = IOSpec.from_dict(manifest["io"])
     worst = max(range(len(sigmas)), key=lambda i: _key(entry["per_call"][i]["rel_l2"]))
-    inputs = checks.call_inputs(ref, sigmas, checks.clamp_batch(ref, batch), seed, _index_high(ref))[worst]
+    inputs = checks.call_inputs(ref, sigmas, checks.clamp_batch(ref, batch), seed, index_high(ref))[worst]
     found = locate_divergence(engine_dir / record["file"], ref.denoiser, io, inputs, tol["per_call_rtol"],
                               precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
     return None if found is None else {**found.to_dict(), "sigma": sigmas[worst], "summary": str(found)}
