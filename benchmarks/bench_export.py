@@ -2,7 +2,7 @@
 beside eager torch, measured side by side (round-robin, medians after warm-up) in one run.
 
     .venv/bin/python benchmarks/bench_export.py [recipes/edm-cifar10-ddpmpp.yaml] [--batch 1 8]
-        [--precision fp32] [--opset 21] [--no-aoti] [--rounds 20] [--json results.json]
+        [--precision fp32] [--opset 21] [--no-aoti] [--inductor-configs JSON] [--rounds 20] [--json out.json]
 
 Targets (EDM CIFAR-10 DDPM++, 55.7 M parameters, 2-core CPU): build <= 60 s; ORT per call <=
 0.62x eager at batch 1. FLOPs per call are counted so the achieved GFLOP/s can be compared with
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -56,25 +57,35 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--opset", type=int, default=21)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
+    parser.add_argument("--spinning", action="store_true", help="let ONNX Runtime's threads spin between calls")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor compile (minutes on 2 cores)")
+    parser.add_argument("--inductor-configs", type=json.loads, default=None, help='JSON overrides, e.g. \'{"freezing": false}\'')
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = parser.parse_args()
 
     recipe = load_recipe(a.recipe)
     io = io_spec(recipe)
+    with tempfile.TemporaryDirectory(prefix="bench_export.") as tmp:
+        summary = run(recipe, io, Path(tmp), a)
+    if a.json:
+        a.json.write_text(json.dumps(summary, indent=2))
+
+
+def run(recipe, io, out_dir: Path, a: argparse.Namespace) -> dict:
     stages: dict[str, float] = {}
-    out_dir = Path(tempfile.mkdtemp(prefix="bench_export."))
-    print(f"{recipe.name}: stages ({out_dir})", flush=True)
+    load_before = os.getloadavg()[0]
+    print(f"{recipe.name}: stages (1-min load average {load_before:.1f}; other processes skew every timing)", flush=True)
     denoiser = timed(stages, "load", build_denoiser, recipe)
     program = timed(stages, "export:program", export_program, denoiser, io, a.precision)
     timed(stages, "export:onnx", export_onnx, program, io, out_dir / "denoiser.onnx", precision=a.precision, opset=a.opset)
     if not a.no_aoti:
-        timed(stages, "export:aoti", export_aoti, program, io, out_dir / "denoiser.pt2", precision=a.precision)
+        timed(stages, "export:aoti", export_aoti, program, io, out_dir / "denoiser.pt2", precision=a.precision,
+              inductor_configs=a.inductor_configs)
     stages["build (program+onnx)"] = round(stages["export:program"] + stages["export:onnx"], 2)
     params = sum(p.numel() for p in denoiser.parameters())
 
-    backends = {"eager": denoiser, "onnxruntime": OnnxRuntimeEngine(out_dir / "denoiser.onnx", io, threads=a.threads)}
+    backends = {"eager": denoiser, "onnxruntime": OnnxRuntimeEngine(out_dir / "denoiser.onnx", io, threads=a.threads, spinning=a.spinning)}
     if not a.no_aoti:
         runner = torch._inductor.aoti_load_package(str(out_dir / "denoiser.pt2"))
         backends["aoti"] = lambda *args: runner(*args)
@@ -96,10 +107,9 @@ def main() -> None:
             results.append(row)
             print(f"{name:<12} {batch:>5} {row['ms']:9.2f} {row['ratio']:8.2f} {row['gflops']:8.1f} {err:9.1e}", flush=True)
     summary = dict(recipe=recipe.name, params=params, precision=a.precision, opset=a.opset, stages=stages, latency=results,
-                   torch=torch.__version__, threads=torch.get_num_threads())  # fmt: skip
-    print("\n" + json.dumps(summary["stages"]), flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(summary, indent=2))
+                   torch=torch.__version__, threads=torch.get_num_threads(), load=[load_before, os.getloadavg()[0]])  # fmt: skip
+    print(f"\nstages {json.dumps(stages)}; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+    return summary
 
 
 if __name__ == "__main__":

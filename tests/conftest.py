@@ -11,9 +11,9 @@ redrawn by ``randomize_``, batch range [1, 4] unless noted):
   [3, 16, 16], a vector condition ``class_labels`` [4], sinusoidal grid; targets onnx **and aoti**
   (the session's only AOTInductor compile, about 60-100 s on 2 cores).
 * ``aoti_engine_dir`` -- alias of ``built_conditional``.
-* ``built_dhariwal`` -- DhariwalUNet 16x16 with ``class_labels`` [4]; onnx only.
-* ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside a
-  VPPreconditioner (continuous time); onnx only.
+* ``built_dhariwal`` -- DhariwalUNet 16x16 (32 channels) with ``class_labels`` [4]; onnx only.
+* ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside the
+  DDPMPreconditioner (epsilon prediction, 1000 discrete steps), DDPMScheduler + ddim; onnx only.
 
 Copy an engine directory (``shutil.copytree``) before modifying it.
 """
@@ -43,7 +43,8 @@ TINY_RECIPES: dict[str, dict] = {
     },
     "dhariwal": {
         "name": "tiny-dhariwal",
-        "model": {"class": "DhariwalUNet", "init": {"seed": 2}, "args": {**TINY, "in_channels": 3, "out_channels": 3, "label_dim": 4}},
+        "model": {"class": "DhariwalUNet", "init": {"seed": 2},  # 64 channels at 8x8: one attention head
+                  "args": {**TINY, "model_channels": 32, "in_channels": 3, "out_channels": 3, "label_dim": 4}},
         "conditions": [{"name": "class_labels", "kind": "vector", "shape": [4]}],
         "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
         "export": {"targets": ["onnx"]},
@@ -52,9 +53,9 @@ TINY_RECIPES: dict[str, dict] = {
     "seed_unet": {
         "name": "tiny-seed-unet",
         "model": {"class": "DiffusionModel", "init": {"seed": 3}, "args": {"image_size": 16, "channels": 3, "hidden_dims": [8, 16], "time_dim": 16}},
-        "preconditioner": {"class": "VPPreconditioner", "args": {}},
+        "preconditioner": {"class": "DDPMPreconditioner", "args": {"num_train_timesteps": 1000}},
         "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
-        "sampler": {"scheduler": {"class": "VPNoiseScheduler", "args": {}}, "num_steps": 6},
+        "sampler": {"scheduler": {"class": "DDPMScheduler", "args": {"num_train_timesteps": 1000}}, "solver": "ddim", "num_steps": 6},
         "export": {"targets": ["onnx"]},
     },
 }

@@ -23,7 +23,7 @@ from diffexport.engines.manifest import sha256_file
 from diffexport.export import TargetUnavailable
 from diffexport.models import get_model_class
 from diffexport.models.init import randomize_
-from diffexport.recipes import io_spec, load_recipe
+from diffexport.recipes import RecipeError, io_spec, load_recipe
 
 pytestmark = pytest.mark.slow
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -165,6 +165,15 @@ def test_tensorrt_as_only_target_fails_before_any_work(tmp_path: Path, tiny_reci
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unbuildable_recipe_is_a_recipe_error_naming_the_file(tmp_path: Path, tiny_recipe_paths):
+    """Valid schema, but the preconditioner rejects an argument: caught when building, before any export."""
+    bad = tmp_path / "bad-args.yaml"
+    bad.write_text(tiny_recipe_paths["quickstart"].read_text().replace("sigma_data: 0.5", "sigma_dat: 0.5"))
+    with pytest.raises(RecipeError, match=r"bad-args.yaml: model / preconditioner: .*sigma_dat"):
+        build_engine(bad, tmp_path / "e", ["onnx"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-args.yaml"]
+
+
 def test_refuses_to_replace_a_folder_that_is_not_an_engine(tmp_path: Path, tiny_recipe_paths):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(EngineError, match="is not an engine directory"):
@@ -224,4 +233,13 @@ def test_cli_inspect_shows_conditions_and_every_artifact(built_conditional: Path
     m = read_manifest(built_conditional)
     for text in ("tiny-conditional", "cond", "[B, 3, 16, 16]", "class_labels", "[B, 4]", "denoiser.pt2", "device=cpu",
                  m["artifacts"]["aoti"]["sha256"][:12], m["weights"]["sha256"][:12], "export:aoti"):  # fmt: skip
+        assert text in r.stdout, text
+
+
+def test_cli_inspect_shows_the_parity_summary(tmp_path: Path, built_quickstart: Path):
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "e")
+    mark(engine_dir, status="failed", parity={"passed": False, "backends": {"onnxruntime": {"passed": False, "per_call_rel_l2": 3.25e-4}}})
+    r = runner.invoke(app, ["inspect", str(engine_dir)])
+    assert r.exit_code == 0, r.output
+    for text in ("status failed", "parity passed False", "onnxruntime", "3.25e-04"):
         assert text in r.stdout, text

@@ -18,7 +18,6 @@ from diffexport.engines.base import EngineError
 from diffexport.engines.onnxruntime import OnnxRuntimeEngine
 from diffexport.export import (
     GROUP_NORM_OPSET,
-    Backbone,
     Denoiser,
     TargetUnavailable,
     build_denoiser,
@@ -94,35 +93,55 @@ def onnx_path(program, io, tmp_path_factory):
 
 
 def test_denoiser_is_edm_preconditioned_backbone(denoiser, io):
-    x, sigma = inputs_at(io, 3, 2.0)
+    x, _ = inputs_at(io, 3, 2.0)
     sigma = torch.tensor([0.01, 2.0, 60.0])
-    net = denoiser.preconditioner.model.model
-    sd = 0.5
-    s = sigma.reshape(-1, 1, 1, 1)
+    net, sd, s = denoiser.preconditioner.model.model, 0.5, sigma.reshape(-1, 1, 1, 1)
     with torch.no_grad():
-        want = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * net((x / (s**2 + sd**2).sqrt()), sigma.log() / 4, None)
+        want = sd**2 / (s**2 + sd**2) * x + s * sd / (s**2 + sd**2).sqrt() * net(x / (s**2 + sd**2).sqrt(), sigma.log() / 4, None)
         got = denoiser(x, sigma)
     assert got.dtype == torch.float32 and rel_err(got, want) < 1e-6
     assert rel_err(got, x) > 1e-2  # the network contributes: weights are not EDM's zero init
 
 
-def test_image_condition_is_concatenated_after_input_scaling():
+@pytest.fixture(scope="session")
+def conditional():
+    """(io, denoiser) of a SongUNetPosLtEmbd with an image, a vector and an index condition."""
     recipe = tiny_recipe(
-        model={"class": "SongUNet", "args": {**SONG, "in_channels": 5, "label_dim": 4}},
-        conditions=[{"name": "low_res", "kind": "image", "shape": [2, 16, 16]}, {"name": "labels", "kind": "vector", "shape": [4]}],
-    )
-    io = io_spec(recipe)
-    d = build_denoiser(recipe)
-    x, sigma, low_res, labels = example_inputs(io, 2, seed=1)
+        model={"class": "SongUNetPosLtEmbd", "init": {"seed": 4},
+               "args": {**SONG, "in_channels": 3 + 2 + 4 + 2, "label_dim": 4, "lead_time_channels": 2, "lead_time_steps": 3}},
+        conditions=[{"name": "low_res", "kind": "image", "shape": [2, 16, 16]}, {"name": "labels", "kind": "vector", "shape": [4]},
+                    {"name": "lead_time_label", "kind": "index"}],
+    )  # fmt: skip
+    return io_spec(recipe), build_denoiser(recipe)
+
+
+def test_conditions_reach_the_model_after_input_scaling(conditional):
+    io, d = conditional
+    x, sigma, low_res, labels, lead = example_inputs(io, 3, seed=1, index_high=d.index_high)
+    assert d.index_high == 3
     net = d.preconditioner.model.model
     c_in = (1 / (sigma**2 + 0.25).sqrt()).reshape(-1, 1, 1, 1)
+    c_skip, c_out = c_in**2 * 0.25, (0.5 * sigma).reshape(-1, 1, 1, 1) * c_in
     with torch.no_grad():
-        f = net(torch.cat([c_in * x, low_res], 1), sigma.log() / 4, labels)
-        want = 0.25 / (sigma**2 + 0.25).reshape(-1, 1, 1, 1) * x + (0.5 * sigma / (sigma**2 + 0.25).sqrt()).reshape(-1, 1, 1, 1) * f
-        assert rel_err(d(x, sigma, low_res, labels), want) < 1e-6
-        assert rel_err(d(x, sigma, low_res, torch.zeros_like(labels)), want) > 1e-3  # labels reach the model
+        f = net(torch.cat([c_in * x, low_res], 1), sigma.log() / 4, labels, lead_time_label=lead)
+        assert rel_err(d(x, sigma, low_res, labels, lead), c_skip * x + c_out * f) < 1e-6
+        assert rel_err(d(x, sigma, low_res, torch.zeros_like(labels), lead), c_skip * x + c_out * f) > 1e-3
+        assert rel_err(d(x, sigma, low_res, labels, (lead + 1) % 3), c_skip * x + c_out * f) > 1e-3
     with pytest.raises(TypeError, match="low_res"):
         d(x, sigma, low_res)
+
+
+def test_conditional_onnx_matches_eager(conditional, tmp_path):
+    io, d = conditional
+    info = export_onnx(export_program(d, io), io, tmp_path / "c.onnx")
+    session = make_session(tmp_path / "c.onnx")
+    assert [i.name for i in session.get_inputs()] == ["x", "sigma", "low_res", "labels", "lead_time_label"]
+    for batch in (io.batch["min"], io.batch["max"]):
+        args = example_inputs(io, batch, seed=batch, index_high=d.index_high)
+        (got,) = session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)})
+        with torch.no_grad():
+            assert rel_err(got, d(*args)) <= 1e-5, batch
+    assert info["group_norm"] == "GroupNormalization"
 
 
 def test_index_condition_is_passed_by_name():
@@ -134,9 +153,10 @@ def test_index_condition_is_passed_by_name():
             return x[:, :1]
 
     from diffexport.diffusion.preconditioners import EDMPreconditioner
+    from diffexport.diffusion.utils import ConcatConditionWrapper
 
     spec = io_spec(tiny_recipe(conditions=[{"name": "lead_time_label", "kind": "index"}]))
-    d = Denoiser(EDMPreconditioner(Backbone(Probe())), spec.inputs[2:], index_high=5)
+    d = Denoiser(EDMPreconditioner(ConcatConditionWrapper(Probe(), kwarg_keys=["lead_time_label"])), spec.inputs[2:], index_high=5)
     lead = torch.tensor([4, 0])
     d(torch.ones(2, 1, 4, 4), torch.ones(2), lead)
     assert seen["lead_time_label"] is lead and seen["x"].shape == (2, 1, 4, 4)
@@ -153,14 +173,25 @@ def test_example_inputs_follow_the_io_contract():
     assert torch.equal(example_inputs(io, 64, seed=0, index_high=3)[0], x)
 
 
-def test_missing_preconditioner_is_named():
+def test_ddpm_epsilon_model_becomes_an_edm_denoiser():
     recipe = tiny_recipe(model={"class": "DiffusionModel", "args": dict(image_size=8, channels=2, hidden_dims=[8], time_dim=8)},
                          preconditioner={"class": "DDPMPreconditioner"})  # fmt: skip
-    from diffexport.diffusion import preconditioners
+    d = build_denoiser(recipe)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    levels = ((1 - abar) / abar).sqrt()
+    sigma = torch.tensor([0.01, 0.5, 3.0, 1000.0])
+    t = (sigma[:, None].double() - levels[None]).abs().argmin(1)
+    x = torch.randn(4, 2, 8, 8)
+    with torch.no_grad():
+        eps = d.preconditioner.model.model(x / (1 + sigma**2).sqrt().reshape(-1, 1, 1, 1), t)
+        assert rel_err(d(x, sigma), x - sigma.reshape(-1, 1, 1, 1) * eps) < 1e-5
+    assert t.tolist()[0] < t.tolist()[1] < t.tolist()[2] < t.tolist()[3] == 999
 
-    if hasattr(preconditioners, "DDPMPreconditioner"):
-        pytest.skip("DDPMPreconditioner exists now: nothing missing to report")
-    with pytest.raises(ValueError, match="preconditioner.class: 'DDPMPreconditioner'"):
+
+def test_regression_unet_is_refused_with_the_field_named():
+    recipe = tiny_recipe(model={"class": "UNet", "args": {"img_resolution": 16, "img_in_channels": 3, "img_out_channels": 3,
+                                                           "model_type": "SongUNet", "model_channels": 16}})  # fmt: skip
+    with pytest.raises(ValueError, match="model.class: UNet"):
         build_denoiser(recipe)
 
 
@@ -192,6 +223,15 @@ def test_onnx_graph_has_native_group_norm_and_symbolic_batch(denoiser, onnx_path
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
     onnx.checker.check_model(str(onnx_path), full_check=True)
     assert not list(onnx_path.parent.glob(".*")), "temporary files left behind"
+
+
+def test_onnxruntime_gets_group_norm_as_instance_norm(onnx_path, denoiser):
+    from diffexport.export.onnx import _onnxruntime_model
+
+    model = onnx.load_from_string(_onnxruntime_model(onnx_path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["GroupNormalization"] == 0 and ops["InstanceNormalization"] == sum(type(m).__name__ == "GroupNorm" for m in denoiser.modules())
+    onnx.checker.check_model(model, full_check=True)
 
 
 def test_onnx_opset18_uses_instance_norm_and_still_matches(denoiser, program, io, tmp_path):

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 
 from diffexport.deploy.triton import (
     TritonError,
+    TritonServer,
     model_names,
     python_only_reason,
     repository_dir,
@@ -26,10 +27,12 @@ from diffexport.deploy.triton import (
     triton_stage,
     write_repository,
 )
-from diffexport.deploy.triton.config import to_pbtxt
+from diffexport.deploy.triton.backend import BLSEngine
+from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
 from diffexport.deploy.triton.server import free_ports
 from diffexport.engines import load
 from diffexport.engines.manifest import read_manifest
+from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime.sampler import sample
 
 pytestmark = pytest.mark.triton
@@ -127,8 +130,8 @@ def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], ou
 # --- repositories ----------------------------------------------------------------------------
 
 
-def parse_config(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 DTYPE = {"float32": model_config_pb2.TYPE_FP32, "int64": model_config_pb2.TYPE_INT64}
@@ -139,7 +142,7 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
     repo, io = repository_dir(engine, python_only), manifest["io"]
     denoiser, sampler = model_names(manifest["name"])
     assert sorted(p.name for p in repo.iterdir()) == sorted([denoiser, sampler])
-    d = parse_config(repo / denoiser / "config.pbtxt")
+    d = parse((repo / denoiser / "config.pbtxt").read_text())
     assert d.name == denoiser and d.max_batch_size == io["batch"]["max"] and d.HasField("dynamic_batching")
     if python_only:
         assert d.backend == "python" and (repo / denoiser / "1" / "model.py").is_file()
@@ -149,14 +152,15 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
         for name, sha in onnx["files"].items():  # model.onnx + external data, byte for byte
             copied = repo / denoiser / "1" / ("model.onnx" if name == onnx["file"] else name)
             assert hashlib.sha256(copied.read_bytes()).hexdigest() == sha
-    assert [(t.name, t.data_type) for t in d.input] == [(s["name"], DTYPE[s["dtype"]]) for s in io["inputs"]]
-    for t, s in zip([*d.input, *d.output], [*io["inputs"], *io["outputs"]]):
-        want = s["shape"][1:] or [1]  # batch dim dropped; [B] travels as [B, 1] reshaped to [B]
-        assert list(t.dims) == want and (t.HasField("reshape") == (s["shape"] == [-1]))
+    assert [(t.name, t.data_type) for t in d.input] == [(spec["name"], DTYPE[spec["dtype"]]) for spec in io["inputs"]]
+    for t, spec in zip([*d.input, *d.output], [*io["inputs"], *io["outputs"]]):
+        want = spec["shape"][1:] or [1]  # batch dim dropped; [B] travels as [B, 1] reshaped to [B]
+        assert list(t.dims) == want and (t.HasField("reshape") == (spec["shape"] == [-1]))
     assert [t.name for t in d.output] == ["denoised"]
-    assert [(g.count, g.kind) for g in d.instance_group] == [(manifest["recipe"]["deploy"]["triton_instances"], model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    count = manifest["recipe"]["deploy"]["triton_instances"]
+    assert [(g.count, g.kind) for g in d.instance_group] == [(count, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
 
-    s = parse_config(repo / sampler / "config.pbtxt")
+    s = parse((repo / sampler / "config.pbtxt").read_text())
     assert s.backend == "python" and s.max_batch_size == 0 and s.parameters["denoiser_model"].string_value == denoiser
     assert s.parameters["engine_dir"].string_value == "../.."
     x = io["inputs"][0]["shape"]
@@ -168,9 +172,59 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
 def test_pbtxt_writer_quotes_and_nests():
     text = to_pbtxt({"name": 'a"b\\', "input": [{"name": "s", "dims": [1], "reshape": {"shape": []}}], "dynamic_batching": {},
                      "parameters": [{"key": "k", "value": {"string_value": "v"}}]})
-    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    cfg = parse(text)
     assert cfg.name == 'a"b\\' and cfg.HasField("dynamic_batching") and cfg.parameters["k"].string_value == "v"
     assert list(cfg.input[0].dims) == [1] and cfg.input[0].HasField("reshape") and list(cfg.input[0].reshape.shape) == []
+
+
+def test_condition_inputs_in_configs():
+    """Conditions of every kind (none in the served engine) keep their dims; index [B] travels as [B, 1]."""
+    io = IOSpec([TensorSpec("x", [-1, 2, 8, 8], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
+                 TensorSpec("img", [-1, 3, 8, 8], kind="image"), TensorSpec("labels", [-1, 4], kind="vector"),
+                 TensorSpec("lead", [-1], "int64", "index")], [TensorSpec("denoised", [-1, 2, 8, 8], kind="denoised")], {"max": 4})
+    d = parse(to_pbtxt(denoiser_config("m_denoiser", io, platform="tensorrt_plan", instances=2, gpu=True)))
+    assert [(t.name, list(t.dims), list(t.reshape.shape) if t.HasField("reshape") else None) for t in d.input] == [
+        ("x", [2, 8, 8], None), ("sigma", [1], []), ("img", [3, 8, 8], None), ("labels", [4], None), ("lead", [1], [])]
+    assert d.input[4].data_type == model_config_pb2.TYPE_INT64 and d.platform == "tensorrt_plan"
+    assert [(g.count, g.kind) for g in d.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_GPU)]
+    s = parse(to_pbtxt(sampler_config("m_sampler", io)))
+    assert [(t.name, list(t.dims)) for t in s.input] == [("latents", [-1, 2, 8, 8]), ("img", [-1, 3, 8, 8]), ("labels", [-1, 4]),
+                                                          ("lead", [-1]), ("seed", [1])]
+
+
+def test_bls_engine_request_shapes():
+    """``BLSEngine`` sends per-sample scalars as [B, 1] and returns the denoiser's output."""
+    sent = {}
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class Response:
+        def has_error(self):
+            return False
+
+    class InferenceRequest:
+        def __init__(self, model_name, requested_output_names, inputs):
+            sent.update(model=model_name, outputs=requested_output_names, inputs={t.name: t.array for t in inputs})
+
+        def exec(self):
+            return Response()
+
+    pb = types.SimpleNamespace(Tensor=Tensor, InferenceRequest=InferenceRequest,
+                               get_output_tensor_by_name=lambda r, name: Tensor(name, sent["inputs"]["x"] * 2))
+    io = IOSpec([TensorSpec("x", [-1, 1, 2, 2], kind="x"), TensorSpec("sigma", [-1], kind="sigma"), TensorSpec("lead", [-1], "int64", "index")],
+                [TensorSpec("denoised", [-1, 1, 2, 2], kind="denoised")], {"min": 1, "max": 4})
+    engine = BLSEngine(pb, "m_denoiser", io)
+    x = torch.randn(3, 1, 2, 2)
+    out = engine(x, torch.ones(3), lead=torch.arange(3))
+    assert sent["model"] == "m_denoiser" and sent["outputs"] == ["denoised"] and torch.equal(out, x * 2)
+    assert {k: v.shape for k, v in sent["inputs"].items()} == {"x": (3, 1, 2, 2), "sigma": (3, 1), "lead": (3, 1)}
+    with pytest.raises(Exception, match="'lead' must be int64"):
+        engine(x, torch.ones(3), lead=torch.ones(3))
 
 
 def test_write_repository_replaces_atomically(engine: Path, manifest: dict, tmp_path: Path):
@@ -202,6 +256,16 @@ def test_missing_triton_names_the_extra(monkeypatch):
 
 
 # --- the server --------------------------------------------------------------------------------
+
+
+@needs_server
+def test_server_that_cannot_start_shows_its_log(tmp_path: Path):
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "config.pbtxt").write_text('backend: "python"\nno_such_field: 1\n')
+    server = TritonServer(tmp_path, log_file=tmp_path / "log")
+    with pytest.raises(TritonError, match="failed to read text proto from .*broken/config.pbtxt"):
+        server.start(timeout=120)
+    assert not server.running
 
 
 @needs_server
@@ -243,6 +307,22 @@ def test_concurrent_clients(server, manifest, reference):
     with ThreadPoolExecutor(8) as pool:
         errors = [e for errs in pool.map(client, range(8)) for e in errs]
     assert len(errors) == 32 and max(errors) <= RTOL
+
+
+@needs_server
+def test_concurrent_denoiser_requests(server, engine, manifest):
+    """Requests that the dynamic batcher gathers are concatenated and split back correctly."""
+    denoiser, _ = model_names(manifest["name"])
+    ort = load(engine, "onnxruntime")
+    cases = [(latents_for(manifest, 1 + k % 3, seed=10 + k), np.full(1 + k % 3, 0.05 * (k + 1), np.float32)) for k in range(16)]
+
+    def client(case: tuple[np.ndarray, np.ndarray]) -> float:
+        x, sigma = case
+        got = infer("grpc", server["grpc"], denoiser, {"x": x, "sigma": sigma[:, None]}, "denoised")
+        return rel_l2(got, ort(torch.from_numpy(x), torch.from_numpy(sigma)).numpy())
+
+    with ThreadPoolExecutor(8) as pool:
+        assert max(pool.map(client, cases)) <= 1e-6
 
 
 @needs_server

@@ -8,6 +8,7 @@ from .app import app
 from . import serve  # noqa: F401,E402
 from . import cpp  # noqa: F401,E402
 from . import build  # noqa: F401,E402
+from . import run  # noqa: F401,E402
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="diffexport",
@@ -16,6 +17,6 @@ console = Console(stderr=True, highlight=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print ``message`` as an error (no traceback) and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    """Print ``message`` (plain text, not markup) as an error and return the Exit to raise."""
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)

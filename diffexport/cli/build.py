@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from diffexport.cli.app import app, console, fail
@@ -14,6 +15,7 @@ from diffexport.deploy.triton import TritonError, triton_stage
 from diffexport.engines import EngineError, build_engine, read_manifest
 from diffexport.engines.build import Finalize
 from diffexport.export import TargetUnavailable
+from diffexport.parity import parity_stage
 from diffexport.recipes import Recipe, RecipeError, load_recipe
 
 STATUS_STYLE = {"ok": "green", "failed": "red", "unchecked": "yellow"}
@@ -39,12 +41,12 @@ class Progress:
         self.stop()
         if event == "start":
             self.stage = stage
-            self.status = console.status(f"{stage} [dim]{detail}[/]")
+            self.status = console.status(f"{stage} [dim]{escape(detail)}[/]")
             self.status.start()
         elif event == "done":
-            console.print(f"[green]✓[/] {stage:<16} {seconds:7.1f} s  [dim]{detail}[/]")
+            console.print(f"[green]✓[/] {stage:<16} {seconds:7.1f} s  [dim]{escape(detail)}[/]")
         else:
-            console.print(f"[yellow]![/] {stage:<16} skipped: {detail}", soft_wrap=True)
+            console.print(f"[yellow]![/] {stage:<16} skipped: {escape(detail)}", soft_wrap=True)
 
     def stop(self) -> None:
         if self.status is not None:
@@ -53,9 +55,11 @@ class Progress:
 
 
 def finalize_stages(recipe: Recipe) -> list[tuple[str, Finalize]]:
-    """The build stages after export that ``recipe`` asks for, in order: deploy.triton, deploy.cpp.
-    (The parity stage, when ``recipe.parity.enabled``, belongs first.)"""
+    """The build stages after export that ``recipe`` asks for, in order: parity (when
+    ``parity.enabled``; ``--no-parity`` turns it off), deploy.triton, deploy.cpp."""
     stages: list[tuple[str, Finalize]] = []
+    if recipe.parity.enabled:
+        stages.append(("parity", parity_stage))
     if recipe.deploy.triton:
         stages.append(("deploy:triton", triton_stage))
     if recipe.deploy.cpp:
@@ -90,8 +94,10 @@ def build(
     progress.stop()
     if result.built:  # (a no-op was reported by the progress line)
         summary(result.engine_dir, result.manifest)
-        console.print(result.message, soft_wrap=True)
+        console.print(escape(result.message), soft_wrap=True)
     typer.echo(result.engine_dir)
+    if result.manifest.get("status") == "failed":
+        raise fail(f"{result.engine_dir}: parity failed; see {result.engine_dir / 'parity.md'}")
 
 
 def _unexpected(e: BaseException, recipe: Path, stage: str) -> str:
@@ -110,7 +116,7 @@ def summary(engine_dir: Path, manifest: dict) -> None:
     for target, art in manifest["artifacts"].items():
         table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), f"{stages.get('export:' + target, 0):.1f}")
     for target, why in manifest.get("skipped", {}).items():
-        table.add_row(target, f"[yellow]skipped[/]: {why}", "", "")
+        table.add_row(target, f"[yellow]skipped[/]: {escape(why)}", "", "")
     console.print(table)
     status = manifest.get("status", "?")
     console.print(f"status [{STATUS_STYLE.get(status, 'white')}]{status}[/], total {sum(stages.values()):.1f} s")
@@ -138,12 +144,12 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
     out.print(table)
 
     s = m["sampler"]
-    args = ", ".join(f"{k}={v}" for k, v in s["scheduler"]["args"].items())
+    args = escape(", ".join(f"{k}={v}" for k, v in s["scheduler"]["args"].items()))
     nonzero = [x for x in s["sigmas"] if x > 0]
     out.print(f"[bold]sampler[/] {s['scheduler']['class']}({args}), {s['solver']} x {s['num_steps']} steps"
-              f"{' ' + str(s['solver_options']) if s['solver_options'] else ''}, sigma {max(nonzero):g} -> {min(nonzero):g} -> 0")
+              f"{' ' + escape(str(s['solver_options'])) if s['solver_options'] else ''}, sigma {max(nonzero):g} -> {min(nonzero):g} -> 0")
     if s.get("patching"):
-        out.print(f"  patching {s['patching']}")
+        out.print(f"  patching {escape(str(s['patching']))}")
 
     table = Table(title="artifacts", title_justify="left")
     for column in ("target", "file", "size", "sha256", "details"):
@@ -154,16 +160,36 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
     skip = {"file", "files", "sha256", "bytes"}
     for target, art in m["artifacts"].items():
         details = ", ".join(f"{k}={v}" for k, v in art.items() if k not in skip and not isinstance(v, dict))
-        table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), art["sha256"][:12], details)
+        table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), art["sha256"][:12], escape(details))
     for target, why in m.get("skipped", {}).items():
-        table.add_row(target, "[yellow]skipped[/]", "", "", why)
+        table.add_row(target, "[yellow]skipped[/]", "", "", escape(why))
     out.print(table)
 
     out.print("[bold]versions[/] " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
     d = m["device"]
-    out.print(f"[bold]device[/] {d['type']}: {d['name']}" + (f" (compute capability {d['compute_capability']})" if d.get("compute_capability") else ""))
+    out.print(f"[bold]device[/] {d['type']}: {escape(str(d['name']))}" + (f" (compute capability {d['compute_capability']})" if d.get("compute_capability") else ""))
     out.print("[bold]stages[/] " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("stages", {}).items()))
     if m.get("parity"):
-        out.print("[bold]parity[/]")
-        for key, value in m["parity"].items():
-            out.print(f"  {key}: {value}")
+        parity(out, m["parity"])
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2e}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def parity(out: Console, summary: dict) -> None:
+    """The manifest's parity summary: scalars on one line, ``{name: {metric: value}}`` as a table."""
+    tables = {k: v for k, v in summary.items() if isinstance(v, dict) and v and all(isinstance(r, dict) for r in v.values())}
+    out.print("[bold]parity[/] " + escape(", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k not in tables)))
+    for key, rows in tables.items():
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+        table = Table(title=f"parity: {key}", title_justify="left")
+        for column in ("", *columns):
+            table.add_column(column, overflow="fold")
+        for name, row in rows.items():
+            table.add_row(name, *(escape(_fmt(row[c])) if c in row else "" for c in columns))
+        out.print(table)

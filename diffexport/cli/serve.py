@@ -56,7 +56,7 @@ def serve(
     except (EngineError, TritonError, OSError) as e:
         raise fail(str(e)) from None
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}  # also when SIGINT was ignored
     try:
         typer.echo(f"starting tritonserver on {repo} (log: {server.log_file})")
         server.start(timeout)
@@ -74,4 +74,5 @@ def serve(
         typer.echo(f"stopped (exit code {code})")
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -241,6 +241,8 @@ def build_engine(
     if len(skipped) == len(targets):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)
+    device, tools = device_info(recipe.export.device), versions()  # (fails early when CUDA is asked for and absent)
+    gpu = device_info("cuda") if "tensorrt" in set(targets) - set(skipped) else None
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(engine_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{engine_dir.name}.{os.getpid()}.", suffix=".building", dir=engine_dir.parent))
@@ -250,8 +252,7 @@ def build_engine(
             denoiser = _denoiser(recipe)
             torch.save(backbone(denoiser).state_dict(), tmp / "weights.pt")
         weights = {"file": "weights.pt", "sha256": sha256_file(tmp / "weights.pt")}
-        resolved, tools, device = recipe_dict(recipe), versions(), device_info(recipe.export.device)
-        gpu = device_info("cuda") if "tensorrt" in set(targets) - set(skipped) else None
+        resolved = recipe_dict(recipe)
         key = content_key(weights["sha256"], resolved, tools, {"export": device, "tensorrt": gpu}, [stage_name(f) for f in finalize])
         if not force and (existing := _up_to_date(engine_dir, key)) is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,10 +24,10 @@ class OnnxRuntimeEngine:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, io: IOSpec, *, threads: int | None = None, providers: list | None = None):
+    def __init__(self, path: str | Path, io: IOSpec, *, threads: int | None = None, providers: list | None = None, spinning: bool = False):
         self.path, self.io = Path(path), io
         try:
-            self.session = make_session(self.path, threads=threads, providers=providers)
+            self.session = make_session(self.path, threads=threads, providers=providers, spinning=spinning)
         except Exception as e:  # onnxruntime raises its own exception types with long messages
             raise EngineError(f"{self.path}: ONNX Runtime cannot load the model: {str(e).strip().splitlines()[0]}") from e
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]

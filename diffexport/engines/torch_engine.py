@@ -5,6 +5,7 @@ Every other backend is compared with this one: same recipe, same weights, fp32, 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def reference_denoiser(recipe: Recipe, weights: str | Path) -> Denoiser:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         backbone(denoiser).load_state_dict(state, strict=True)
-    except (OSError, RuntimeError, KeyError) as e:
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as e:
         raise EngineError(f"{weights}: cannot load the model's weights: {str(e).splitlines()[0]}") from e
     return denoiser.eval()
 

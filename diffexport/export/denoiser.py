@@ -1,10 +1,10 @@
 """The exported function: the recipe's model inside its preconditioner, ``D(x, sigma, *conditions)``.
 
 Inputs come in the engine's order (``x``, ``sigma``, then the recipe's conditions); see
-``docs/ENGINE_FORMAT.md``. Condition kinds map onto the backbones as in PhysicsNeMo's
-``ConcatConditionWrapper``: ``image`` conditions are concatenated to the *scaled* input
-channel-wise, ``F([c_in x, cond], c_noise)``; the ``vector`` condition is the class labels; an
-``index`` condition is passed by its name (e.g. ``lead_time_label``).
+``docs/ENGINE_FORMAT.md``. The backbone is wrapped in ``ConcatConditionWrapper`` (as in
+PhysicsNeMo): ``image`` conditions are concatenated to the *scaled* input channel-wise,
+``F([c_in x, cond], c_noise)``; the ``vector`` condition is the class labels; an ``index``
+condition reaches the model as the keyword of its name (e.g. ``lead_time_label``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import math
 from collections.abc import Sequence
 
 import torch
+from tensordict import TensorDict
 from torch import Tensor, nn
 
+from diffexport.diffusion.utils import ConcatConditionWrapper
 from diffexport.models import get_model_class
 from diffexport.models.init import randomize_
 from diffexport.recipes import IOSpec, Recipe, RecipeError, TensorSpec, io_spec, resolve_path
@@ -29,29 +31,6 @@ def instantiate_model(recipe: Recipe) -> nn.Module:
 
     path = resolve_path(recipe, spec.checkpoint)
     return load_model(path, class_name=spec.class_name, args=spec.args or None).eval()
-
-
-class Backbone(nn.Module):
-    """Gives any model class the preconditioners' call ``F(x, t, condition=None, **kwargs)``.
-
-    ``condition`` (image channels) is concatenated to ``x``; ``class_labels`` and index
-    conditions (``kwargs``) go to the model by name. ``DiffusionModel`` takes ``(x, t)`` only;
-    the CorrDiff ``UNet`` wrapper concatenates its conditioning image itself and has no noise input.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.style = {"DiffusionModel": "xt", "UNet": "regression"}.get(type(model).__name__, "edm")
-
-    def forward(self, x: Tensor, t: Tensor, condition: Tensor | None = None, class_labels: Tensor | None = None, **kwargs: Tensor) -> Tensor:
-        if self.style == "regression":
-            return self.model(x, condition, **kwargs)
-        if condition is not None:
-            x = torch.cat([x, condition.to(x.dtype)], dim=1)
-        if self.style == "xt":
-            return self.model(x, t)
-        return self.model(x, t, class_labels, **kwargs)
 
 
 class Denoiser(nn.Module):
@@ -70,14 +49,16 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, *conditions: Tensor) -> Tensor:
         if len(conditions) != len(self.conditions):
             raise TypeError(f"Denoiser takes x, sigma and {[n for n, _ in self.conditions]}, got {len(conditions)} conditions")
-        images, kwargs = [], {}
+        images, named = [], {}
         for (name, kind), value in zip(self.conditions, conditions):
             if kind == "image":
                 images.append(value)
             else:
-                kwargs["class_labels" if kind == "vector" else name] = value
+                named["cond_vec" if kind == "vector" else name] = value
         condition = torch.cat(images, dim=1) if len(images) > 1 else images[0] if images else None
-        return self.preconditioner(x, sigma, condition, **kwargs).float()
+        if named:  # labels and indices travel with the image in one TensorDict
+            condition = TensorDict({**named, **({"cond_concat": condition} if images else {})}, batch_size=x.shape[:1])
+        return self.preconditioner(x, sigma, condition).float()
 
 
 def build_denoiser(recipe: Recipe) -> Denoiser:
@@ -90,10 +71,15 @@ def build_denoiser(recipe: Recipe) -> Denoiser:
             f"preconditioner.class: {recipe.preconditioner.class_name!r} is not defined in "
             "diffexport.diffusion.preconditioners"
         )
+    if recipe.model.class_name == "UNet":
+        raise RecipeError(
+            "model.class: UNet is CorrDiff's regression network (no noise-level input), not a denoiser; "
+            "export the diffusion backbone it wraps (its model_type) instead"
+        )
     model = instantiate_model(recipe)
-    precond = cls(Backbone(model), **recipe.preconditioner.args)
-    index_high = getattr(model, "lead_time_steps", 1)
-    return Denoiser(precond, io_spec(recipe).inputs[2:], index_high=index_high).eval()
+    conditions = io_spec(recipe).inputs[2:]
+    wrapped = ConcatConditionWrapper(model, kwarg_keys=[c.name for c in conditions if c.kind == "index"])
+    return Denoiser(cls(wrapped, **recipe.preconditioner.args), conditions, getattr(model, "lead_time_steps", 1)).eval()
 
 
 def example_inputs(io: IOSpec, batch: int = 2, seed: int = 0, index_high: int = 1) -> tuple[Tensor, ...]:

@@ -21,7 +21,9 @@ def export_program(denoiser: Denoiser, io: IOSpec, precision: str = "fp32") -> E
     lo, hi = io.batch["min"], io.batch["max"]
     batch = Dim("batch", min=lo, max=hi) if hi > lo else None
     args = example_inputs(io, export_batch(io), index_high=getattr(denoiser, "index_high", 1))
-    dynamic = tuple({0: batch} for _ in args) if batch is not None else None
+    # forward(x, sigma, *conditions): torch.export wants the varargs' specs as one nested tuple
+    conditions = (tuple({0: batch} for _ in args[2:]),) if len(args) > 2 else ()
+    dynamic = ({0: batch}, {0: batch}, *conditions) if batch is not None else None
     denoiser.eval()
     with torch.no_grad(), mixed_precision(precision):
         return torch.export.export(denoiser, args, dynamic_shapes=dynamic, strict=False)

@@ -93,7 +93,7 @@ def build_tensorrt(
     _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return {
         "file": path.name, "files": [path.name], "precision": precision, "device": device,
-        "compute_capability": cc, "tensorrt": trt.__version__, "timing_cache": str(cache_path),
+        "compute_capability": cc, "tensorrt": trt.__version__,
     }  # fmt: skip
 
 

@@ -13,7 +13,6 @@ import torch
 
 from diffexport.engines.base import Engine
 from diffexport.parity.metrics import errors
-from diffexport.runtime.batching import batch_range
 from diffexport.runtime.inputs import random_call, random_conditions
 from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
 
@@ -24,12 +23,6 @@ def sigma_sweep(spec: SamplerSpec, num: int) -> list[float]:
     s = s[s > 0]
     hi, lo = math.log(float(s.max())), math.log(float(s.min()))
     return [math.exp(hi + (lo - hi) * i / (num - 1)) for i in range(num)]
-
-
-def clamp_batch(engine: Engine, batch: int) -> int:
-    """``batch`` moved into the engine's batch range."""
-    lo, hi = batch_range(engine)
-    return min(max(batch, lo), hi)
 
 
 def call_inputs(engine: Engine, sigmas: list[float], batch: int, seed: int, index_high: int = 1) -> list[dict[str, torch.Tensor]]:

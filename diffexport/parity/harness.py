@@ -21,6 +21,7 @@ from diffexport.parity import checks
 from diffexport.parity.report import json_safe, write_report
 from diffexport.parity.tolerances import tolerances
 from diffexport.recipes import IOSpec
+from diffexport.runtime.batching import clamp_batch
 from diffexport.runtime.inputs import index_high
 from diffexport.runtime.sampler import SamplerSpec
 
@@ -108,7 +109,7 @@ def _check_backend(engine_dir: Path, backend: str, device, reference: _Reference
                    batch: int, seed: int, tol: dict, entry: dict) -> None:
     engine = load(engine_dir, backend, device=device)
     high = index_high(reference.engine(engine.device))
-    batch = checks.clamp_batch(engine, batch)
+    batch = clamp_batch(engine, batch)
     inputs = checks.call_inputs(engine, sigmas, batch, seed, high)
     refs = reference.run(f"calls:{batch}", engine.device, lambda ref: checks.call_outputs(ref, inputs))
     entry["per_call"] = checks.compare_calls(sigmas, refs, checks.call_outputs(engine, inputs))
@@ -133,7 +134,7 @@ def _locate(engine_dir: Path, manifest: dict, record: dict, reference: _Referenc
     ref = reference.engine(torch.device("cpu"))
     io = IOSpec.from_dict(manifest["io"])
     worst = max(range(len(sigmas)), key=lambda i: _key(entry["per_call"][i]["rel_l2"]))
-    inputs = checks.call_inputs(ref, sigmas, checks.clamp_batch(ref, batch), seed, index_high(ref))[worst]
+    inputs = checks.call_inputs(ref, sigmas, clamp_batch(ref, batch), seed, index_high(ref))[worst]
     found = locate_divergence(engine_dir / record["file"], ref.denoiser, io, inputs, tol["per_call_rtol"],
                               precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
     return None if found is None else {**found.to_dict(), "sigma": sigmas[worst], "summary": str(found)}

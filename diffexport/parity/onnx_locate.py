@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io as io_
+import logging
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,10 +101,23 @@ def _reference_values(program: torch.export.ExportedProgram, args: tuple) -> dic
     return values
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's progress prints, warnings and log lines (e.g. about torchvision)."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io_.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _fresh_export(denoiser: Denoiser, io: IOSpec, precision: str, opset: int) -> torch.onnx.ONNXProgram:
     program = export_program(denoiser, io, precision)
-    with contextlib.redirect_stdout(io_.StringIO()), warnings.catch_warnings():  # the exporter prints its progress
-        warnings.simplefilter("ignore")
+    with _quiet():
         return torch.onnx.export(program, input_names=[s.name for s in io.inputs], output_names=[s.name for s in io.outputs],
                                  opset_version=opset, dynamo=True, optimize=True, verbose=False)
 

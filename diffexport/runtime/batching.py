@@ -14,6 +14,12 @@ def batch_range(engine: Engine) -> tuple[int, int]:
     return lo, int(b.get("max", max(lo, 1 << 30)))
 
 
+def clamp_batch(engine: Engine, batch: int) -> int:
+    """``batch`` moved into the engine's batch range."""
+    lo, hi = batch_range(engine)
+    return min(max(batch, lo), hi)
+
+
 class BatchedEngine:
     """``engine(x, sigma, **conditions)`` for any batch size N.
 

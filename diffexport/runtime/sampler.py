@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,18 +54,18 @@ class SamplerSpec:
         return len(self.time_steps) - 1
 
     @classmethod
-    def from_manifest(cls, sampler: dict, num_steps: int | None = None) -> SamplerSpec:
-        """From ``manifest["sampler"]``; ``num_steps`` re-discretises the schedule (else its ``time_steps``)."""
+    def from_manifest(cls, sampler: dict) -> SamplerSpec:
+        """From ``manifest["sampler"]``: its scheduler, solver, options, patching and ``time_steps``."""
         scheduler = make_scheduler(sampler["scheduler"])
-        if num_steps is not None and num_steps != sampler.get("num_steps"):
-            times = scheduler.timesteps(num_steps)
-        elif sampler.get("time_steps") is not None:
-            times = torch.tensor(sampler["time_steps"], dtype=torch.float64)
+        if (ts := sampler.get("time_steps")) is not None:  # integers for discrete schedules (DDPM)
+            times = torch.tensor(ts, dtype=torch.int64 if all(isinstance(t, int) for t in ts) else torch.float64)
         else:
             times = scheduler.timesteps(int(sampler["num_steps"]))
-        if not times.is_floating_point():
-            times = times.long()
         return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"))
+
+    def with_steps(self, num_steps: int) -> SamplerSpec:
+        """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
+        return replace(self, time_steps=self.scheduler.timesteps(num_steps))
 
     def edm_sigmas(self) -> torch.Tensor:
         """The EDM noise level the engine receives at each time step (float64, [N + 1])."""
@@ -83,11 +83,12 @@ def image_shape(engine: Engine, spec: SamplerSpec) -> tuple[int, int, int]:
 
 
 def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None, batch: int,
-                     image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+                     image_hw: tuple[int, int] | None = None, sources: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """``conditions`` by engine input name, each ``[batch, *shape]`` with the engine's dtype, on its device.
 
     A condition given without its batch axis, or with batch 1, is repeated over the batch. With
-    patching, ``image_hw`` is the full image size that image conditions must have.
+    patching, ``image_hw`` is the full image size that image conditions must have. ``sources``
+    (e.g. file names by condition) prefix the ``ValueError`` messages.
     """
     conditions = dict(conditions or {})
     specs = engine.io.inputs[2:]
@@ -97,6 +98,7 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
         raise ValueError(f"conditions: the engine takes {names or 'none'}; missing {missing or '-'}, unexpected {unknown or '-'}")
     out = {}
     for spec in specs:
+        where = f"{sources[spec.name]}: " if sources and spec.name in sources else ""
         t = torch.as_tensor(conditions[spec.name])
         want = list(spec.shape[1:])
         if spec.kind == "image" and image_hw is not None:
@@ -106,12 +108,21 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
         if t.ndim == len(want) + 1 and t.shape[0] == 1 and batch > 1 and list(t.shape[1:]) == want:
             t = t.expand(batch, *want)
         if list(t.shape) != [batch, *want]:
-            raise ValueError(f"condition '{spec.name}' ({spec.kind}) must have shape {[batch, *want]} or {want}, got {list(t.shape)}")
+            raise ValueError(f"{where}condition '{spec.name}' ({spec.kind}) must have shape {[batch, *want]} or {want}, got {list(t.shape)}")
         dtype = _DTYPES[spec.dtype]
         if dtype == torch.int64 and t.is_floating_point() and not bool((t == t.round()).all()):
-            raise ValueError(f"condition '{spec.name}' is an index (int64) but holds non-integer values")
+            raise ValueError(f"{where}condition '{spec.name}' is an index (int64) but holds non-integer values")
         out[spec.name] = t.to(device=engine.device, dtype=dtype).contiguous()
     return out
+
+
+def _condition_batch(engine: Engine, conditions: dict[str, torch.Tensor] | None) -> int:
+    """The batch of the first condition given with its batch axis (1 when none is)."""
+    for spec in engine.io.inputs[2:]:
+        t = (conditions or {}).get(spec.name)
+        if t is not None and t.ndim == len(spec.shape):
+            return int(t.shape[0])
+    return 1
 
 
 def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -173,13 +184,14 @@ def sample(
     check_finite: bool = True,
     cuda_graph: bool = False,
     on_step: StepHook | None = None,
+    condition_sources: dict[str, str] | None = None,
 ) -> torch.Tensor:
     """Samples ``[N, C, H, W]`` (float32, on the engine's device) from ``engine``.
 
     Args:
         engine: any :class:`~diffexport.engines.base.Engine`.
         sampler: ``manifest["sampler"]`` or a :class:`SamplerSpec`.
-        batch: number of samples N (default 1, or the batch of ``latents``).
+        batch: number of samples N (default: the batch of ``latents``, else of ``conditions``, else 1).
         seed: seeds the generator of the initial latents and of the per-step noise.
         latents: explicit initial noise, already scaled to σ_max, [N, C, H, W].
         conditions: engine condition inputs by name, [N, ...] (or one, repeated over N).
@@ -188,13 +200,16 @@ def sample(
         check_finite: stop with :class:`~diffexport.runtime.guards.SamplingError` at the first NaN/Inf.
         cuda_graph: replay each engine call from a CUDA graph (CUDA engines, static shapes).
         on_step: ``on_step(i, t_cur, t_next, x)`` after every step.
+        condition_sources: where each condition came from (e.g. a file), named in shape errors.
     """
-    spec = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec.from_manifest(sampler, num_steps)
-    if num_steps is not None and spec.num_steps != num_steps:
-        spec = SamplerSpec(spec.scheduler, spec.solver, spec.scheduler.timesteps(num_steps), spec.solver_options, spec.patching)
+    spec = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec.from_manifest(sampler)
+    if num_steps is not None and num_steps != spec.num_steps:
+        spec = spec.with_steps(num_steps)
     device = engine.device
     c, h, w = image_shape(engine, spec)
     generator = torch.Generator(device=device).manual_seed(seed)
+    if batch is None and latents is None:
+        batch = _condition_batch(engine, conditions)
     if latents is None:
         latents = initial_latents(spec, (batch or 1, c, h, w), generator, device)
     else:
@@ -202,7 +217,7 @@ def sample(
             raise ValueError(f"latents must have shape [{batch or 'N'}, {c}, {h}, {w}], got {list(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)
     n = latents.shape[0]
-    conds = check_conditions(engine, conditions, n, (h, w) if spec.patching else None)
+    conds = check_conditions(engine, conditions, n, (h, w) if spec.patching else None, condition_sources)
     predictor, guard = engine_predictor(engine, spec, conds, chunk=chunk, check_finite=check_finite, cuda_graph=cuda_graph)
     hooks = [f for f in (guard and guard.on_step, on_step) if f is not None]
 

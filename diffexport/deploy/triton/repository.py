@@ -23,12 +23,13 @@ from pathlib import Path
 
 from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
 from diffexport.engines.base import EngineError
+from diffexport.engines.load import BACKENDS
 from diffexport.engines.manifest import read_manifest
 from diffexport.recipes import IOSpec
 
 FULL, PYTHON_ONLY = "triton", "triton-python"
 ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
-PYTHON_BACKENDS = {"onnx": "onnxruntime", "aoti": "aoti"}  # engine target -> in-process runtime, in preference order
+PYTHON_BACKENDS = ("onnxruntime", "aoti")  # in-process runtimes of the self-contained denoiser, preferred first
 NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
 NATIVE_BACKENDS = {"tensorrt": "tensorrt", "onnx": "onnxruntime"}  # engine target -> Triton backend serving it
 
@@ -43,11 +44,15 @@ def model_names(name: str) -> tuple[str, str]:
     return f"{name}_denoiser", f"{name}_sampler"
 
 
+def _built(manifest: dict) -> str:
+    return f"(built: {', '.join(manifest.get('artifacts', {})) or 'none'})"
+
+
 def native_target(manifest: dict) -> str:
     """The artifact served by Triton's own backend in the full repository: ``tensorrt`` if built, else ``onnx``."""
     target = next((t for t in NATIVE_PLATFORMS if t in manifest.get("artifacts", {})), None)
     if target is None:
-        raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact (built: {', '.join(manifest.get('artifacts', {})) or 'none'})")
+        raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact {_built(manifest)}")
     return target
 
 
@@ -66,10 +71,10 @@ def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = Fal
 
 def python_backend(manifest: dict) -> str:
     """The runtime the self-contained denoiser loads in-process: ``onnxruntime`` if built, else ``aoti``."""
-    target = next((t for t in PYTHON_BACKENDS if t in manifest.get("artifacts", {})), None)
-    if target is None:
-        raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact (built: {', '.join(manifest.get('artifacts', {})) or 'none'})")
-    return PYTHON_BACKENDS[target]
+    backend = next((b for b in PYTHON_BACKENDS if BACKENDS[b] in manifest.get("artifacts", {})), None)
+    if backend is None:
+        raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact {_built(manifest)}")
+    return backend
 
 
 def _model_source(name: str) -> str:
@@ -116,9 +121,9 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         art = manifest["artifacts"][target]
         den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, gpu=target == "tensorrt")
         extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
-        den_files = {fname: engine_dir / art["file"], **{f: engine_dir / f for f in extra}}
+        den_files = {fname: engine_dir / art["file"], **{name: engine_dir / name for name in extra}}
         for f in den_files.values():
-            if not Path(f).is_file():
+            if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
     sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser})
 
@@ -147,6 +152,6 @@ def triton_stage(engine_dir: str | Path, manifest: dict) -> list[Path]:
     arts, python_only = manifest.get("artifacts", {}), bool(manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"))
     full = not python_only and any(t in arts for t in NATIVE_PLATFORMS)
     written = [write_repository(engine_dir, manifest=manifest)] if full else []
-    if python_only or not full or any(t in arts for t in PYTHON_BACKENDS):
+    if python_only or not full or any(BACKENDS[b] in arts for b in PYTHON_BACKENDS):
         written.append(write_repository(engine_dir, python_only=True, manifest=manifest))
     return written

@@ -162,7 +162,8 @@ class TritonServer:
             return self
         cmd, env = self.command(), self.environment()
         self._log = open(self.log_file, "ab")
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                      start_new_session=True)  # its own process group: a terminal's Ctrl-C reaches us only
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self._proc.poll() is not None:
@@ -205,12 +206,13 @@ class TritonServer:
             self._log = None
         return code
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the server log."""
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the server log, without its status tables and blank lines."""
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            text = self.log_file.read_text(errors="replace")
         except OSError:
             return "(no log)"
+        return "\n".join([line for line in text.splitlines() if line.strip() and line[0] not in "|+"][-lines:])
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -1,6 +1,6 @@
 // Embedding the diffexport runtime: sample from an engine directory inside your own program.
 //
-//   embed ENGINE_DIR [N]   ->  samples N images from seeded noise, prints per-image statistics
+//   embed ENGINE_DIR [N] [THREADS]  ->  samples N images from seeded noise, prints per-image statistics
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -9,9 +9,11 @@
 #include "diffexport/runtime.h"
 
 int main(int argc, char** argv) {
-  if (argc < 2) return std::fprintf(stderr, "usage: embed ENGINE_DIR [N]\n"), 2;
+  if (argc < 2) return std::fprintf(stderr, "usage: embed ENGINE_DIR [N] [THREADS]\n"), 2;
   try {
-    diffexport::Sampler sampler(argv[1]);  // reads manifest.json, checks the sha256, loads the denoiser
+    diffexport::SamplerOptions options;  // steps, backend and threads; defaults: the manifest's sampler
+    options.threads = argc > 3 ? std::atoi(argv[3]) : 0;
+    diffexport::Sampler sampler(argv[1], options);  // reads manifest.json, checks the sha256, loads the denoiser
     const auto& inputs = sampler.engine().inputs;  // x [-1, C, H, W], sigma [-1], then conditions
     const int64_t n = argc > 2 ? std::atoll(argv[2]) : 2;
 

@@ -198,16 +198,17 @@ void write_npy(const std::string& path, const Array& a) {
   header.append(63 - (10 + header.size()) % 64, ' ');  // magic + header + '\n' is a multiple of 64
   header += '\n';
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(path + ": cannot write file");
-    const char lo = static_cast<char>(header.size() & 0xFF), hi = static_cast<char>(header.size() >> 8);
-    out.write("\x93NUMPY\x01\x00", 8).put(lo).put(hi);
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(reinterpret_cast<const char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
-    if (!out.flush()) throw Error(path + ": write error");
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error(path + ": cannot write file");
+  const char lo = static_cast<char>(header.size() & 0xFF), hi = static_cast<char>(header.size() >> 8);
+  out.write("\x93NUMPY\x01\x00", 8).put(lo).put(hi);
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  out.write(reinterpret_cast<const char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
+  out.close();
+  if (out.fail() || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": write error (disk full or no permission?)");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path + ": cannot rename " + tmp + " into place");
 }
 
 }  // namespace diffexport

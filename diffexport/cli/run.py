@@ -1,0 +1,188 @@
+"""``diffexport sample | parity | bench ENGINE_DIR``: run, check and time an engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.table import Table
+
+from diffexport.cli.app import app, console, fail
+from diffexport.engines.base import EngineError
+from diffexport.engines.load import BACKENDS, load
+from diffexport.engines.manifest import read_manifest
+from diffexport.parity.harness import default_backends, run_parity
+from diffexport.runtime.bench import bench_engine
+from diffexport.runtime.guards import SamplingError
+from diffexport.runtime.images import save_png_grid, write_atomic
+from diffexport.runtime.sampler import sample as run_sampler
+
+ENGINE_DIR = typer.Argument(..., help="Engine directory made by `diffexport build`.")
+BACKEND_HELP = f"Backend: {', '.join(BACKENDS)}."
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    """A .npy array; a ``fail`` naming ``path`` when it is missing or not one numeric array."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise fail(f"{path}: {what} file not found") from None
+    except (OSError, ValueError) as e:
+        raise fail(f"{path}: cannot read {what} as a .npy array ({e})") from None
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise fail(f"{path}: {what} must be one numeric .npy array, got {type(array).__name__} {getattr(array, 'dtype', '')}")
+    return array
+
+
+def _parse_conditions(items: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``NAME=FILE.npy`` items -> tensors and file names by condition name."""
+    tensors, files = {}, {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise fail(f"--condition expects NAME=FILE.npy, got {item!r}")
+        tensors[name], files[name] = torch.from_numpy(_load_npy(Path(file), f"condition '{name}'")), file
+    return tensors, files
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue())
+
+
+def _default_backend(manifest: dict, engine_dir: Path) -> str:
+    backends = default_backends(manifest)
+    if not backends:
+        raise fail(f"{engine_dir}: no artifact was built; use --backend torch for the eager reference")
+    return backends[0]
+
+
+@app.command()
+def sample(
+    engine_dir: Path = ENGINE_DIR,
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npy: float32 samples [N, C, H, W] (+ a .png grid for 1 or 3 channels)."),
+    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the first built artifact."),
+    batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the per-step noise."),
+    latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
+    condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable)."),
+    steps: int = typer.Option(None, "--steps", min=1, help="Number of sampler steps (default: the recipe's)."),
+    device: str = typer.Option(None, "--device", help="torch device to run on (default: where the artifact runs)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay engine calls from CUDA graphs (CUDA engines)."),
+) -> None:
+    """Sample from ENGINE_DIR with the sampler of its recipe; write the samples to --out."""
+    try:
+        manifest = read_manifest(engine_dir)
+        backend = backend or _default_backend(manifest, engine_dir)
+        engine = load(engine_dir, backend, device=device)
+    except EngineError as e:
+        raise fail(str(e)) from None
+    x_n = torch.from_numpy(_load_npy(latents, "latents")).float() if latents is not None else None
+    conditions, files = _parse_conditions(condition)
+    if x_n is not None and x_n.ndim != 4:
+        raise fail(f"{latents}: latents must be [N, C, H, W], got shape {list(x_n.shape)}")
+    start = time.perf_counter()
+    try:
+        x = run_sampler(engine, manifest["sampler"], batch=batch, seed=seed, latents=x_n, conditions=conditions,
+                        num_steps=steps, cuda_graph=cuda_graph, condition_sources=files)
+    except SamplingError as e:
+        raise fail(str(e)) from None
+    except ValueError as e:
+        raise fail(f"{latents}: {e}" if str(e).startswith("latents") else str(e)) from None
+    seconds = time.perf_counter() - start
+    samples = x.float().cpu().numpy()
+    _save_npy(out, samples)
+    written = [out]
+    if samples.shape[1] in (1, 3):
+        written.append(save_png_grid(samples, out.with_suffix(".png")))
+    console.print(f"{samples.shape[0]} sample(s) {list(samples.shape[1:])} with {backend} in {seconds:.2f} s -> "
+                  + ", ".join(map(str, written)), soft_wrap=True)
+
+
+@app.command()
+def parity(
+    engine_dir: Path = ENGINE_DIR,
+    backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact."),
+    report: Path = typer.Option(None, "--report", help="Folder for parity.json/.md/.png (default: the engine directory)."),
+    per_call_rtol: float = typer.Option(None, help="Override the per-call relative L2 tolerance."),
+    final_rtol: float = typer.Option(None, help="Override the final-sample relative L2 tolerance."),
+    device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
+    mark: bool = typer.Option(False, "--mark", help="Record the result (status ok | failed, summary) in the manifest."),
+) -> None:
+    """Check ENGINE_DIR's backends against the torch reference; exit 1 when any check fails."""
+    try:
+        result = run_parity(engine_dir, backend or None, report, update_manifest=mark, per_call_rtol=per_call_rtol,
+                            final_rtol=final_rtol, device=device)
+    except EngineError as e:
+        raise fail(str(e)) from None
+    table = Table(title=f"parity of {result['engine']} against the torch reference", title_justify="left")
+    for column in ("backend", "precision", "per-call rel L2", "tol", "final rel L2", "tol", "result"):
+        table.add_column(column, justify="right" if "L2" in column or column == "tol" else "left")
+    for name, e in result["backends"].items():
+        tol = e["tolerances"]
+        worst = e.get("per_call_worst", {}).get("rel_l2")
+        final = e.get("trajectory", {}).get("final", {}).get("rel_l2")
+        table.add_row(name, e["precision"], _g(worst), f"{tol['per_call_rtol']:g}", _g(final), f"{tol['final_rtol']:g}",
+                      "[green]pass[/]" if e["passed"] else "[red]FAIL[/]")
+    console.print(table)
+    for name, e in result["backends"].items():
+        if e.get("error"):
+            console.print(f"[red]{name}[/]: {e['error']}", soft_wrap=True)
+        if e.get("divergence"):
+            console.print(f"[red]{name}[/]: first diverging {e['divergence']['summary']}", soft_wrap=True)
+    console.print(f"report: {Path(report or engine_dir) / 'parity.md'}", soft_wrap=True)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+@app.command()
+def bench(
+    engine_dir: Path = ENGINE_DIR,
+    backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact. torch always runs."),
+    batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: the engine's opt)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
+    repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch (median reported)."),
+    warmup: int = typer.Option(2, min=0, help="Untimed calls first."),
+    sample_repeats: int = typer.Option(1, min=1, help="Timed full samples per backend and batch."),
+    no_sample: bool = typer.Option(False, "--no-sample", help="Time single calls only."),
+    device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
+) -> None:
+    """Time one call and one whole sample of each backend beside the torch reference."""
+    try:
+        with console.status("benchmarking") as status:
+            result = bench_engine(engine_dir, backend or None, batch or None, repeats=repeats, warmup=warmup,
+                                  sample_repeats=sample_repeats, full_sample=not no_sample, device=device,
+                                  progress=lambda message: status.update(message))
+    except EngineError as e:
+        raise fail(str(e)) from None
+    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; "
+                        f"{sample_repeats} sample(s) of {result['solver']} x {result['num_steps']})", title_justify="left")
+    for column in ("backend", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "sample s", "vs torch", "NFE"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for r in result["rows"]:
+        table.add_row(r["backend"], str(r["batch"]), f"{r['call_ms']:.2f}", _ratio(r["call_vs_torch"]), f"{r['gflop_per_call']:.3f}",
+                      _num(r["gflops"]), _num(r.get("sample_s"), ".2f"), _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")))
+    console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(json_out, (json.dumps(result, indent=2) + "\n").encode())
+        console.print(f"wrote {json_out}")
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _num(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v, fmt)

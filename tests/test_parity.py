@@ -1,0 +1,119 @@
+"""Parity harness: passing engines pass, a perturbed ONNX weight fails and is located, the build
+stage marks engines, the CLI exits accordingly, ``diffexport.testing`` asserts.
+
+Engines come from conftest.py (randomised weights): ``onnx_engine_dir`` (quickstart,
+unconditional, onnx) and ``built_conditional`` (image + vector conditions, onnx and aoti).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from diffexport.cli import app
+from diffexport.cli.build import finalize_stages
+from diffexport.engines import read_manifest
+from diffexport.engines.manifest import file_record, write_manifest
+from diffexport.parity import PRESETS, parity_stage, run_parity, tolerances
+from diffexport.recipes import load_recipe
+from diffexport.testing import assert_engine_parity
+
+WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
+
+
+def check_passed(report: dict, backends: set[str]) -> None:
+    assert report["passed"] and set(report["backends"]) == backends
+    for e in report["backends"].values():
+        assert e["passed"] and e["error"] is None and "divergence" not in e
+        assert len(e["per_call"]) >= 8 and max(r["rel_l2"] for r in e["per_call"]) <= PRESETS["fp32"]["per_call_rtol"]
+        assert len(e["trajectory"]["steps"]) == report["settings"]["num_steps"]
+        assert e["trajectory"]["final"]["rel_l2"] <= PRESETS["fp32"]["final_rtol"]
+
+
+def test_unconditional_onnx_passes_and_writes_report(onnx_engine_dir, tmp_path):
+    report = run_parity(onnx_engine_dir, report_dir=tmp_path)
+    check_passed(report, {"onnxruntime"})
+    sigmas = report["sigmas"]
+    assert sigmas[0] == pytest.approx(80.0) and sigmas[-1] == pytest.approx(0.002)
+    assert np.allclose(np.diff(np.log(sigmas)), np.log(sigmas[1] / sigmas[0]))  # log-spaced
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is True
+    assert "PASS" in (tmp_path / "parity.md").read_text()
+    assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_conditional_onnx_and_aoti_pass(built_conditional):
+    check_passed(assert_engine_parity(built_conditional, ["onnxruntime", "aoti"]), {"onnxruntime", "aoti"})
+
+
+@pytest.fixture(scope="module")
+def perturbed(onnx_engine_dir, tmp_path_factory):
+    """A copy of the quickstart engine with one element of one conv weight changed in its ONNX."""
+    engine_dir = tmp_path_factory.mktemp("perturbed") / "engine"
+    shutil.copytree(onnx_engine_dir, engine_dir)
+    model = onnx.load(str(engine_dir / "denoiser.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == WEIGHT)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] += 1.0
+    init.CopyFrom(numpy_helper.from_array(w, WEIGHT))
+    onnx.save(model, str(engine_dir / "denoiser.onnx"))
+    manifest = read_manifest(engine_dir)
+    manifest["artifacts"]["onnx"].update(file_record(engine_dir, ["denoiser.onnx"]))
+    write_manifest(engine_dir, manifest)
+    return engine_dir, model
+
+
+def downstream_of(model: onnx.ModelProto, value: str) -> set[str]:
+    """Names of the nodes that (transitively) consume ``value``."""
+    reached, names = {value}, set()
+    for node in model.graph.node:  # topological order
+        if reached & set(node.input):
+            names.add(node.name)
+            reached.update(node.output)
+    return names
+
+
+def test_perturbed_weight_fails_and_the_report_names_a_node_downstream(perturbed, tmp_path):
+    engine_dir, model = perturbed
+    with pytest.raises(AssertionError) as err:
+        assert_engine_parity(engine_dir, "onnxruntime", report_dir=tmp_path)
+    report = json.loads((tmp_path / "parity.json").read_text())
+    d = report["backends"]["onnxruntime"]["divergence"]
+    assert d["node"] in downstream_of(model, WEIGHT)
+    assert d["node"] == next(n.name for n in model.graph.node if WEIGHT in n.input)  # the conv itself, here
+    assert d["op_type"] == "Conv" and d["rel_l2"] > d["rtol"]
+    assert d["node"] in str(err.value) and "per-call rel L2" in str(err.value)
+    assert d["node"] in (tmp_path / "parity.md").read_text()
+
+
+def test_parity_stage_and_cli_mark_failure(perturbed, onnx_engine_dir, tmp_path):
+    engine_dir, _ = perturbed
+    manifest = read_manifest(engine_dir)
+    parity_stage(engine_dir, manifest)
+    assert manifest["status"] == "failed" and manifest["parity"]["backends"]["onnxruntime"]["passed"] is False
+    assert (engine_dir / "parity.json").is_file()
+    runner = CliRunner()
+    assert runner.invoke(app, ["parity", str(engine_dir), "--report", str(tmp_path / "bad")]).exit_code == 1
+    ok = runner.invoke(app, ["parity", str(onnx_engine_dir), "--report", str(tmp_path / "good")])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_build_runs_parity_unless_disabled(tiny_recipe_paths):
+    recipe = load_recipe(tiny_recipe_paths["quickstart"])
+    assert ("parity", parity_stage) in finalize_stages(recipe)
+    off = recipe.model_copy(update={"parity": recipe.parity.model_copy(update={"enabled": False})})
+    assert all(fn is not parity_stage for _, fn in finalize_stages(off))
+
+
+def test_tolerances_presets_and_overrides():
+    assert tolerances("fp32") == {"per_call_rtol": 1e-5, "final_rtol": 1e-4}
+    assert tolerances("bf16")["per_call_rtol"] > tolerances("fp16")["per_call_rtol"] > tolerances("fp32")["per_call_rtol"]
+    assert tolerances("fp32", {"per_call_rtol": 1e-3, "final_rtol": None}) == {"per_call_rtol": 1e-3, "final_rtol": 1e-4}
+    assert tolerances("fp16", {"final_rtol": 0.5}, final_rtol=0.25)["final_rtol"] == 0.25
+    with pytest.raises(ValueError, match="int8"):
+        tolerances("int8")

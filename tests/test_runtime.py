@@ -1,0 +1,196 @@
+"""Runtime sampler over engines: reproducibility, NaN guard, batching, conditions, patching, CLI, bench.
+
+Engines come from the session fixtures of conftest.py (randomised weights): ``onnx_engine_dir``
+(quickstart, unconditional, batch 1..16, Heun x 18) and ``built_conditional`` (image + vector
+conditions, onnx and aoti, batch 1..4, Heun x 6).
+"""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from diffexport.cli import app
+from diffexport.diffusion import samplers
+from diffexport.diffusion.utils import edm_x0_predictor
+from diffexport.engines import load, read_manifest
+from diffexport.recipes import IOSpec, TensorSpec
+from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, sample, save_png_grid
+from diffexport.runtime.bench import bench_engine
+from diffexport.runtime.images import to_grid
+
+FINAL_RTOL = 1e-4  # the fp32 trajectory tolerance
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def spec_of(engine_dir, **changes) -> SamplerSpec:
+    return SamplerSpec.from_manifest({**read_manifest(engine_dir)["sampler"], **changes})
+
+
+@pytest.fixture(scope="module")
+def quick(onnx_engine_dir):
+    return load(onnx_engine_dir, "onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def conditional(built_conditional):
+    return load(built_conditional, "onnxruntime")
+
+
+def conditions(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"cond": torch.randn(batch, 3, 16, 16, generator=g), "class_labels": torch.randn(batch, 4, generator=g)}
+
+
+def test_stochastic_sampler_is_reproducible_from_a_seed(quick, onnx_engine_dir):
+    spec = spec_of(onnx_engine_dir, solver="edm_stochastic_heun", solver_options={"S_churn": 20.0}, time_steps=None, num_steps=6)
+    a, b = sample(quick, spec, batch=3, seed=7), sample(quick, spec, batch=3, seed=7)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, sample(quick, spec, batch=3, seed=8))
+    # same latents, different per-step noise: the churn really draws from the seeded generator
+    latents = torch.randn(3, 3, 16, 16) * 80
+    assert not torch.allclose(sample(quick, spec, latents=latents, seed=1), sample(quick, spec, latents=latents, seed=2))
+
+
+class NaNAtCall:
+    """An engine wrapper whose ``call``-th call (0-based) returns NaN."""
+
+    def __init__(self, engine, call: int):
+        self.engine, self.call, self.calls = engine, call, 0
+        self.backend, self.io, self.device = "nan-injector", engine.io, engine.device
+
+    def __call__(self, x, sigma, **conditions):
+        out = self.engine(x, sigma, **conditions)
+        self.calls += 1
+        return out * float("nan") if self.calls - 1 == self.call else out
+
+
+def test_nan_is_caught_naming_step_sigma_and_backend(quick, onnx_engine_dir):
+    spec = spec_of(onnx_engine_dir)
+    k = 5  # Heun evaluates twice per step: call 2k is the first evaluation of step k, at σ_k
+    with pytest.raises(SamplingError) as err:
+        sample(NaNAtCall(quick, 2 * k), spec, batch=2)
+    message = str(err.value)
+    assert f"step {k} " in message and f"sigma={float(spec.edm_sigmas()[k]):g}" in message and "nan-injector" in message
+
+
+def test_sample_latents_cli_matches_diffusion_sample_on_reference(onnx_engine_dir, tmp_path):
+    latents = (80 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))).numpy()
+    np.save(tmp_path / "latents.npy", latents)
+    out = tmp_path / "samples.npy"
+    result = CliRunner().invoke(app, ["sample", str(onnx_engine_dir), "--latents", str(tmp_path / "latents.npy"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (2, 3, 16, 16)
+    assert matplotlib.image.imread(out.with_suffix(".png")).shape[-1] == 3  # the grid next to it
+
+    spec = spec_of(onnx_engine_dir)
+    assert spec.solver == "heun"
+    reference = load(onnx_engine_dir, "torch").denoiser
+    denoiser = spec.scheduler.get_denoiser(x0_predictor=edm_x0_predictor(lambda x, s: reference(x, s), spec.scheduler))
+    with torch.no_grad():
+        want = samplers.sample(denoiser, torch.from_numpy(latents), spec.scheduler, spec.num_steps, solver="heun")
+    assert rel_l2(torch.from_numpy(got), want) <= FINAL_RTOL
+
+
+def test_sample_cli_errors_name_the_file(onnx_engine_dir, built_conditional, tmp_path):
+    runner = CliRunner()
+    np.save(tmp_path / "bad_latents.npy", np.zeros((2, 3, 8, 8), np.float32))
+    r = runner.invoke(app, ["sample", str(onnx_engine_dir), "--latents", str(tmp_path / "bad_latents.npy"), "--out", str(tmp_path / "o.npy")])
+    assert r.exit_code != 0 and "bad_latents.npy" in r.output and "[N, 3, 16, 16]" in r.output
+    r = runner.invoke(app, ["sample", str(onnx_engine_dir), "--latents", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o.npy")])
+    assert r.exit_code != 0 and "missing.npy" in r.output and "not found" in r.output
+    np.save(tmp_path / "cond.npy", np.zeros((2, 3, 8, 8), np.float32))
+    np.save(tmp_path / "labels.npy", np.zeros((2, 4), np.float32))
+    r = runner.invoke(app, ["sample", str(built_conditional), "-c", f"cond={tmp_path / 'cond.npy'}", "-c",
+                            f"class_labels={tmp_path / 'labels.npy'}", "--out", str(tmp_path / "o.npy")])
+    assert r.exit_code != 0 and "cond.npy" in r.output and "'cond'" in r.output
+    assert not (tmp_path / "o.npy").exists()
+
+
+class Recorder:
+    """A fake engine: ``x * sigma``, batch range [2, 3], recording the batch of every call."""
+
+    backend, device = "fake", torch.device("cpu")
+    io = IOSpec([TensorSpec("x", [-1, 1, 2, 2]), TensorSpec("sigma", [-1])], [TensorSpec("denoised", [-1, 1, 2, 2])], {"min": 2, "max": 3})
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, sigma):
+        assert 2 <= x.shape[0] <= 3
+        self.batches.append(x.shape[0])
+        return x * sigma[:, None, None, None]
+
+
+def test_batched_engine_chunks_and_pads():
+    engine = Recorder()
+    x, sigma = torch.randn(4, 1, 2, 2), torch.arange(4.0) + 1
+    out = BatchedEngine(engine)(x, sigma)
+    assert engine.batches == [3, 2]  # 3 rows, then 1 row padded to the minimum of 2
+    assert torch.equal(out, x * sigma[:, None, None, None])
+
+
+def test_conditional_sampling_in_chunks_matches_one_call(conditional, built_conditional):
+    spec = spec_of(built_conditional)
+    cond = conditions(5)  # batch 5 > the engine's max of 4
+    a = sample(conditional, spec, conditions=cond, seed=3)
+    b = sample(conditional, spec, conditions=cond, seed=3, chunk=1)
+    assert a.shape == (5, 2, 16, 16) and torch.isfinite(a).all()
+    assert rel_l2(a, b) <= 1e-6
+    one = sample(conditional, spec, conditions={k: v[:1] for k, v in cond.items()}, batch=2, seed=3)
+    assert not torch.equal(one[0], one[1])  # one condition repeated over the batch, different noise per sample
+
+
+def test_patching_with_one_patch_equals_unpatched_and_tiles_larger_images(conditional, built_conditional):
+    spec = spec_of(built_conditional)
+    cond = conditions(2)
+    plain = sample(conditional, spec, conditions=cond, seed=4)
+    one_patch = sample(conditional, spec_of(built_conditional, patching={"img_shape": [16, 16], "overlap_pix": 0, "boundary_pix": 0}),
+                       conditions=cond, seed=4)
+    assert rel_l2(one_patch, plain) <= 1e-6
+    big = spec_of(built_conditional, patching={"img_shape": [24, 20], "overlap_pix": 4, "boundary_pix": 2})
+    g = torch.Generator().manual_seed(5)
+    out = sample(conditional, big, conditions={"cond": torch.randn(2, 3, 24, 20, generator=g), "class_labels": torch.randn(2, 4, generator=g)})
+    assert out.shape == (2, 2, 24, 20) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="'cond'.*24, 20"):  # image conditions come at the full image size
+        sample(conditional, big, conditions=cond)
+
+
+def test_cuda_graphs_refuse_cpu_engines(quick):
+    with pytest.raises(ValueError, match="CUDA device"):
+        CUDAGraphEngine(quick)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph replay needs a CUDA GPU (none on this machine)")
+def test_cuda_graph_sampling_matches_eager(onnx_engine_dir):
+    engine = load(onnx_engine_dir, "torch", device="cuda")
+    spec = spec_of(onnx_engine_dir)
+    assert rel_l2(sample(engine, spec, batch=2, cuda_graph=True), sample(engine, spec, batch=2)) <= 1e-6
+
+
+def test_png_grid_roundtrip(tmp_path):
+    x = np.random.default_rng(0).normal(size=(5, 1, 4, 6)).astype(np.float32)
+    path = save_png_grid(x, tmp_path / "grid.png")
+    assert np.array_equal(np.round(matplotlib.image.imread(path) * 255).astype(np.uint8), to_grid(x)[..., 0])
+
+
+def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):
+    result = bench_engine(onnx_engine_dir, ["onnxruntime"], [1, 2], repeats=1, warmup=0)
+    rows = {(r["backend"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)}
+    assert rows["torch", 2]["call_vs_torch"] == 1.0 and rows["onnxruntime", 2]["call_vs_torch"] > 0
+    assert rows["torch", 1]["gflop_per_call"] > 0
+    assert rows["torch", 2]["gflop_per_call"] == pytest.approx(2 * rows["torch", 1]["gflop_per_call"], rel=1e-6)
+    assert all(r["nfe"] == 35 for r in rows.values())  # Heun x 18 skips the last correction
+    r = CliRunner().invoke(app, ["bench", str(onnx_engine_dir), "--batch", "1", "--repeats", "1", "--no-sample", "--json", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert {row["backend"] for row in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"torch", "onnxruntime"}
