@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--opset", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=None, help="threads of every backend (default: ORT physical cores, torch its own)")
     parser.add_argument("--spinning", action="store_true", help="let ONNX Runtime's threads spin between calls")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-aoti", action="store_true", help="skip the AOTInductor compile (minutes on 2 cores)")
@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = parser.parse_args()
 
+    if a.threads:
+        torch.set_num_threads(a.threads)  # eager and the AOTInductor kernels (OpenMP)
     recipe = load_recipe(a.recipe)
     io = io_spec(recipe)
     with tempfile.TemporaryDirectory(prefix="bench_export.") as tmp:

@@ -2,7 +2,7 @@
 and the parity reports of their builds.
 
     .venv/bin/python benchmarks/bench_sampling.py [recipes/edm-cifar10-ddpmpp.yaml] [--out bench-out]
-        [--targets onnx,aoti] [--repeats 10] [--skip-build] [--no-bf16]
+        [--targets onnx,aoti] [--bf16-targets aoti] [--repeats 10] [--skip-build] [--no-bf16]
 
 Figures (EDM CIFAR-10 DDPM++, 55.7 M parameters, 2-core CPU): per-call latency of each backend over
 the torch reference at batch 1 and 8; one 18-step Heun sample (35 evaluations) at batch 1: eager
@@ -54,7 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="?", type=Path, default=Path("recipes/edm-cifar10-ddpmpp.yaml"))
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--targets", default="onnx,aoti")
+    parser.add_argument("--targets", default="onnx,aoti", help="targets of the fp32 engine")
+    parser.add_argument("--bf16-targets", default="aoti", help="targets of the bf16 engine (bf16 ONNX needs Conv-22: opset >= 22)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-build", action="store_true", help="reuse the engines already in --out")
     parser.add_argument("--no-bf16", action="store_true")
@@ -66,7 +67,8 @@ def main() -> None:
         recipe = variant(a.recipe, a.out, precision)
         engines[precision] = a.out / recipe.stem
         if not a.skip_build:
-            run("build", str(recipe), "--out", str(engines[precision]), "--targets", a.targets)
+            targets = a.targets if precision == "fp32" else a.bf16_targets
+            run("build", str(recipe), "--out", str(engines[precision]), "--targets", targets)
     summary = {"load_average_start": os.getloadavg()[0], "calls": {}, "samples": {}, "parity": {}}
     summary["calls"]["fp32"] = bench(engines["fp32"], a.out, "fp32-calls", [1, 8], False, a.repeats)
     for precision, engine in engines.items():

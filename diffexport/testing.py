@@ -33,7 +33,7 @@ def describe_failures(report: dict) -> str:
         if final and not final["rel_l2"] <= tol["final_rtol"]:
             problems.append(f"final-sample rel L2 {final['rel_l2']:.3g} > {tol['final_rtol']:g}")
         if e.get("divergence"):
-            problems.append(f"first diverging {e['divergence']['summary']}")
+            problems.append(e["divergence"]["summary"])
         lines.append(f"  {name} ({e['precision']}): " + "; ".join(problems))
     return "\n".join(lines)
 

@@ -136,7 +136,7 @@ def parity(
         if e.get("error"):
             console.print(f"[red]{name}[/]: {e['error']}", soft_wrap=True)
         if e.get("divergence"):
-            console.print(f"[red]{name}[/]: first diverging {e['divergence']['summary']}", soft_wrap=True)
+            console.print(f"[red]{name}[/]: {e['divergence']['summary']}", soft_wrap=True)
     console.print(f"report: {Path(report or engine_dir) / 'parity.md'}", soft_wrap=True)
     if not result["passed"]:
         raise typer.Exit(1)

@@ -66,7 +66,8 @@ def markdown(report: dict) -> str:
             lines += [f"| {r['step']} | {r['sigma']:.4g} | {_g(r['max_abs'])} | {_g(r['rel_l2'])} |" for r in e["trajectory"]["steps"]]
         if "divergence" in e:
             d = e["divergence"]
-            lines += ["", f"First diverging ONNX node (at σ = {d['sigma']:.4g}): {d['summary']}." if d else
+            at = f" (at σ = {d['sigma']:.4g})" if d and d.get("sigma") is not None else ""
+            lines += ["", f"Diagnosis{at}: {d['summary']}." if d else
                       "No single ONNX node exceeds the per-call tolerance on the worst inputs: the error builds up gradually."]
     return "\n".join(lines) + "\n"
 

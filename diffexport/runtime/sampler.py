@@ -9,6 +9,14 @@ arguments from ``manifest["sampler"]`` and turns the engine into the solver's de
 Randomness comes from one seeded ``torch.Generator`` on the engine's device: it draws the initial
 latents (unless given) and then every per-step noise of a stochastic solver, so a seed fixes the
 samples bit for bit on a given device.
+
+Patching and positional embeddings: PhysicsNeMo's patch-trained ``SongUNetPosEmbd`` takes each
+patch's ``global_index`` (the coordinates of its pixels in the full image) to pick its positional
+embedding. The engine contract (x, sigma, conditions) has no such input, so an exported
+``SongUNetPosEmbd`` applies the embedding of its own patch-sized grid to every patch: right for
+models trained on whole images of the engine's size, wrong for models trained on random patches
+of a larger image. Those need a new input kind (e.g. ``grid``: int64 [B, 2, H_p, W_p], filled
+from ``GridPatching2D.global_index``) in recipes, export and here.
 """
 
 from __future__ import annotations
