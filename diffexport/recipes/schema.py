@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pathlib import Path
 
@@ -65,27 +65,33 @@ class ModelSpec(Strict):
         return self
 
 
+def one_of(what: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is in ``choices``; else a ValueError naming ``what`` and the choices."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
 class ClassSpec(Strict):
+    """``{class: Name, args: {...}}``; subclasses name the accepted classes."""
+
+    KIND: ClassVar[str]
+    CHOICES: ClassVar[tuple[str, ...]]
     class_name: str = Field(alias="class")
     args: dict[str, Any] = Field(default_factory=dict)
 
-
-class PreconditionerSpec(ClassSpec):
     @field_validator("class_name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in PRECONDITIONERS:
-            raise ValueError(f"unknown preconditioner {v!r}; expected one of {', '.join(PRECONDITIONERS)}")
-        return v
+        return one_of(cls.KIND, v, cls.CHOICES)
+
+
+class PreconditionerSpec(ClassSpec):
+    KIND, CHOICES = "preconditioner", PRECONDITIONERS
 
 
 class SchedulerSpec(ClassSpec):
-    @field_validator("class_name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in SCHEDULERS:
-            raise ValueError(f"unknown noise scheduler {v!r}; expected one of {', '.join(SCHEDULERS)}")
-        return v
+    KIND, CHOICES = "noise scheduler", SCHEDULERS
 
 
 class Condition(Strict):
@@ -150,9 +156,7 @@ class Sampler(Strict):
     @field_validator("solver")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in SOLVERS:
-            raise ValueError(f"unknown solver {v!r}; expected one of {', '.join(SOLVERS)}")
-        return v
+        return one_of("solver", v, SOLVERS)
 
 
 class Export(Strict):
