@@ -16,6 +16,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
 
+from diffexport.checkpoints import load_model
 from diffexport.diffusion.utils import ConcatConditionWrapper
 from diffexport.models import get_model_class
 from diffexport.models.init import randomize_
@@ -27,17 +28,17 @@ def instantiate_model(recipe: Recipe) -> nn.Module:
     spec = recipe.model
     if spec.checkpoint is None:
         return randomize_(get_model_class(spec.class_name)(**spec.args), spec.init.seed).eval()
-    from diffexport.checkpoints import load_model
-
-    path = resolve_path(recipe, spec.checkpoint)
-    return load_model(path, class_name=spec.class_name, args=spec.args or None).eval()
+    return load_model(resolve_path(recipe, spec.checkpoint), class_name=spec.class_name, args=spec.args or None).eval()
 
 
 class Denoiser(nn.Module):
     """``forward(x, sigma, *conditions) -> denoised``: the fixed engine contract around a preconditioner.
 
-    ``conditions`` are the engine inputs after ``x`` and ``sigma`` (their ``name`` and ``kind``);
-    the output is float32 whatever precision runs inside.
+    ``conditions`` are the engine inputs after ``x`` and ``sigma`` (their ``name`` and ``kind``).
+    The preconditioner gets them as its ``condition``: the image conditions concatenated, or, with a
+    vector or index condition, a TensorDict of ``cond_concat`` (images), ``cond_vec`` (the vector)
+    and each index condition under its name (``ConcatConditionWrapper``'s keys). The output is
+    float32 whatever precision runs inside.
     """
 
     def __init__(self, preconditioner: nn.Module, conditions: Sequence[TensorSpec] = (), index_high: int = 1):

@@ -8,16 +8,19 @@ checker rejects models that use it.) Either way there is no ReduceMean/Pow decom
 
 ONNX Runtime has no GroupNormalization kernel: it expands the function into ~20 small nodes per
 norm. :func:`make_session` therefore hands it the same math as Reshape, InstanceNormalization,
-Reshape and the per-channel affine (native kernels; about 5% less time per call on the EDM
+Reshape and the per-channel affine (native kernels; about 8% less time per call on the EDM
 CIFAR-10 UNet). The file on disk, whose hash the manifest records, is not changed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +52,7 @@ def export_onnx(
     if not isinstance(program, ExportedProgram):
         program = export_program(program_or_denoiser, io, precision)
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         onnx_program = torch.onnx.export(
             program,
             input_names=[s.name for s in io.inputs],
@@ -77,6 +79,20 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     return {"file": path.name, "files": files, "opset": opset, "precision": precision, "group_norm": _group_norm_op(ops)}
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's warnings and log lines (e.g. "torchvision is not installed") off; errors stay."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _name_batch_axis(model: ir.Model) -> None:
@@ -112,10 +128,10 @@ def make_session(path: str | Path, threads: int | None = None, providers: list |
     """An ONNX Runtime session tuned for one denoiser call at a time.
 
     One intra-op thread per physical core (``threads`` overrides), no inter-op parallelism, all
-    graph optimisations (NCHWc layouts on x86). Worker threads do not spin between calls unless
-    ``spinning``: spinning trims a few percent off an idle machine but costs far more when the
-    cores are shared (measured in benchmarks/bench_export.py). ``providers`` default to CUDA
-    when this onnxruntime has it, then CPU (pass ``TensorrtExecutionProvider`` explicitly).
+    graph optimisations (the NCHWc layout pass alone is 10-20% on x86). Worker threads do not
+    spin between calls unless ``spinning``: on an idle 2-core machine spinning made no measurable
+    difference, on a shared one it cost 20%. ``providers`` default to CUDA when this onnxruntime
+    has it, then CPU (pass ``TensorrtExecutionProvider`` explicitly).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or physical_cores()

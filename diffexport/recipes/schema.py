@@ -162,7 +162,7 @@ class Sampler(Strict):
 class Export(Strict):
     targets: list[Target] = Field(default_factory=lambda: ["onnx", "aoti"], min_length=1)
     precision: Precision = "fp32"
-    opset: int = Field(18, ge=18)
+    opset: int = Field(21, ge=18)  # 21: GroupNormalization as one op (18: InstanceNormalization form)
     device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("targets")
