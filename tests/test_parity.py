@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
@@ -24,6 +26,7 @@ from diffexport.parity import PRESETS, parity_stage, run_parity, tolerances
 from diffexport.recipes import load_recipe
 from diffexport.testing import assert_engine_parity
 
+REPO = Path(__file__).resolve().parents[1]
 WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
 
 
@@ -101,6 +104,18 @@ def test_parity_stage_and_cli_mark_failure(perturbed, onnx_engine_dir, tmp_path)
     assert runner.invoke(app, ["parity", str(engine_dir), "--report", str(tmp_path / "bad")]).exit_code == 1
     ok = runner.invoke(app, ["parity", str(onnx_engine_dir), "--report", str(tmp_path / "good")])
     assert ok.exit_code == 0, ok.output
+
+
+def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path):
+    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    data.update(parity={"per_call_rtol": 1e-12}, deploy={})  # fp32 engines differ by ~1e-7: must fail
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "strict.yaml"), "--out", str(out), "--targets", "onnx"])
+    assert result.exit_code != 0 and "parity" in result.output
+    manifest = read_manifest(out)
+    assert manifest["status"] == "failed" and manifest["parity"]["passed"] is False
+    assert (out / "parity.md").is_file() and "FAIL" in (out / "parity.md").read_text()
 
 
 def test_build_runs_parity_unless_disabled(tiny_recipe_paths):

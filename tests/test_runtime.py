@@ -20,7 +20,7 @@ from diffexport.diffusion import samplers
 from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines import load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
-from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, sample, save_png_grid
+from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.images import to_grid
 
@@ -137,6 +137,21 @@ def test_batched_engine_chunks_and_pads():
     out = BatchedEngine(engine)(x, sigma)
     assert engine.batches == [3, 2]  # 3 rows, then 1 row padded to the minimum of 2
     assert torch.equal(out, x * sigma[:, None, None, None])
+
+
+def test_check_conditions_broadcasts_casts_and_names_the_culprit():
+    io = IOSpec([TensorSpec("x", [-1, 1, 2, 2], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
+                 TensorSpec("label", [-1, 4], kind="vector"), TensorSpec("lead", [-1], "int64", "index")], [], {"min": 1, "max": 8})
+    engine = type("E", (), {"io": io, "device": torch.device("cpu"), "backend": "fake"})()
+    out = check_conditions(engine, {"label": torch.ones(4, dtype=torch.float64), "lead": torch.tensor([1.0, 2.0, 3.0])}, 3)
+    assert out["label"].shape == (3, 4) and out["label"].dtype == torch.float32
+    assert out["lead"].dtype == torch.int64 and out["lead"].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="lead.*non-integer"):
+        check_conditions(engine, {"label": torch.ones(3, 4), "lead": torch.tensor([0.5, 1.0, 2.0])}, 3)
+    with pytest.raises(ValueError, match=r"labels.npy: condition 'label'.*\[3, 4\]"):
+        check_conditions(engine, {"label": torch.ones(2, 4), "lead": torch.zeros(3)}, 3, sources={"label": "labels.npy"})
+    with pytest.raises(ValueError, match="missing \\['lead'\\]"):
+        check_conditions(engine, {"label": torch.ones(3, 4)}, 3)
 
 
 def test_conditional_sampling_in_chunks_matches_one_call(conditional, built_conditional):
