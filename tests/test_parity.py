@@ -54,6 +54,11 @@ def test_conditional_onnx_and_aoti_pass(built_conditional):
     check_passed(assert_engine_parity(built_conditional, ["onnxruntime", "aoti"]), {"onnxruntime", "aoti"})
 
 
+def test_seed_unet_ddim_engine_passes(built_seed_unet):
+    """The DDPM epsilon U-Net behind DDPMPreconditioner, sampled with DDIM (alpha(t) != 1, float64 tables)."""
+    check_passed(assert_engine_parity(built_seed_unet, "onnxruntime"), {"onnxruntime"})
+
+
 @pytest.fixture(scope="module")
 def perturbed(onnx_engine_dir, tmp_path_factory):
     """A copy of the quickstart engine with one element of one conv weight changed in its ONNX."""

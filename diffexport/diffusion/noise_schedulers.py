@@ -87,6 +87,10 @@ class GaussianScheduler(ABC):
     score = (alpha x0 - x_t) / sigma^2,  eps = (x_t - alpha x0) / sigma = -sigma score.
     """
 
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        """EDM noise level ``sigma(t) / alpha(t)``: what preconditioners and engines take."""
+        return self.sigma(t) / self.alpha(t)
+
     @abstractmethod
     def alpha(self, t: Tensor) -> Tensor:
         """Signal scale alpha(t)."""
@@ -167,10 +171,6 @@ class LinearGaussianNoiseScheduler(GaussianScheduler):
     @abstractmethod
     def loss_weight(self, t: Tensor) -> Tensor:
         """Weight of ``|x0_hat - x0|^2`` at times t [B] (EDM's lambda(sigma))."""
-
-    def edm_sigma(self, t: Tensor) -> Tensor:
-        """EDM noise level ``sigma(t) / alpha(t)``: what preconditioners and engines take."""
-        return self.sigma(t) / self.alpha(t)
 
     def edm_sigma_inv(self, edm_sigma: Tensor) -> Tensor:
         """Inverse of :meth:`edm_sigma` (default: :meth:`sigma_inv`, right when alpha = 1)."""

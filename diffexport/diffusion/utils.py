@@ -39,7 +39,7 @@ def edm_x0_predictor(
         if noise_scheduler is None:
             return denoiser_fn(x, t, *args, **kwargs)
         alpha = batch_view(noise_scheduler.alpha(t), x).to(x.dtype)
-        return denoiser_fn(x / alpha, noise_scheduler.edm_sigma(t), *args, **kwargs)
+        return denoiser_fn(x / alpha, noise_scheduler.edm_sigma(t).to(x.dtype), *args, **kwargs)
 
     return x0_predictor
 

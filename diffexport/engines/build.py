@@ -147,10 +147,11 @@ def _denoiser(recipe: Recipe) -> Denoiser:
 
 
 def _up_to_date(engine_dir: Path, key: str) -> dict | None:
-    """The manifest of ``engine_dir`` when it was built with content ``key`` and its files are intact."""
+    """The manifest of ``engine_dir`` when it was built with content ``key``, did not fail parity,
+    and its files are intact (a failed engine is always rebuilt)."""
     try:
         manifest = read_manifest(engine_dir)
-        if manifest.get("content_key") != key:
+        if manifest.get("content_key") != key or manifest.get("status") == "failed":
             return None
         for record in (manifest["weights"], *manifest["artifacts"].values()):
             verify_files(engine_dir, record)

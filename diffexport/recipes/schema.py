@@ -19,7 +19,7 @@ Target = Literal["onnx", "aoti", "tensorrt"]
 Precision = Literal["fp32", "fp16", "bf16"]
 PRECONDITIONERS = ("EDMPreconditioner", "VEPreconditioner", "VPPreconditioner", "IDDPMPreconditioner", "DDPMPreconditioner")
 SCHEDULERS = ("EDMNoiseScheduler", "VENoiseScheduler", "VPNoiseScheduler", "IDDPMNoiseScheduler", "DDPMScheduler")
-SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddpm", "ddim")
+SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim")  # ddim with eta=1 over all T steps is DDPM
 RESERVED_INPUTS = ("x", "sigma", "denoised", "latents", "samples", "seed")
 
 
