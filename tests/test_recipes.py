@@ -10,6 +10,7 @@ import yaml
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
+from diffexport.export import check_recipe
 from diffexport.models import get_model_class
 from diffexport.recipes import RecipeError, image_shape, io_spec, load_recipe
 
@@ -92,6 +93,9 @@ BROKEN = {
     "impossible value": (lambda d: d["inputs"]["batch"].update(min=8, max=2), "inputs.batch"),
     "unknown model arg": (lambda d: d["model"]["args"].update(n_layers=3), "n_layers"),
     "unknown model class": (lambda d: d["model"].update({"class": "SongNet"}), "model.class"),
+    "missing model arg": (lambda d: d["model"]["args"].pop("out_channels"), "model.args: SongUNet needs 'out_channels'"),
+    "unknown preconditioner arg": (lambda d: d["preconditioner"].update(args={"sigma_dat": 0.5}), "preconditioner.args: unknown argument(s) sigma_dat"),
+    "unknown scheduler arg": (lambda d: d["sampler"]["scheduler"].update(args={"rhoo": 7}), "sampler.scheduler.args: unknown argument(s) rhoo"),
     "channel mismatch": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]}]), "model.args"),
     "bad condition shape": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [3, 8, 8]}]), "conditions.cond.shape"),
     "unknown target": (lambda d: d["export"].update(targets=["onnx", "tflite"]), "export.targets[1]"),
@@ -104,7 +108,7 @@ def test_broken_recipe_names_file_and_field(case: str, tmp_path: Path):
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(_with(edit)))
     with pytest.raises(RecipeError) as err:
-        load_recipe(path)
+        check_recipe(load_recipe(path))  # what every build runs first
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
 
 

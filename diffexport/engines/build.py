@@ -31,7 +31,7 @@ from diffexport.engines.manifest import (
     FORMAT, MANIFEST, content_key, device_info, file_record, read_manifest, sha256_file, verify_files, versions, write_manifest,
 )  # fmt: skip
 from diffexport.engines.torch_engine import backbone
-from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, export_program, export_target, require
+from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
 
 Progress = Callable[[str, str, float, str], None]  # (stage, "start" | "done" | "skip", seconds, detail)
@@ -234,7 +234,7 @@ def build_engine(
     the content key. Any exception (or Ctrl-C) removes the temporary directory and leaves
     ``out_dir`` as it was.
     """
-    recipe = resolve_recipe(load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe, targets)
+    recipe = check_recipe(resolve_recipe(load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe, targets))
     engine_dir = engine_dir_for(recipe, out_dir)
     _check_replaceable(engine_dir)
     stages, targets = _Stages(progress), sorted(recipe.export.targets, key=list(FILENAMES).index)  # onnx first

@@ -127,13 +127,25 @@ class IOSpec:
         return cls([TensorSpec(**s) for s in d["inputs"]], [TensorSpec(**s) for s in d["outputs"]], dict(d.get("batch", {})))
 
 
+class _ModelArgs(dict):
+    """``model.args`` whose missing keys raise a ValueError naming the field."""
+
+    def __init__(self, args: dict, cls: str) -> None:
+        super().__init__(args)
+        self.cls = cls
+
+    def __missing__(self, key: str):
+        raise ValueError(f"model.args: {self.cls} needs {key!r}")
+
+
 def _resolution(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def image_shape(recipe: Recipe) -> tuple[int, int, int]:
     """(C, H, W) of ``x`` from the model's args, checking the conditions add up to its input channels."""
-    a, cls = recipe.model.args, recipe.model.class_name
+    cls = recipe.model.class_name
+    a = _ModelArgs(recipe.model.args, cls=cls)
     if cls == "DiffusionModel":
         c, (h, w), c_in = a["channels"], _resolution(a["image_size"]), a["channels"]
     elif cls == "UNet":

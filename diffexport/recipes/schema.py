@@ -1,5 +1,9 @@
 """The recipe: everything needed to build, sample, check and deploy one model.
 
+This is the first layer of the data path and imports nothing later: names of model classes and
+their arguments are checked against the code by ``diffexport.export.check_recipe`` (which every
+build runs before any work).
+
 Every model is strict (``extra="forbid"``, no type coercion beyond int→float), so a typo or a
 wrong type fails at load time. Cross-field checks live in ``model_validator``s with messages that
 name the field; ``diffexport.recipes.load_recipe`` prefixes them with the file and field path.
@@ -7,7 +11,6 @@ name the field; ``diffexport.recipes.load_recipe`` prefixes them with the file a
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, ClassVar, Literal
 
@@ -38,31 +41,6 @@ class ModelSpec(Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     init: Init = Init()
-
-    @field_validator("class_name")
-    @classmethod
-    def _known_class(cls, v: str) -> str:
-        from diffexport.models import model_names
-
-        if v not in model_names():
-            raise ValueError(f"unknown model class {v!r}; expected one of {', '.join(model_names())}")
-        return v
-
-    @model_validator(mode="after")
-    def _args_match_constructor(self) -> ModelSpec:
-        from diffexport.models import get_model_class
-
-        params = inspect.signature(get_model_class(self.class_name).__init__).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return self
-        unknown = sorted(set(self.args) - set(params) - {"self"})
-        if unknown:
-            allowed = ", ".join(n for n in params if n != "self")
-            raise ValueError(f"args: unknown argument(s) {', '.join(unknown)} for {self.class_name}; expected some of: {allowed}")
-        missing = [n for n, p in params.items() if n != "self" and p.default is p.empty and n not in self.args]
-        if missing:
-            raise ValueError(f"args: {self.class_name} needs {', '.join(missing)}")
-        return self
 
 
 def one_of(what: str, value: str, choices: tuple[str, ...]) -> str:
