@@ -4,6 +4,7 @@ the same weights and inputs (eval and train), and legacy (EDM / PhysicsNeMo 1.x)
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from diffexport.models import get_model_class
 from diffexport.models.legacy import upgrade_legacy_state_dict
 
-REF = Path("/work/shared/reference")
+# ../shared/reference beside the repository (as on the project machines and CI), or $DIFFEXPORT_REFERENCE
+REF = Path(os.environ.get("DIFFEXPORT_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 CONFIGS = ["songunet_ddpmpp", "songunet_ncsnpp", "dhariwalunet", "songunet_posembd_learnable", "songunet_posltembd"]
 TOL = 1e-5
 
