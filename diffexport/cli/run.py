@@ -19,7 +19,8 @@ from diffexport.engines.manifest import read_manifest
 from diffexport.parity.harness import default_backends, run_parity
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
-from diffexport.runtime.images import save_png_grid, write_atomic
+from diffexport.fileio import write_atomic
+from diffexport.runtime.images import save_png_grid
 from diffexport.runtime.sampler import sample as run_sampler
 
 ENGINE_DIR = typer.Argument(..., help="Engine directory made by `diffexport build`.")

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 
 import diffexport
 from diffexport.engines.base import EngineError
+from diffexport.fileio import write_atomic
 
 FORMAT = "diffexport-engine/1"
 MANIFEST = "manifest.json"
@@ -123,17 +122,8 @@ def read_manifest(engine_dir: str | Path) -> dict:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as indented JSON to ``path`` atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the manifest from other users (Triton, CI)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``value`` as indented JSON to ``path`` atomically."""
+    write_atomic(path, (json.dumps(value, indent=2, allow_nan=False) + "\n").encode())
 
 
 def write_manifest(engine_dir: str | Path, manifest: dict) -> None:

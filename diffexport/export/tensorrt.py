@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 from torch.export import ExportedProgram
 
+from diffexport.fileio import write_atomic
 from diffexport.recipes import IOSpec
 
 INSTALL_HINT = "pip install 'diffexport[tensorrt]'"
@@ -53,13 +54,6 @@ def default_timing_cache(trt_version: str, compute_capability: str) -> Path:
     return root / f"tensorrt-{trt_version}-sm{compute_capability.replace('.', '')}.timing"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def build_tensorrt(
     onnx_path: str | Path, io: IOSpec, path: str | Path, *, precision: str = "fp32", timing_cache: str | Path | None = None,
     workspace_bytes: int | None = None,
@@ -89,8 +83,8 @@ def build_tensorrt(
     if plan is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
     path = Path(path)
-    _write_atomic(path, bytes(plan))
-    _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_atomic(path, bytes(plan))
+    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return {
         "file": path.name, "files": [path.name], "precision": precision, "device": device,
         "compute_capability": cc, "tensorrt": trt.__version__,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from diffexport.engines.manifest import write_json
-from diffexport.runtime.images import write_atomic
+from diffexport.fileio import write_atomic
 
 FILES = ("parity.json", "parity.md", "parity.png")
 

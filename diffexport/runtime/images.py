@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from diffexport.fileio import write_atomic
 
 
 def to_grid(samples: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0), pad: int = 1) -> np.ndarray:
@@ -40,19 +40,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 on every row
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def save_png_grid(samples: np.ndarray, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
