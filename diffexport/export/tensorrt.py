@@ -78,7 +78,8 @@ def build_tensorrt(
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else default_timing_cache(trt.__version__, cc)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):  # corrupt or another GPU's: start afresh
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
@@ -106,7 +107,11 @@ def export_torch_tensorrt(program: ExportedProgram, io: IOSpec, path: str | Path
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
-        torch_trt.save(module, str(tmp), output_format="exported_program", arg_inputs=inputs)
+        # save() wants example tensors (older releases reject Input specs); retrace=False keeps the
+        # compiled graph's symbolic batch instead of re-exporting it specialised to these shapes
+        shapes = profile_shapes(io).values()
+        examples = [torch.zeros(opt, dtype=dtypes[s.dtype], device="cuda") for s, (_, opt, _) in zip(io.inputs, shapes)]
+        torch_trt.save(module, str(tmp), output_format="exported_program", inputs=examples, retrace=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -40,7 +40,6 @@ class TensorRTBackend : public Backend {
     if (!engine_) throw Error(file_ + ": cannot deserialize the TensorRT plan (built with another TensorRT version or GPU?)");
     context_.reset(engine_->createExecutionContext());
     if (!context_) throw Error(file_ + ": cannot create a TensorRT execution context");
-    cuda_check(cudaStreamCreate(&stream_), "cudaStreamCreate");
 
     std::vector<TensorSpec> specs = engine.inputs;
     specs.push_back(engine.outputs[0]);
@@ -55,6 +54,8 @@ class TensorRTBackend : public Backend {
         throw Error(file_ + ": the plan has no " + (is_input ? "input" : "output") + " named '" + spec.name + "'");
       if (engine_->getTensorDataType(name) != want)
         throw Error(file_ + ": tensor '" + spec.name + "' in the plan is not " + dtype_name(spec.dtype));
+      if (spec.shape.size() > static_cast<size_t>(nvinfer1::Dims::MAX_DIMS))
+        throw Error(file_ + ": tensor '" + spec.name + "' has more dimensions than TensorRT supports");
       std::vector<int64_t> shape = spec.shape;
       shape[0] = batch_max_;
       void* p = nullptr;
@@ -63,6 +64,7 @@ class TensorRTBackend : public Backend {
       if (!context_->setTensorAddress(name, p)) throw Error(file_ + ": cannot bind tensor '" + spec.name + "'");
       names_.push_back(spec.name);
     }
+    cuda_check(cudaStreamCreate(&stream_), "cudaStreamCreate");  // last: a throw above would leak it
   }
 
   ~TensorRTBackend() override {
