@@ -177,7 +177,10 @@ def test_patch_based_predictor():
     pp = PatchBasedPredictor(predictor, gp, condition=cond, pass_global_index=True, scale=2.0)
     out = pp(x, t)
     torch.testing.assert_close(out, 2.0 * (x * t[:, None, None, None] + cond["img"]))
-    assert calls["n"] == gp.patch_num * 3 and calls["gi"].shape == (gp.patch_num, 2, 4, 6)
+    assert calls["n"] == gp.patch_num * 3 and calls["gi"].shape == (gp.patch_num * 3, 2, 4, 6)
+    # every row's global_index is the coordinates of the pixels that row holds (any batch size)
+    coords = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(10.0), indexing="ij"))
+    assert torch.equal(calls["gi"], gp.apply(coords.expand(3, -1, -1, -1)).round().long())
     assert torch.equal(calls["vec"], cond["vec"].repeat(gp.patch_num, 1))
     # drives a sampler like any x0-predictor
     sched = EDMNoiseScheduler()

@@ -94,7 +94,8 @@ class PatchBasedPredictor:
     ``predictor(x_patches, t_patches, **kw)``: any predictor or DiffusionModel-like callable (a
     preconditioner, an engine wrapped by ``edm_x0_predictor``). ``kw`` carries the bound
     ``model_kwargs``, the ``condition`` (image-shaped entries patched like x, others repeated per
-    patch) and, with ``pass_global_index=True``, ``global_index=patching.global_index()``.
+    patch) and, with ``pass_global_index=True``, ``global_index`` [P·B, 2, h, w]: each row's own
+    patch coordinates (so a positional UNet sees P·B patches, one per row, for any batch B).
     """
 
     def __init__(self, predictor: Any, patching: GridPatching2D, condition: Condition = None,
@@ -115,7 +116,7 @@ class PatchBasedPredictor:
         kwargs = dict(self.model_kwargs)
         if self.condition is not None:
             kwargs["condition"] = self.patch_condition(self.condition)
-        if self.pass_global_index:
-            kwargs["global_index"] = self.patching.global_index(x.shape[0], device=x.device)
+        if self.pass_global_index:  # one grid per row: apply() puts patch p of sample b at row p * B + b
+            kwargs["global_index"] = self.patching.global_index(device=x.device).repeat_interleave(x.shape[0], dim=0)
         out = self.predictor(self.patching.apply(x), t.repeat(self.patching.patch_num), **kwargs)
         return self.patching.fuse(out, x.shape[0])

@@ -4,7 +4,8 @@ Inputs come in the engine's order (``x``, ``sigma``, then the recipe's condition
 ``docs/ENGINE_FORMAT.md``. The backbone is wrapped in ``ConcatConditionWrapper`` (as in
 PhysicsNeMo): ``image`` conditions are concatenated to the *scaled* input channel-wise,
 ``F([c_in x, cond], c_noise)``; the ``vector`` condition is the class labels; an ``index``
-condition reaches the model as the keyword of its name (e.g. ``lead_time_label``).
+condition reaches the model as the keyword of its name (e.g. ``lead_time_label``), and so does the
+``global_index`` input (a patch-trained ``SongUNetPosEmbd``'s ``global_index``, one grid per sample).
 """
 
 from __future__ import annotations
@@ -79,13 +80,25 @@ def build_denoiser(recipe: Recipe) -> Denoiser:
         )
     model = instantiate_model(recipe)
     conditions = io_spec(recipe).inputs[2:]
-    wrapped = ConcatConditionWrapper(model, kwarg_keys=[c.name for c in conditions if c.kind == "index"])
+    wrapped = ConcatConditionWrapper(model, kwarg_keys=[c.name for c in conditions if c.kind in ("index", "global_index")])
     return Denoiser(cls(wrapped, **recipe.preconditioner.args), conditions, getattr(model, "lead_time_steps", 1)).eval()
+
+
+def random_global_index(spec: TensorSpec, batch: int, generator: torch.Generator) -> Tensor:
+    """int64 [batch, 2, h, w]: per sample, the (row, column) indices of a random h×w window of the
+    global grid ``spec.grid`` (the patch-sized grid itself when it has none)."""
+    h, w = spec.shape[-2:]
+    H, W = spec.grid or (h, w)
+    top = torch.randint(0, H - h + 1, (batch, 1, 1), generator=generator)
+    left = torch.randint(0, W - w + 1, (batch, 1, 1), generator=generator)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([(top + rows).expand(batch, h, w), (left + cols).expand(batch, h, w)], dim=1).contiguous()
 
 
 def example_inputs(io: IOSpec, batch: int = 2, seed: int = 0, index_high: int = 1) -> tuple[Tensor, ...]:
     """Seeded inputs in engine order: ``x = x0 + sigma n`` (``x0 ~ N(0, 0.5²)``) with ``sigma``
-    log-uniform in [0.02, 20]; image/vector conditions ``N(0, 1)``; index ones in [0, index_high)."""
+    log-uniform in [0.02, 20]; image/vector conditions ``N(0, 1)``; index ones in [0, index_high);
+    ``global_index`` a random window of its grid per sample (:func:`random_global_index`)."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = math.log(0.02), math.log(20.0)
     sigma = (lo + (hi - lo) * torch.rand(batch, generator=g)).exp()
@@ -99,6 +112,8 @@ def example_inputs(io: IOSpec, batch: int = 2, seed: int = 0, index_high: int = 
             out.append(0.5 * x0 + sigma.reshape(-1, *[1] * (len(shape) - 1)) * n)
         elif spec.kind == "index":
             out.append(torch.randint(0, index_high, shape, generator=g))
+        elif spec.kind == "global_index":
+            out.append(random_global_index(spec, batch, g))
         else:
             out.append(torch.randn(shape, generator=g))
     return tuple(out)

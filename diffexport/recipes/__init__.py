@@ -16,7 +16,10 @@ from pydantic import BaseModel, ValidationError
 
 from .schema import Condition, Recipe
 
-__all__ = ["Recipe", "RecipeError", "TensorSpec", "IOSpec", "load_recipe", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
+__all__ = ["Recipe", "RecipeError", "TensorSpec", "IOSpec", "load_recipe", "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
+
+
+GLOBAL_INDEX_MODELS = ("SongUNetPosEmbd", "SongUNetPosLtEmbd")
 
 
 class RecipeError(ValueError):
@@ -102,15 +105,17 @@ def resolve_path(recipe: Recipe, value: str) -> Path:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One engine input or output; ``shape[0] == -1`` is the dynamic batch."""
+    """One engine input or output; ``shape[0] == -1`` is the dynamic batch. ``grid`` (kind
+    ``global_index`` only): the global (H, W) its row/column values index."""
 
     name: str
     shape: list[int]
     dtype: str = "float32"
-    kind: str = "tensor"  # x | sigma | vector | image | index | denoised
+    kind: str = "tensor"  # x | sigma | vector | image | index | global_index | denoised
+    grid: list[int] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,8 @@ def _resolution(v: Any) -> tuple[int, int]:
 
 
 def image_shape(recipe: Recipe) -> tuple[int, int, int]:
-    """(C, H, W) of ``x`` from the model's args, checking the conditions add up to its input channels."""
+    """(C, H, W) of the engine's ``x`` (the patch under ``sampler.patching.global_index``) from the
+    model's args, checking the conditions add up to its input channels."""
     cls = recipe.model.class_name
     a = _ModelArgs(recipe.model.args, cls=cls)
     if cls == "DiffusionModel":
@@ -156,6 +162,7 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
             c_in -= a.get("N_grid_channels", 4) if a.get("gridtype", "sinusoidal") != "test" else 2
         if cls == "SongUNetPosLtEmbd":
             c_in -= a.get("lead_time_channels") or 0
+    h, w = _patch_shape(recipe, cls, (h, w))
     images = [cnd for cnd in recipe.conditions if cnd.kind == "image"]
     for cnd in images:
         if cnd.shape[1:] != [h, w]:
@@ -172,15 +179,40 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _patch_shape(recipe: Recipe, cls: str, resolution: tuple[int, int]) -> tuple[int, int]:
+    """The engine's (H, W): the model's resolution, or the patch of ``sampler.patching.global_index``
+    (whose model spans the global grid ``img_shape``)."""
+    p = recipe.sampler.patching
+    if p is None or not p.global_index:
+        if p is not None and p.patch_shape is not None and tuple(p.patch_shape) != resolution:
+            raise ValueError(f"sampler.patching.patch_shape: {p.patch_shape} must equal the model's img_resolution "
+                             f"{list(resolution)} without global_index")
+        return resolution
+    if cls not in GLOBAL_INDEX_MODELS:
+        raise ValueError(f"sampler.patching.global_index: needs a model with a global positional grid "
+                         f"({', '.join(GLOBAL_INDEX_MODELS)}), got {cls}")
+    if list(resolution) != list(p.img_shape):
+        raise ValueError(f"model.args.img_resolution: {list(resolution)} must equal sampler.patching.img_shape "
+                         f"{p.img_shape} (the global grid) with global_index")
+    return p.patch_shape[0], p.patch_shape[1]
+
+
+def global_index_spec(h: int, w: int, grid: tuple[int, int]) -> TensorSpec:
+    """The ``global_index`` input: int64 [B, 2, h, w], global (row, column) of each patch pixel in ``grid``."""
+    return TensorSpec("global_index", [-1, 2, h, w], "int64", "global_index", grid=list(grid))
+
+
 def _condition_spec(c: Condition) -> TensorSpec:
     dtype = "int64" if c.kind == "index" else "float32"
     return TensorSpec(c.name, [-1, *c.shape], dtype, c.kind)
 
 
 def io_spec(recipe: Recipe) -> IOSpec:
-    """The exported denoiser's contract: ``x [B,C,H,W]``, ``sigma [B]``, conditions → ``denoised``."""
+    """The exported denoiser's contract: ``x [B,C,H,W]``, ``sigma [B]``, conditions[, ``global_index``] → ``denoised``."""
     c, h, w = image_shape(recipe)
     inputs = [TensorSpec("x", [-1, c, h, w], kind="x"), TensorSpec("sigma", [-1], kind="sigma")]
     inputs += [_condition_spec(cnd) for cnd in recipe.conditions]
+    if (p := recipe.sampler.patching) is not None and p.global_index:
+        inputs.append(global_index_spec(h, w, tuple(p.img_shape)))
     outputs = [TensorSpec("denoised", [-1, c, h, w], kind="denoised")]
     return IOSpec(inputs, outputs, recipe.inputs.batch.model_dump())

@@ -117,11 +117,26 @@ class Inputs(Strict):
 
 
 class Patching(Strict):
-    """Multi-diffusion: sample an ``img_shape`` image with a patch-sized engine."""
+    """Multi-diffusion: sample an ``img_shape`` image with a patch-sized engine.
 
-    img_shape: list[int]
+    ``global_index`` (CorrDiff's patch-trained ``SongUNetPosEmbd``): the model's ``img_resolution``
+    is the global grid ``img_shape``, the engine takes ``patch_shape`` patches plus each patch's
+    ``global_index`` input (int64 [B, 2, h, w], the global row/column of every patch pixel).
+    """
+
+    img_shape: list[int] = Field(min_length=2, max_length=2)
+    patch_shape: list[int] | None = Field(None, min_length=2, max_length=2)
     overlap_pix: int = Field(0, ge=0)
     boundary_pix: int = Field(0, ge=0)
+    global_index: bool = False
+
+    @model_validator(mode="after")
+    def _patch_fits(self) -> Patching:
+        if self.global_index and self.patch_shape is None:
+            raise ValueError("patch_shape: required when global_index is true (the engine's patch size)")
+        if self.patch_shape is not None and not all(0 < p <= i for p, i in zip(self.patch_shape, self.img_shape)):
+            raise ValueError(f"patch_shape {self.patch_shape} must be positive and fit in img_shape {self.img_shape}")
+        return self
 
 
 class Sampler(Strict):

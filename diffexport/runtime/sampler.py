@@ -10,13 +10,13 @@ Randomness comes from one seeded ``torch.Generator`` on the engine's device: it 
 latents (unless given) and then every per-step noise of a stochastic solver, so a seed fixes the
 samples bit for bit on a given device.
 
-Patching and positional embeddings: PhysicsNeMo's patch-trained ``SongUNetPosEmbd`` takes each
-patch's ``global_index`` (the coordinates of its pixels in the full image) to pick its positional
-embedding. The engine contract (x, sigma, conditions) has no such input, so an exported
-``SongUNetPosEmbd`` applies the embedding of its own patch-sized grid to every patch: right for
-models trained on whole images of the engine's size, wrong for models trained on random patches
-of a larger image. Those need a new input kind (e.g. ``grid``: int64 [B, 2, H_p, W_p], filled
-from ``GridPatching2D.global_index``) in recipes, export and here.
+Patching and positional embeddings: PhysicsNeMo's patch-trained ``SongUNetPosEmbd`` spans the
+global grid and takes each patch's ``global_index`` (the coordinates of its pixels in the full
+image) to pick its positional embedding. An engine built with ``sampler.patching.global_index``
+has that input (int64 [B, 2, h, w], one grid per sample): it is filled here from
+``GridPatching2D.global_index``, never by the caller. Without it, an exported ``SongUNetPosEmbd``
+applies the embedding of its own patch-sized grid to every patch (right only for a model trained
+on whole images of the engine's size).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from diffexport.engines.base import Engine
 from diffexport.runtime.batching import BatchedEngine
 from diffexport.runtime.cuda_graphs import CUDAGraphEngine
 from diffexport.runtime.guards import FiniteGuard
+from diffexport.runtime.inputs import condition_specs, global_index_spec
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
@@ -99,7 +100,7 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
     (e.g. file names by condition) prefix the ``ValueError`` messages.
     """
     conditions = dict(conditions or {})
-    specs = engine.io.inputs[2:]
+    specs = condition_specs(engine)
     names = [s.name for s in specs]
     unknown, missing = sorted(set(conditions) - set(names)), [n for n in names if n not in conditions]
     if unknown or missing:
@@ -126,7 +127,7 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
 
 def _condition_batch(engine: Engine, conditions: dict[str, torch.Tensor] | None) -> int:
     """The batch of the first condition given with its batch axis (1 when none is)."""
-    for spec in engine.io.inputs[2:]:
+    for spec in condition_specs(engine):
         t = (conditions or {}).get(spec.name)
         if t is not None and t.ndim == len(spec.shape):
             return int(t.shape[0])
@@ -155,12 +156,16 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
 
     Any batch (chunked to the engine's range); with ``spec.patching`` the image is cut into the
     engine's patch size (:class:`~diffexport.diffusion.multi_diffusion.GridPatching2D`), image
-    conditions with it, other conditions repeated per patch, and the patch outputs fused.
+    conditions with it, other conditions repeated per patch, and the patch outputs fused. An engine
+    with a ``global_index`` input gets each patch's global pixel coordinates with it.
     """
     d: Any = BatchedEngine(CUDAGraphEngine(engine) if cuda_graph else engine, chunk)
     guard = FiniteGuard(d) if check_finite else None
     d = guard or d
+    gi_spec = global_index_spec(engine)
     if not spec.patching:
+        if gi_spec is not None:
+            raise ValueError(f"engine input '{gi_spec.name}' needs patch-wise sampling, but the sampler has no patching")
         return edm_x0_predictor(d, spec.scheduler, **conditions), guard
     from tensordict import TensorDict
 
@@ -170,12 +175,12 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
     patching = GridPatching2D(tuple(p["img_shape"]), tuple(engine.io.inputs[0].shape[2:]), p.get("overlap_pix", 0), p.get("boundary_pix", 0))
     per_patch = edm_x0_predictor(d, spec.scheduler)
 
-    def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None) -> torch.Tensor:
-        return per_patch(x, t, **(dict(condition.items()) if condition is not None else {}))
+    def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None, **kw: Any) -> torch.Tensor:
+        return per_patch(x, t, **(dict(condition.items()) if condition is not None else {}), **kw)
 
     batch = next(iter(conditions.values())).shape[0] if conditions else None
     condition = TensorDict(conditions, batch_size=[batch]) if conditions else None
-    return PatchBasedPredictor(predictor, patching.to(engine.device), condition=condition), guard
+    return PatchBasedPredictor(predictor, patching.to(engine.device), condition=condition, pass_global_index=gi_spec is not None), guard
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ Configs are built as plain dicts and written in protobuf text format by :func:`t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from diffexport.recipes import IOSpec, TensorSpec
@@ -93,18 +94,28 @@ def denoiser_config(
     return cfg
 
 
-def sampler_io(io: IOSpec) -> IOSpec:
-    """The sampler's contract: ``latents`` like ``x``, the engine's conditions, optional ``seed`` → ``samples``."""
+def sampler_io(io: IOSpec, image_hw: Sequence[int] | None = None) -> IOSpec:
+    """The sampler's contract: ``latents`` like ``x``, the engine's conditions, optional ``seed`` → ``samples``.
+
+    With patching, ``image_hw`` (the sampler's ``patching.img_shape``) replaces the patch size of
+    ``latents``, ``samples`` and image conditions: clients send whole images.
+    """
+
+    def whole(s: TensorSpec, name: str, kind: str) -> TensorSpec:
+        shape = list(s.shape) if image_hw is None or len(s.shape) != 4 else [*s.shape[:2], *image_hw]
+        return TensorSpec(name, shape, s.dtype, kind)
+
     x = next(s for s in io.inputs if s.kind == "x")
-    conditions = [s for s in io.inputs if s.kind not in ("x", "sigma")]
-    inputs = [TensorSpec("latents", list(x.shape), "float32", "latents"), *conditions, TensorSpec("seed", [1], "int64", "seed")]
-    return IOSpec(inputs, [TensorSpec(SAMPLER_OUTPUT, list(x.shape), "float32", "samples")], dict(io.batch))
+    conditions = [whole(s, s.name, s.kind) for s in io.inputs if s.kind not in ("x", "sigma", "global_index")]  # the sampler fills global_index
+    inputs = [whole(x, "latents", "latents"), *conditions, TensorSpec("seed", [1], "int64", "seed")]
+    return IOSpec(inputs, [whole(x, SAMPLER_OUTPUT, "samples")], dict(io.batch))
 
 
-def sampler_config(name: str, io: IOSpec, *, instances: int = 1, parameters: dict[str, str] | None = None) -> dict[str, Any]:
+def sampler_config(name: str, io: IOSpec, *, instances: int = 1, parameters: dict[str, str] | None = None,
+                   image_hw: Sequence[int] | None = None) -> dict[str, Any]:
     """The Python sampler ``name``: unbatched config (``max_batch_size: 0``, dims with -1 for the
     batch) so each request is one full sampling run; ``seed`` is optional."""
-    sio = sampler_io(io)
+    sio = sampler_io(io, image_hw)
     cfg: dict[str, Any] = {"name": name, "backend": "python", "max_batch_size": 0}
     cfg["input"] = [_tensor(s, batched=False, optional=s.kind == "seed") for s in sio.inputs]
     cfg["output"] = [_tensor(s, batched=False) for s in sio.outputs]

@@ -125,7 +125,8 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         for f in den_files.values():
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
-    sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser})
+    sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser},
+                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"))
 
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))

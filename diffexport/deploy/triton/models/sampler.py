@@ -22,7 +22,7 @@ class TritonPythonModel:
         io = IOSpec.from_dict(manifest["io"])
         self.engine = BLSEngine(pb_utils, parameters(args)["denoiser_model"], io)
         self.spec = SamplerSpec.from_manifest(manifest["sampler"])
-        self.inputs = sampler_io(io).inputs
+        self.inputs = sampler_io(io, (manifest["sampler"].get("patching") or {}).get("img_shape")).inputs
 
     def execute(self, requests: list) -> list:
         responses = []
