@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffexport.diffusion.testing import single_thread
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_resolution=16, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 EDM = {
@@ -106,3 +108,11 @@ def built_dhariwal(tmp_path_factory, tiny_recipe_paths) -> Path:
 @pytest.fixture(scope="session")
 def built_seed_unet(tmp_path_factory, tiny_recipe_paths) -> Path:
     return _build(tmp_path_factory, tiny_recipe_paths["seed_unet"])
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models run fastest so, and CI's 2 cores are shared."""
+    with single_thread():
+        yield

@@ -17,13 +17,9 @@ from diffexport.diffusion import (
     VPPreconditioner,
 )
 from diffexport.diffusion.noise_schedulers import iddpm_sigma_table
-from diffexport.diffusion.testing import single_thread
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recorder(nn.Module):

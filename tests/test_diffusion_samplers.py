@@ -27,16 +27,13 @@ from diffexport.diffusion import (
     edm_x0_predictor,
     sample,
 )
-from diffexport.diffusion.testing import GaussianDenoiser, GaussianEpsilonPredictor, single_thread
+from diffexport.diffusion.testing import GaussianDenoiser, GaussianEpsilonPredictor
 
 MU, S, N_SAMPLES, MEAN_TOL = 1.5, 0.5, 20000, 0.03
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(sched, steps, solver="heun", options=None, seed=0, on_step=None):

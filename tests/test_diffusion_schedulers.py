@@ -14,15 +14,11 @@ from diffexport.diffusion import (
     VPNoiseScheduler,
 )
 from diffexport.diffusion.noise_schedulers import iddpm_sigma_table
-from diffexport.diffusion.testing import single_thread
 
 CONTINUOUS = [EDMNoiseScheduler(), VENoiseScheduler(), VPNoiseScheduler(), IDDPMNoiseScheduler()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_edm_timesteps_formula():

@@ -22,13 +22,10 @@ from diffexport.diffusion.guidance import (
 )
 from diffexport.diffusion.losses import MSEDSMLoss
 from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
-from diffexport.diffusion.testing import GaussianDenoiser, single_thread
+from diffexport.diffusion.testing import GaussianDenoiser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -17,16 +17,11 @@ from diffexport.models.init import randomize_ as randomize  # N(0, 1/fan_in): no
 from diffexport.models.layers import Attention, GroupNorm
 from diffexport.models.song_unet import positional_grid
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def models_single_thread():
-    """Tiny models run fastest on one thread, and the CI machine's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

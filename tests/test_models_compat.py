@@ -18,16 +18,12 @@ REF = Path(os.environ.get("DIFFEXPORT_REFERENCE", Path(__file__).resolve().paren
 CONFIGS = ["songunet_ddpmpp", "songunet_ncsnpp", "dhariwalunet", "songunet_posembd_learnable", "songunet_posltembd"]
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f"PhysicsNeMo reference data not found at {REF}")
+pytestmark = [
+    pytest.mark.skipif(not REF.is_dir(), reason=f"PhysicsNeMo reference data not found at {REF}"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
-@pytest.fixture(autouse=True)
-def models_single_thread():
-    """Tiny models run fastest on one thread, and the CI machine's 2 cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _reference(name: str) -> dict:
