@@ -17,7 +17,7 @@ from typing import Callable
 from torch.export import ExportedProgram
 
 from diffexport.export.aoti import INDUCTOR_CONFIGS, export_aoti
-from diffexport.export.denoiser import Denoiser, build_denoiser, example_inputs, instantiate_model, random_global_index
+from diffexport.export.denoiser import Denoiser, build_denoiser, example_inputs, instantiate_model, random_global_index, random_input
 from diffexport.export.onnx import GROUP_NORM_OPSET, export_onnx, make_session
 from diffexport.export.precision import dtype_of, mixed_precision
 from diffexport.export.program import export_program
@@ -28,7 +28,7 @@ from diffexport.recipes import IOSpec
 __all__ = [
     "Denoiser", "FILENAMES", "GROUP_NORM_OPSET", "INDUCTOR_CONFIGS", "TARGETS", "TargetUnavailable",
     "build_denoiser", "build_tensorrt", "check_recipe", "dtype_of", "example_inputs", "export_aoti", "export_onnx", "export_program",
-    "export_target", "export_torch_tensorrt", "instantiate_model", "make_session", "mixed_precision", "random_global_index",
+    "export_target", "export_torch_tensorrt", "instantiate_model", "make_session", "mixed_precision", "random_global_index", "random_input",
     "require",
 ]  # fmt: skip
 

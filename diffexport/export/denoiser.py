@@ -95,25 +95,28 @@ def random_global_index(spec: TensorSpec, batch: int, generator: torch.Generator
     return torch.stack([(top + rows).expand(batch, h, w), (left + cols).expand(batch, h, w)], dim=1).contiguous()
 
 
+def random_input(spec: TensorSpec, batch: int, generator: torch.Generator, sigma: Tensor | None = None,
+                 index_high: int = 1, image_hw: Sequence[int] | None = None) -> Tensor:
+    """One seeded engine input of ``spec`` for ``batch`` samples: ``x = x0 + sigma n`` (``x0 ~ N(0, 0.5²)``,
+    ``sigma`` [batch]); index ones in ``[0, index_high)``; ``global_index`` a random window of its grid
+    per sample (:func:`random_global_index`); others (image, vector) ``N(0, 1)``, image ones
+    ``image_hw``-sized when given (the full image under patching)."""
+    shape = [batch, *spec.shape[1:]]
+    if spec.kind == "x":
+        x0, n = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        return 0.5 * x0 + sigma.reshape(-1, *[1] * (len(shape) - 1)) * n
+    if spec.kind == "index":
+        return torch.randint(0, max(index_high, 1), shape, generator=generator)
+    if spec.kind == "global_index":
+        return random_global_index(spec, batch, generator)
+    if spec.kind == "image" and image_hw is not None:
+        shape[-2:] = image_hw
+    return torch.randn(shape, generator=generator)
+
+
 def example_inputs(io: IOSpec, batch: int = 2, seed: int = 0, index_high: int = 1) -> tuple[Tensor, ...]:
-    """Seeded inputs in engine order: ``x = x0 + sigma n`` (``x0 ~ N(0, 0.5²)``) with ``sigma``
-    log-uniform in [0.02, 20]; image/vector conditions ``N(0, 1)``; index ones in [0, index_high);
-    ``global_index`` a random window of its grid per sample (:func:`random_global_index`)."""
+    """Seeded inputs in engine order (:func:`random_input`), ``sigma`` log-uniform in [0.02, 20]."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = math.log(0.02), math.log(20.0)
     sigma = (lo + (hi - lo) * torch.rand(batch, generator=g)).exp()
-    out = []
-    for spec in io.inputs:
-        shape = [batch, *spec.shape[1:]]
-        if spec.kind == "sigma":
-            out.append(sigma)
-        elif spec.kind == "x":
-            x0, n = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-            out.append(0.5 * x0 + sigma.reshape(-1, *[1] * (len(shape) - 1)) * n)
-        elif spec.kind == "index":
-            out.append(torch.randint(0, index_high, shape, generator=g))
-        elif spec.kind == "global_index":
-            out.append(random_global_index(spec, batch, g))
-        else:
-            out.append(torch.randn(shape, generator=g))
-    return tuple(out)
+    return tuple(sigma if spec.kind == "sigma" else random_input(spec, batch, g, sigma, index_high) for spec in io.inputs)

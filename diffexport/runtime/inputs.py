@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffexport.engines.base import Engine
-from diffexport.export import random_global_index
+from diffexport.export import random_input
 from diffexport.recipes import TensorSpec
 
 
@@ -21,28 +21,18 @@ def global_index_spec(engine: Engine) -> TensorSpec | None:
 
 def random_conditions(engine: Engine, batch: int, generator: torch.Generator, index_high: int = 1,
                       image_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
-    """Condition inputs: image and vector ``N(0, 1)``, index uniform in ``[0, index_high)``.
-    ``image_hw`` overrides the size of image conditions (the full image under patching)."""
-    out = {}
-    for spec in condition_specs(engine):
-        shape = [batch, *spec.shape[1:]]
-        if spec.kind == "image" and image_hw is not None:
-            shape[-2:] = image_hw
-        if spec.kind == "index":
-            out[spec.name] = torch.randint(0, max(index_high, 1), shape, generator=generator)
-        else:
-            out[spec.name] = torch.randn(shape, generator=generator)
-    return out
+    """Condition inputs (:func:`~diffexport.export.random_input`); ``image_hw`` overrides the size of
+    image conditions (the full image under patching)."""
+    return {s.name: random_input(s, batch, generator, index_high=index_high, image_hw=image_hw) for s in condition_specs(engine)}
 
 
 def random_call(engine: Engine, sigma: float, batch: int, generator: torch.Generator, index_high: int = 1) -> dict[str, torch.Tensor]:
-    """The inputs of one call at noise level ``sigma`` (CPU): ``x = x0 + σ n``, ``x0 ~ N(0, 0.5²)``;
-    ``global_index`` a random window of its grid per sample."""
-    shape = [batch, *engine.io.inputs[0].shape[1:]]
-    x = 0.5 * torch.randn(shape, generator=generator) + sigma * torch.randn(shape, generator=generator)
-    out = {"x": x, "sigma": torch.full((batch,), float(sigma)), **random_conditions(engine, batch, generator, index_high)}
+    """The inputs of one call at noise level ``sigma`` (CPU), ``global_index`` included."""
+    sigmas = torch.full((batch,), float(sigma))
+    out = {"x": random_input(engine.io.inputs[0], batch, generator, sigmas), "sigma": sigmas,
+           **random_conditions(engine, batch, generator, index_high)}
     if (gi := global_index_spec(engine)) is not None:
-        out[gi.name] = random_global_index(gi, batch, generator)
+        out[gi.name] = random_input(gi, batch, generator)
     return out
 
 
