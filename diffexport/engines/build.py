@@ -116,8 +116,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
         t = scheduler.timesteps(s.num_steps)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{_source(recipe)}: sampler.scheduler: {s.scheduler.class_name}: {e}") from None
-    alphas = scheduler.alpha(t).double()
-    sigmas = scheduler.edm_sigma(t) if hasattr(scheduler, "edm_sigma") else scheduler.sigma(t) / alphas
+    alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t)
     return {
         "scheduler": {"class": s.scheduler.class_name, "args": dict(s.scheduler.args)},
         "solver": s.solver, "num_steps": s.num_steps, "solver_options": dict(s.solver_options),

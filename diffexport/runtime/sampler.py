@@ -78,9 +78,7 @@ class SamplerSpec:
 
     def edm_sigmas(self) -> torch.Tensor:
         """The EDM noise level the engine receives at each time step (float64, [N + 1])."""
-        t = self.time_steps
-        s = self.scheduler
-        return (s.edm_sigma(t.double()) if hasattr(s, "edm_sigma") else s.sigma(t) / s.alpha(t)).double()
+        return self.scheduler.edm_sigma(self.time_steps.double()).double()
 
 
 def image_shape(engine: Engine, spec: SamplerSpec) -> tuple[int, int, int]:
