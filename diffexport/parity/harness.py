@@ -42,7 +42,7 @@ class _Reference:
 
     def engine(self, device: torch.device):
         if device not in self.engines:
-            self.engines[device] = load(self.engine_dir, "torch", device=device)
+            self.engines[device] = load(self.engine_dir, "torch", device=device, allow_unverified=True)
         return self.engines[device]
 
     def run(self, what: str, device: torch.device, fn) -> Any:
@@ -110,7 +110,7 @@ def check_engine(
 
 def _check_backend(engine_dir: Path, backend: str, device, reference: _Reference, spec: SamplerSpec, sigmas: list[float],
                    batch: int, seed: int, tol: dict, entry: dict) -> None:
-    engine = load(engine_dir, backend, device=device)
+    engine = load(engine_dir, backend, device=device, allow_unverified=True)  # checking is what verifies it
     high = index_high(reference.engine(engine.device))
     batch = clamp_batch(engine, batch)
     inputs = checks.call_inputs(engine, sigmas, batch, seed, high)

@@ -82,16 +82,18 @@ def bench_engine(
     full_sample: bool = True,
     device: str | torch.device | None = None,
     progress: Callable[[str], None] | None = None,
+    allow_unverified: bool = False,
 ) -> dict:
     """Per backend (the torch reference first) and batch: ``call_ms``, ``call_vs_torch``, ``gflops``
     (achieved), and with ``full_sample`` ``sample_s``, ``sample_vs_torch``, ``nfe`` (evaluations
     per sample), ``sample_gflops``. ``backends`` default to every built artifact, ``batches`` to
-    the engine's ``opt``; every engine runs on ``device`` (default: where its artifact runs)."""
+    the engine's ``opt``; every engine runs on ``device`` (default: where its artifact runs). An
+    unverified engine is refused (``UnverifiedEngine``) unless ``allow_unverified``."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     built = [b for b, t in BACKENDS.items() if t in manifest.get("artifacts", {})]
     names = [REFERENCE] + [b for b in (backends or built) if b != REFERENCE]
-    engines = {name: _Counting(load(engine_dir, name, device=device)) for name in names}
+    engines = {name: _Counting(load(engine_dir, name, device=device, allow_unverified=allow_unverified)) for name in names}
     reference, devices = engines[REFERENCE], {e.device for e in engines.values()}
     spec = SamplerSpec.from_manifest(manifest["sampler"])
     say = progress or (lambda message: None)
