@@ -9,6 +9,7 @@ temporary sibling directory replaces the engine directory only when every stage 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import shutil
@@ -25,13 +26,14 @@ import torch
 import yaml
 from torch.export import ExportedProgram
 
-from diffexport.diffusion import noise_schedulers
+from diffexport.diffusion import samplers
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
     FORMAT, MANIFEST, content_key, device_info, file_record, read_manifest, sha256_file, verify_files, versions, write_manifest,
 )  # fmt: skip
 from diffexport.engines.torch_engine import backbone
 from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
+from diffexport.export.validate import resolved_args, scheduler_of
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
 
 Progress = Callable[[str, str, float, str], None]  # (stage, "start" | "done" | "skip", seconds, detail)
@@ -104,24 +106,34 @@ def engine_dir_for(recipe: Recipe, out_dir: str | Path | None = None) -> Path:
     return (Path("engines") / recipe.name).absolute()
 
 
+def _json_number(v):
+    """``v`` for strict JSON: non-finite floats as the strings ``"inf"`` / ``"-inf"`` / ``"nan"``."""
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def sampler_schedule(recipe: Recipe) -> dict:
-    """The manifest's ``sampler``: the recipe's sampler plus its discretisation ``time_steps``
-    (N + 1, trailing end time), the EDM ``sigmas`` σ(t)/α(t) the engine receives, and ``alphas``."""
+    """The manifest's ``sampler`` (``docs/ENGINE_FORMAT.md``): the scheduler with every argument
+    resolved (defaults included), the solver and its resolved ``solver_args``, the discretisation
+    ``time_steps`` (N + 1, trailing end time), the EDM ``sigmas`` σ(t)/α(t) the engine receives,
+    ``alphas``, and ``steps``: every solver step as plain coefficients (what the C++ runner reads)."""
     s = recipe.sampler
-    cls = getattr(noise_schedulers, s.scheduler.class_name, None)
-    if cls is None:
-        raise RecipeError(f"{_source(recipe)}: sampler.scheduler.class: {s.scheduler.class_name!r} is not in diffexport.diffusion.noise_schedulers")
+    scheduler = scheduler_of(recipe)
+    cls, solver = type(scheduler), samplers.SOLVERS[s.solver]
     try:
-        scheduler = cls(**s.scheduler.args)
         t = scheduler.timesteps(s.num_steps)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"{_source(recipe)}: sampler.scheduler: {s.scheduler.class_name}: {e}") from None
-    alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t)
+        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options)
+    except (TypeError, ValueError) as e:  # check_recipe refuses these first
+        raise RecipeError(f"{_source(recipe)}: sampler: {s.scheduler.class_name} with {s.solver}: {e}") from None
+    alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t if not t.is_floating_point() else t.double())
+    solver_args = resolved_args(solver, s.solver_options, skip=1, supplied=samplers.SUPPLIED)
     return {
-        "scheduler": {"class": s.scheduler.class_name, "args": dict(s.scheduler.args)},
+        "scheduler": {"class": s.scheduler.class_name, "args": resolved_args(cls, s.scheduler.args)},
         "solver": s.solver, "num_steps": s.num_steps, "solver_options": dict(s.solver_options),
+        "solver_args": {k: _json_number(v) for k, v in solver_args.items()},
+        "discrete": not t.is_floating_point(),
         "time_steps": t.tolist(), "sigmas": sigmas.double().tolist(), "alphas": alphas.tolist(),
         "patching": s.patching.model_dump() if s.patching else None,
+        "steps": steps,
     }  # fmt: skip
 
 

@@ -22,12 +22,12 @@ from diffexport.export.onnx import GROUP_NORM_OPSET, export_onnx, make_session
 from diffexport.export.precision import dtype_of, mixed_precision
 from diffexport.export.program import export_program
 from diffexport.export.tensorrt import TargetUnavailable, build_tensorrt, export_torch_tensorrt, require
-from diffexport.export.validate import check_recipe
+from diffexport.export.validate import check_recipe, validate_recipe
 from diffexport.recipes import IOSpec
 
 __all__ = [
     "Denoiser", "FILENAMES", "GROUP_NORM_OPSET", "INDUCTOR_CONFIGS", "TARGETS", "TargetUnavailable",
-    "build_denoiser", "build_tensorrt", "check_recipe", "dtype_of", "example_inputs", "export_aoti", "export_onnx", "export_program",
+    "build_denoiser", "build_tensorrt", "check_recipe", "validate_recipe", "dtype_of", "example_inputs", "export_aoti", "export_onnx", "export_program",
     "export_target", "export_torch_tensorrt", "instantiate_model", "make_session", "mixed_precision", "random_global_index", "random_input",
     "require",
 ]  # fmt: skip
