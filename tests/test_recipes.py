@@ -178,3 +178,46 @@ def test_not_yaml_and_missing_file_name_the_file(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="absent.yaml: cannot read"):
         load_recipe(tmp_path / "absent.yaml")
+
+
+# --- the YAML reader (issue 13 item 3) -------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "too large once its aliases are expanded"),
+    ("a: &a [1]\nb: *a\nname: x\nname: y\n", "duplicate key 'name' (first on line 3)"),
+    ("model:\n  class: SongUNet\n  class: DhariwalUNet\n", "duplicate key 'class' (first on line 2)"),
+    ("a: &a\n  b: *a\n", "recursive alias"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+], ids=["alias bomb", "duplicate top-level key", "duplicate nested key", "recursive alias", "deep nesting"])
+def test_yaml_reader_refuses_unsafe_documents(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and message in str(err.value), str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "a binary file"),
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    (b"# " + b"x" * (1 << 20) + b"\n", "larger than 1048576 bytes"),
+], ids=["binary", "latin-1", "oversized"])
+def test_yaml_reader_refuses_files_that_are_not_small_utf8_text(tmp_path: Path, data: bytes, message: str):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(data)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_yaml_reader_keeps_shared_anchors_and_merge_keys(tmp_path: Path):
+    text = (RECIPES / "quickstart.yaml").read_text() + "parity: &p {batch: 2}\ndeploy: {<<: {triton: false}, cpp: false}\n"
+    path = tmp_path / "anchors.yaml"
+    path.write_text(text.replace("deploy: {triton: true, cpp: false}\n", ""))
+    recipe = load_recipe(path)
+    assert recipe.parity.batch == 2 and recipe.deploy.triton is False

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from .schema import Condition, Recipe
+from .yaml_io import YAMLInputError, parse_yaml, read_yaml
 
-__all__ = ["Recipe", "RecipeError", "TensorSpec", "IOSpec", "load_recipe", "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
+__all__ = ["Recipe", "RecipeError", "YAMLInputError", "parse_yaml", "read_yaml", "TensorSpec", "IOSpec", "load_recipe", "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
 
 
 GLOBAL_INDEX_MODELS = ("SongUNetPosEmbd", "SongUNetPosLtEmbd")
@@ -81,16 +81,14 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate ``path``; relative paths inside it are resolved against its folder."""
+    """Read (:func:`~diffexport.recipes.yaml_io.read_yaml`: size-bounded UTF-8, no alias bombs or
+    duplicate keys) and validate ``path``; relative paths inside it are resolved against its folder.
+    The whole check against the code is :func:`diffexport.export.validate_recipe`."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path)
+    except YAMLInputError as e:
+        raise RecipeError(str(e)) from None
     recipe = parse_recipe(data, str(path))
     recipe._source = path.resolve()
     return recipe
