@@ -111,6 +111,7 @@ def test_exported_contract_stays_sigma_for_vp():
     s = _bc(SIGMA.float())
     torch.testing.assert_close(D, X.float() - s)
     torch.testing.assert_close(pre.model.x_in, X.float() / (s**2 + 1).sqrt())
+    torch.testing.assert_close(D, pre(X.float(), pre.sigma_inv(SIGMA.float())), rtol=1e-5, atol=1e-5)  # = forward at t(sigma)
 
 
 def test_iddpm_keeps_the_first_half_of_learned_variance_outputs():

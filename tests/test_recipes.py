@@ -221,3 +221,36 @@ def test_yaml_reader_keeps_shared_anchors_and_merge_keys(tmp_path: Path):
     path.write_text(text.replace("deploy: {triton: true, cpp: false}\n", ""))
     recipe = load_recipe(path)
     assert recipe.parity.batch == 2 and recipe.deploy.triton is False
+
+
+# --- one source of truth (issue 9 item 8) ----------------------------------------------------
+
+
+def test_content_key_covers_diffexports_own_source():
+    from diffexport.engines.manifest import content_key, source_sha256
+
+    args = ("w" * 64, {"name": "x"}, {"torch": "2"}, {"type": "cpu"}, ["parity"])
+    assert content_key(*args) == content_key(*args, source=source_sha256())
+    assert content_key(*args, source="a" * 64) != content_key(*args, source="b" * 64)
+    assert len(source_sha256()) == 64
+
+
+def test_reference_is_built_from_the_manifests_recipe(built_quickstart: Path, tmp_path: Path):
+    """recipe.yaml is a copy for people; the torch reference reads manifest["recipe"] (what the content key hashes)."""
+    import shutil
+
+    from diffexport.engines.manifest import read_manifest, write_manifest
+    from diffexport.engines.torch_engine import TorchEngine
+    from diffexport.recipes import IOSpec
+
+    engine = tmp_path / "e"
+    shutil.copytree(built_quickstart, engine)
+    manifest = read_manifest(engine)
+    io = IOSpec.from_dict(manifest["io"])
+    x, sigma = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 3.0])
+    before = TorchEngine(engine, io)(x, sigma)
+    (engine / "recipe.yaml").write_text((engine / "recipe.yaml").read_text().replace("sigma_data: 0.5", "sigma_data: 0.9"))
+    torch.testing.assert_close(TorchEngine(engine, io)(x, sigma), before, rtol=0, atol=0)
+    manifest["recipe"]["preconditioner"]["args"]["sigma_data"] = 0.9
+    write_manifest(engine, manifest)
+    assert not torch.allclose(TorchEngine(engine, io)(x, sigma), before)

@@ -6,7 +6,8 @@ As in PhysicsNeMo, ``forward(x, t)`` takes the diffusion time ``t`` [B] and an u
 with ``sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``) and ``sigma_inv`` maps back.
 Exported engines keep the contract ``D(x, sigma)``
 (:class:`~diffexport.diffusion.base.EDMDenoiserFn`): the exported graph calls
-``forward(x, sigma_inv(sigma))`` itself.
+:meth:`BaseAffinePreconditioner.denoise` with sigma, where VP maps sigma to time itself
+(``c_noise = (M - 1) sigma_inv(sigma)``).
 
 Export-friendly: no Python branching on tensor values in ``forward``; constant tables are
 buffers; input checks are skipped while tracing (``torch.compiler.is_compiling()``).
@@ -58,11 +59,19 @@ class BaseAffinePreconditioner(nn.Module, ABC):
         return sigma
 
     def forward(self, x: Tensor, t: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
+        """``D(x, t)`` at diffusion time ``t`` [B] (PhysicsNeMo's API): :meth:`denoise` at ``sigma(t)``."""
+        if not torch.compiler.is_compiling():
+            check_batch("t", t, x.shape[0], exact_1d=True)
+        return self.denoise(x, self.sigma(t), condition, **model_kwargs)
+
+    def denoise(self, x: Tensor, sigma: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
+        """``D(x; sigma)`` at EDM noise level ``sigma`` [B]: the engine contract. Exported graphs call
+        this, so a VP engine maps sigma to time only where c_noise needs it (no sigma -> t -> sigma)."""
         eager = not torch.compiler.is_compiling()
         if eager:
-            check_batch("t", t, x.shape[0], exact_1d=True)
+            check_batch("sigma", sigma, x.shape[0], exact_1d=True)
             check_batch("condition", condition, x.shape[0])
-        sigma = batch_view(self.sigma(t), x)
+        sigma = batch_view(sigma, x)
         if eager and self.positive_sigma and bool((sigma <= 0).any()):
             raise ValueError(f"t (noise level sigma) must be > 0 for {type(self).__name__}, got min {sigma.min().item():g}")
         c_in, c_noise, c_out, c_skip = self.compute_coefficients(sigma)
