@@ -14,9 +14,9 @@ from rich.table import Table
 
 from diffexport.cli.app import app, console, fail
 from diffexport.engines.base import EngineError
-from diffexport.engines.load import BACKENDS, load
+from diffexport.engines.load import BACKENDS, default_backend, load
 from diffexport.engines.manifest import read_manifest
-from diffexport.parity.harness import default_backends, run_parity
+from diffexport.parity.harness import run_parity
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
 from diffexport.fileio import write_atomic
@@ -59,17 +59,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _default_backend(manifest: dict, engine_dir: Path) -> str:
-    backends = default_backends(manifest)
-    if not backends:
+    backend = default_backend(manifest)  # the ranking's winner of a ``targets: auto`` build, else the first built
+    if backend is None:
         raise fail(f"{engine_dir}: no artifact was built; use --backend torch for the eager reference")
-    return backends[0]
+    return backend
 
 
 @app.command()
 def sample(
     engine_dir: Path = ENGINE_DIR,
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy: float32 samples [N, C, H, W] (+ a .png grid for 1 or 3 channels)."),
-    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the first built artifact."),
+    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the engine's default backend (fastest verified of a targets: auto build), else the first built."),
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the per-step noise."),
     latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
