@@ -200,6 +200,7 @@ class Parity(Strict):
     batch: int = Field(2, ge=1, le=MAX_BATCH)
     seed: int = 0
     per_call_rtol: float | None = Field(None, gt=0)
+    per_call_f_rtol: float | None = Field(None, gt=0)  # of the network's prediction F = (D - c_skip x) / c_out
     final_rtol: float | None = Field(None, gt=0)
 
 
