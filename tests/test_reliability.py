@@ -337,3 +337,36 @@ def test_png_grid_is_written_by_a_library_and_round_trips(tmp_path):
     x = np.random.default_rng(1).uniform(-1, 1, size=(3, 3, 5, 4)).astype(np.float32)
     image = matplotlib.image.imread(save_png_grid(x, tmp_path / "g.png"))
     assert np.array_equal(np.round(image * 255).astype(np.uint8), to_grid(x))
+
+
+def test_tree_hashing_helper_for_deploy_folders(tmp_path):
+    """``record_tree`` / ``verify_record``: what the Triton and C++ stages use for the folders they write."""
+    from diffexport.engines.manifest import hash_records, record_tree, verify_record
+
+    repo = tmp_path / "triton" / "m" / "1"
+    repo.mkdir(parents=True)
+    (repo / "model.py").write_text("print('served')\n")
+    (tmp_path / "triton" / "m" / "config.pbtxt").write_text("name: 'm'\n")
+    manifest: dict = {}
+    record = record_tree(tmp_path, manifest, "triton")
+    assert manifest["hashes"]["triton"] is record and set(record["files"]) == {"triton/m/1/model.py", "triton/m/config.pbtxt"}
+    assert "hashes.triton" in hash_records(manifest)
+    verify_record(tmp_path, record)
+    (repo / "__pycache__").mkdir()
+    (repo / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"bytecode")  # written by Python on import: ignored
+    verify_record(tmp_path, record)
+    (repo / "model.py").write_text("import os; os.system('rm -rf ~')\n")
+    with pytest.raises(EngineError, match="model.py: sha256 does not match"):
+        verify_record(tmp_path, record)
+    (repo / "model.py").write_text("print('served')\n")
+    (repo / "extra.py").write_text("")
+    with pytest.raises(EngineError, match="extra.py: file is not listed"):
+        verify_record(tmp_path, record)
+    (repo / "extra.py").unlink()
+    (repo / "link").symlink_to("/etc/hostname")
+    with pytest.raises(EngineError, match="not listed|symlinks"):
+        verify_record(tmp_path, record)
+    with pytest.raises(EngineError, match="symlinks and special files"):
+        record_tree(tmp_path, manifest, "triton")
+    with pytest.raises(EngineError, match="leaves the engine directory"):
+        record_tree(tmp_path, manifest, "../elsewhere")

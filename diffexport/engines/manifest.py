@@ -133,6 +133,9 @@ def file_record(engine_dir: Path, files: list[str]) -> dict[str, Any]:
     }
 
 
+CACHE_DIR = "__pycache__"  # Python's bytecode cache, written when a hashed model.py is imported: not hashed, not an unlisted file
+
+
 def hash_tree(engine_dir: str | Path, subdir: str) -> dict[str, Any]:
     """``{"dir", "files": {path: sha256}, "bytes"}`` of every file under ``engine_dir/subdir`` (paths
     relative to ``engine_dir``, sorted). Symlinks and anything but files and folders are refused."""
@@ -142,6 +145,8 @@ def hash_tree(engine_dir: str | Path, subdir: str) -> dict[str, Any]:
         raise EngineError(f"{root}: not a folder; nothing to hash")
     files, total = {}, 0
     for path in sorted(root.rglob("*")):
+        if CACHE_DIR in path.relative_to(root).parts:
+            continue
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise EngineError(f"{path}: symlinks and special files are not allowed in an engine directory")
         if path.is_file():
@@ -185,6 +190,8 @@ def verify_record(engine_dir: str | Path, record: dict, where: str = MANIFEST) -
         root = inside(engine_dir, record["dir"])
         listed = {inside(engine_dir, name) for name in files}
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
+            if CACHE_DIR in path.relative_to(root).parts:
+                continue
             if (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
                 raise EngineError(f"{path}: file is not listed in {MANIFEST} ({where}); it was added after the build; rebuild the engine")
 
