@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-Target = Literal["onnx", "aoti", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Target = Literal["onnx", "aoti", "tensorrt", "openvino", "auto"]  # auto: every target available, ranked
+Precision = Literal["fp32", "fp16", "bf16", "auto"]  # auto: fp32, plus bf16 candidates (export.targets: auto)
 PRECONDITIONERS = ("EDMPreconditioner", "VEPreconditioner", "VPPreconditioner", "IDDPMPreconditioner", "DDPMPreconditioner")
 SCHEDULERS = ("EDMNoiseScheduler", "VENoiseScheduler", "VPNoiseScheduler", "IDDPMNoiseScheduler", "DDPMScheduler")
 SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim")  # ddim with eta=1 over all T steps is DDPM
@@ -156,17 +156,40 @@ class Sampler(Strict):
 
 
 class Export(Strict):
-    targets: list[Target] = Field(default_factory=lambda: ["onnx", "aoti"], min_length=1)
+    """``targets: auto`` builds every target available here, checks each, benchmarks those that pass
+    and makes the fastest the engine's default backend (``precision: auto`` adds bf16 candidates)."""
+
+    targets: list[Target] = Field(default_factory=lambda: ["auto"])
     precision: Precision = "fp32"
     opset: int = Field(21, ge=OPSETS[0], le=OPSETS[1])  # 21: GroupNormalization as one op (18: InstanceNormalization form)
     device: Literal["cpu", "cuda"] = "cpu"
 
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        return ["auto"] if v == "auto" else v  # ``targets: auto`` in YAML
+
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one target, or auto")
         if len(set(v)) != len(v):
             raise ValueError(f"targets repeat: {v}")
+        if "auto" in v and len(v) > 1:
+            raise ValueError(f"auto stands alone (it means every available target), got {v}")
         return v
+
+    @property
+    def auto(self) -> bool:
+        """``targets: auto``: build every available target and rank those that pass parity."""
+        return self.targets == ["auto"]
+
+    @model_validator(mode="after")
+    def _auto_precision(self) -> Export:
+        if self.precision == "auto" and not self.auto:
+            raise ValueError("precision: auto needs targets: auto (it adds bf16 candidates to the ranking)")
+        return self
 
 
 class Parity(Strict):
@@ -177,6 +200,7 @@ class Parity(Strict):
     batch: int = Field(2, ge=1, le=MAX_BATCH)
     seed: int = 0
     per_call_rtol: float | None = Field(None, gt=0)
+    per_call_f_rtol: float | None = Field(None, gt=0)  # of the network's prediction F = (D - c_skip x) / c_out
     final_rtol: float | None = Field(None, gt=0)
 
 
