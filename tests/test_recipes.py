@@ -125,6 +125,8 @@ BROKEN = {
     "model_channels 0": (lambda d: d["model"]["args"].update(model_channels=0), "model.args.model_channels: SongUNet: must be an int >= 1"),
     "model arg type": (lambda d: d["model"]["args"].update(model_channels=16.5), "model.args.model_channels: must be int"),
     "resolution vs levels": (lambda d: d["model"]["args"].update(img_resolution=15), "model.args.img_resolution: SongUNet: spatial size (15, 15)"),
+    "missing checkpoint": (lambda d: d["model"].update(checkpoint="no/such/model.mdlus"), "model.checkpoint: "),
+    "checkpoint is a folder": (lambda d: d["model"].update(checkpoint="/"), "model.checkpoint: / is not a file"),
     "huge image": (lambda d: d["model"]["args"].update(img_resolution=10**6), "model.args.img_resolution: must be an int in [1, 8192]"),
 }
 

@@ -33,7 +33,7 @@ from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import ArgumentError
 from diffexport.diffusion.multi_diffusion import GridPatching2D
 from diffexport.models import get_model_class, model_names
-from diffexport.recipes import Recipe, RecipeError, image_shape, io_spec, load_recipe, parse_recipe
+from diffexport.recipes import Recipe, RecipeError, image_shape, io_spec, load_recipe, parse_recipe, resolve_path
 
 __all__ = ["check_recipe", "validate_recipe", "resolved_args", "scheduler_of"]
 
@@ -144,6 +144,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
     m = recipe.model
     if m.class_name not in model_names():
         return [f"model.class: unknown model class {m.class_name!r}; expected one of {', '.join(model_names())}"]
+    if m.checkpoint is not None and not (path := resolve_path(recipe, m.checkpoint)).is_file():
+        return [f"model.checkpoint: {path} is not a file; expected a .mdlus / .pt checkpoint"]
     cls = get_model_class(m.class_name)
     if problems := _call_problems("model.args", cls, m.args):
         return problems
