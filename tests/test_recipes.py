@@ -295,3 +295,31 @@ def test_any_sampler_validates_to_a_finite_schedule_or_is_refused(sampler):
     json.dumps(s, allow_nan=False)
     sig = s["sigmas"]
     assert all(a > b for a, b in zip(sig, sig[1:])) and sig[-1] == 0.0 and len(s["steps"]) == sampler["num_steps"]
+
+
+def test_vp_recipe_exports_with_the_sigma_contract(tmp_path: Path):
+    """A VP recipe (VPPreconditioner + VPNoiseScheduler) builds an ONNX engine that takes σ and
+    matches the eager reference, from σ_max of the schedule down to its smallest σ."""
+    from diffexport.engines import build_engine
+    from diffexport.engines.manifest import read_manifest
+    from diffexport.engines.onnxruntime import OnnxRuntimeEngine
+    from diffexport.engines.torch_engine import TorchEngine
+    from diffexport.recipes import IOSpec
+
+    data = _with(lambda d: (d.update(preconditioner={"class": "VPPreconditioner", "args": {}}, name="tiny-vp"),
+                            d["sampler"].update(scheduler={"class": "VPNoiseScheduler", "args": {}}, num_steps=4),
+                            d["export"].update(targets=["onnx"]), d.update(deploy={})))
+    path = tmp_path / "vp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    engine = build_engine(path, tmp_path / "vp").engine_dir
+    manifest = read_manifest(engine)
+    sampler, io = manifest["sampler"], IOSpec.from_dict(manifest["io"])
+    assert sampler["scheduler"]["args"] == {"beta_min": 0.1, "beta_d": 19.9, "epsilon_s": 1e-3, "t_max": 1.0}
+    ort, ref = OnnxRuntimeEngine(engine / manifest["artifacts"]["onnx"]["file"], io), TorchEngine(engine, io)
+    sigma = torch.tensor([sampler["sigmas"][0], sampler["sigmas"][-2]], dtype=torch.float32)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * sigma.reshape(-1, 1, 1, 1)
+    want = ref(x, sigma)
+    torch.testing.assert_close(ort(x, sigma), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    pre = ref.denoiser.preconditioner  # PhysicsNeMo's API: forward at diffusion time t = sigma_inv(sigma)
+    with torch.no_grad():
+        torch.testing.assert_close(pre(x, pre.sigma_inv(sigma)), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
