@@ -141,10 +141,11 @@ def test_broken_recipe_names_file_and_field(case: str, tmp_path: Path):
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
 
 
-def test_inf_allowed_only_where_the_default_is_infinite():
-    """S_max's default is +inf, so `.inf` is a valid S_max (and nothing else)."""
+def test_inf_is_refused_with_a_hint_where_it_is_the_default():
+    """S_max's default is +inf: the message says to leave it out (the manifest is strict JSON)."""
     data = _with(lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"S_churn": 10, "S_max": float("inf")}))
-    assert validate_recipe(data).sampler.solver_options["S_max"] == float("inf")
+    with pytest.raises(RecipeError, match=r"sampler.solver_options.S_max: must be finite, got inf; leave it out for its default \(inf\)"):
+        validate_recipe(data)
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path):
