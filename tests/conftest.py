@@ -15,7 +15,8 @@ redrawn by ``randomize_``, batch range [1, 4] unless noted):
 * ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside the
   DDPMPreconditioner (epsilon prediction, 1000 discrete steps), DDPMScheduler + ddim; onnx only.
 
-Copy an engine directory (``shutil.copytree``) before modifying it.
+Every fixture engine is built with the parity stage (status ``ok``): ``engines.load`` refuses
+unverified engines. Copy an engine directory (``shutil.copytree``) before modifying it.
 """
 
 from __future__ import annotations
@@ -74,10 +75,14 @@ def tiny_recipe_paths(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build(tmp_path_factory, recipe: Path, targets: list[str] | None = None) -> Path:
+    """Build with the parity stage, as `diffexport build` does: consumers refuse unverified engines."""
     from diffexport.engines import build_engine
+    from diffexport.parity import parity_stage
 
     out = tmp_path_factory.mktemp("engines") / recipe.stem
-    return build_engine(recipe, out, targets).engine_dir
+    result = build_engine(recipe, out, targets, finalize=[("parity", parity_stage)])
+    assert result.manifest["status"] == "ok", f"{recipe}: fixture engine failed parity; see {out / 'parity.md'}"
+    return result.engine_dir
 
 
 @pytest.fixture(scope="session")
