@@ -423,18 +423,18 @@ def test_no_absolute_rpath_ld_library_path_or_bundle(engine_ok, runner, tmp_path
 
 
 def test_missing_package_named(tmp_path, monkeypatch):
-    """With the system packages hidden from CMake (nothing under /usr is searched), `diffexport cpp`
-    names exactly the Debian packages to install."""
+    """With two of the three system packages made unfindable for CMake, `diffexport cpp` names exactly
+    those two Debian packages."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
 
     monkeypatch.setenv("DIFFEXPORT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("DIFFEXPORT_CMAKE_ARGS", "-DCMAKE_IGNORE_PREFIX_PATH=/usr")
+    monkeypatch.setenv("DIFFEXPORT_CMAKE_ARGS", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON -DCMAKE_DISABLE_FIND_PACKAGE_CLI11=ON")
     engine = tmp_path / "engine"
     engine.mkdir()
     (engine / "manifest.json").write_text(json.dumps({"format": "diffexport-engine/1", "name": "x", "artifacts": {"aoti": {}}}))
     result = CliRunner().invoke(app, ["cpp", str(engine)])
     assert result.exit_code == 1
-    assert "needs the Debian packages nlohmann-json3-dev, libssl-dev, libcli11-dev: apt-get install -y nlohmann-json3-dev libssl-dev libcli11-dev" in result.output
+    assert "needs the Debian packages libssl-dev, libcli11-dev: apt-get install -y libssl-dev libcli11-dev (or ./setup.sh --dev)" in result.output
     assert missing_packages("diffexport-missing-packages: libcli11-dev\n") == ["libcli11-dev"]
