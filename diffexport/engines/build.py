@@ -122,6 +122,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
         "solver": s.solver, "num_steps": s.num_steps, "solver_options": dict(s.solver_options),
         "time_steps": t.tolist(), "sigmas": sigmas.double().tolist(), "alphas": alphas.tolist(),
         "patching": s.patching.model_dump() if s.patching else None,
+        **({"guidance": s.guidance.model_dump()} if s.guidance else {}),
     }  # fmt: skip
 
 

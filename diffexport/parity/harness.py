@@ -104,6 +104,10 @@ def check_engine(
             except Exception as e:  # the verdict stands without the diagnosis
                 entry["divergence"] = {"summary": f"the first diverging ONNX node could not be located ({type(e).__name__}: {e})", "sigma": None}
         entry["seconds"] = round(time.perf_counter() - start, 3)
+    if cfg.get("judge"):  # task-level parity: what the samples depict (diffexport.parity.task)
+        from diffexport.parity.task import check_task
+
+        report["task"] = check_task(engine_dir, manifest, report["backends"], reference, device)
     report["passed"] = all(e["passed"] for e in report["backends"].values())
     return report
 
