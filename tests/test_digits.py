@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from diffexport.checkpoints import load_model
 from diffexport.cli import app
 from diffexport.engines import build_engine
+from diffexport.engines.load import load
 from diffexport.engines.manifest import file_record, read_manifest, write_manifest
 from diffexport.parity import check_engine
 from diffexport.parity.digits import load_digits16, load_judge, upsample
@@ -150,3 +151,36 @@ def test_sample_label_shorthand(digits_engine, tmp_path):
     assert result.exit_code == 0 and np.load(out).shape == (4, 1, 16, 16), result.output
     bad = runner.invoke(app, ["sample", str(digits_engine), "--condition", "class_labels=12", "--out", str(out)])
     assert bad.exit_code != 0 and "0..9" in bad.output and "Traceback" not in bad.output
+
+
+def test_cfg_is_the_diffusion_guidance_with_zero_labels_as_unconditional(digits_engine):
+    from dataclasses import replace
+
+    from diffexport.runtime.sampler import SamplerSpec, engine_predictor, one_hot_condition, sample
+
+    engine = load(digits_engine, "onnxruntime")
+    sampler = read_manifest(digits_engine)["sampler"]
+    name, labels = one_hot_condition(engine, [3, 5], 4)
+    assert name == "class_labels" and labels.argmax(1).tolist() == [3, 5, 3, 5]
+    run = lambda w, c=labels: sample(engine, sampler, seed=0, conditions={name: c}, num_steps=3, guidance=w)  # noqa: E731
+    plain, guided = run(1.0), run(2.0)
+    assert torch.equal(run(0.0), run(1.0, torch.zeros_like(labels)))  # w = 0: the zero-label model
+    assert not torch.allclose(plain, guided)
+    spec = replace(SamplerSpec.from_manifest(sampler), guidance=None)
+    x, t = torch.randn(4, 1, 16, 16), torch.full((4,), 1.5)
+    cond = engine_predictor(engine, spec, {name: labels}, check_finite=False)[0](x, t)
+    uncond = engine_predictor(engine, spec, {name: torch.zeros_like(labels)}, check_finite=False)[0](x, t)
+    spec2 = replace(spec, guidance=2.0)
+    assert torch.allclose(engine_predictor(engine, spec2, {name: labels}, check_finite=False)[0](x, t), uncond + 2 * (cond - uncond), atol=1e-5)
+    with pytest.raises(ValueError, match="0..9"):
+        one_hot_condition(engine, [10])
+
+
+def test_recipe_guidance_needs_a_vector_condition(tmp_path):
+    from diffexport.recipes import RecipeError, load_recipe
+
+    data = yaml.safe_load(RECIPE.read_text())
+    data.pop("conditions")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="sampler.guidance"):
+        load_recipe(tmp_path / "r.yaml")
