@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from diffexport.engines.base import Engine
-from diffexport.engines.load import load
 from diffexport.runtime.inputs import condition_specs
 from diffexport.runtime.sampler import SamplerSpec, sample
 
@@ -114,11 +113,14 @@ def _stats(labels: np.ndarray, feats: np.ndarray | None, want: np.ndarray | None
     }
 
 
-def check_task(engine_dir, manifest: dict, entries: dict[str, dict], reference: Any, device=None) -> dict:
+def check_task(engine_dir, manifest: dict, entries: dict[str, dict], reference: Callable[[torch.device], Engine],
+               device=None) -> dict:
     """Judge the samples of every backend in ``entries`` (the harness's report entries) against the
     reference's; adds ``entry["task"]`` and folds its verdict into ``entry["passed"]``. ``reference``
-    is the harness's cached torch reference (``.engine(device)``, ``.run(what, device, fn)``).
-    Returns the report's ``task`` section (settings and the reference's own figures)."""
+    gives the torch reference engine on a device (the harness's ``Reference.engine``); its samples
+    are drawn once per device. Returns the report's ``task`` section (settings, the reference's figures)."""
+    from diffexport.parity.harness import load_candidate
+
     cfg = manifest["recipe"]["parity"]["judge"]
     n, seed = int(cfg.get("samples", 100)), int(cfg.get("seed", 0))
     judge = resolve_judge(cfg["name"])
@@ -130,14 +132,16 @@ def check_task(engine_dir, manifest: dict, entries: dict[str, dict], reference: 
         real = judge_samples(judge, load_digits16("test")[0])[1]
     section: dict[str, Any] = {"judge": cfg["name"], "samples": n, "seed": seed, "guidance": spec.guidance,
                                "gates": {k: cfg.get(k) for k in ("min_agreement", "max_frechet", "min_accuracy")}}
+    memo: dict[torch.device, tuple[np.ndarray, np.ndarray | None]] = {}
     for backend, entry in entries.items():
         result: dict[str, Any] = {"passed": False}
         entry["task"] = result
         try:
-            engine = load(engine_dir, backend, device=device)
+            engine = load_candidate(engine_dir, backend, device)  # whatever its verdict: parity sets it
             _, want = requested(engine, n)
-            ref_labels, ref_feats = reference.run(f"task:{n}:{seed}", engine.device,
-                                                  lambda ref: judge_samples(judge, _task_samples(ref, spec, n, seed)))
+            if engine.device not in memo:
+                memo[engine.device] = judge_samples(judge, _task_samples(reference(engine.device), spec, n, seed))
+            ref_labels, ref_feats = memo[engine.device]
             section.setdefault("reference", _stats(ref_labels, ref_feats, want, real))
             labels, feats = judge_samples(judge, _task_samples(engine, spec, n, seed))
         except Exception as e:  # the backend fails task parity with its error
