@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPES
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
@@ -79,7 +80,7 @@ def test_patch_recipe_samples_a_larger_image():
 
 # --- broken recipes -------------------------------------------------------------------------
 
-BASE = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
+BASE = TINY_RECIPES["quickstart"]  # the tiny random-weights quickstart (no conditions, no checkpoint)
 
 
 def _with(edit) -> dict:
