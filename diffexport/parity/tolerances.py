@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Any
 
 PRESETS: dict[str, dict[str, float]] = {
-    "fp32": {"per_call_rtol": 1e-5, "final_rtol": 1e-4},
-    "fp16": {"per_call_rtol": 2e-3, "final_rtol": 2e-3},
-    "bf16": {"per_call_rtol": 2e-2, "final_rtol": 2e-2},
+    "fp32": {"per_call_rtol": 1e-5, "per_call_f_rtol": 1e-4, "final_rtol": 1e-4},
+    "fp16": {"per_call_rtol": 2e-3, "per_call_f_rtol": 2e-2, "final_rtol": 2e-3},
+    "bf16": {"per_call_rtol": 2e-2, "per_call_f_rtol": 1e-1, "final_rtol": 2e-2},
 }
 
 
 def tolerances(precision: str, parity: Any = None, **overrides: float | None) -> dict[str, float]:
-    """``{"per_call_rtol", "final_rtol"}``: the ``precision`` preset, then the recipe's ``parity``
+    """``{"per_call_rtol", "per_call_f_rtol", "final_rtol"}``: the ``precision`` preset, then the recipe's ``parity``
     section (a ``diffexport.recipes.schema.Parity`` or its dict), then non-None ``overrides``."""
     if precision not in PRESETS:
         raise ValueError(f"no parity tolerances for precision {precision!r}; expected one of {', '.join(PRESETS)}")
