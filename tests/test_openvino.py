@@ -148,7 +148,7 @@ def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
 
 def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
     path = tmp_path / "bench.json"
-    out = CliRunner().invoke(app, ["bench", str(auto_engine), "-n", "1", "-n", "8", "--repeats", "1", "--warmup", "0",
+    out = CliRunner().invoke(app, ["bench", str(auto_engine), "--repeats", "1", "--warmup", "0",  # default batches 1 and 8
                                    "-b", "openvino", "-b", "openvino-bf16", "--json", str(path)], terminal_width=240)
     assert out.exit_code == 0, out.output
     result = json.loads(path.read_text())
