@@ -17,6 +17,7 @@ from diffexport.engines.build import Finalize
 from diffexport.export import TargetUnavailable
 from diffexport.parity import parity_stage
 from diffexport.recipes import Recipe, RecipeError, load_recipe
+from diffexport.runtime.bench import rank_stage
 
 STATUS_STYLE = {"ok": "green", "failed": "red", "unchecked": "yellow"}
 KNOWN_ERRORS = (RecipeError, EngineError, TargetUnavailable, TritonError, CppBuildError)  # their messages say it all
@@ -56,10 +57,13 @@ class Progress:
 
 def finalize_stages(recipe: Recipe) -> list[tuple[str, Finalize]]:
     """The build stages after export that ``recipe`` asks for, in order: parity (when
-    ``parity.enabled``; ``--no-parity`` turns it off), deploy.triton, deploy.cpp."""
+    ``parity.enabled``; ``--no-parity`` turns it off), rank (``export.targets: auto``: the fastest
+    verified backend becomes the default), deploy.triton, deploy.cpp."""
     stages: list[tuple[str, Finalize]] = []
     if recipe.parity.enabled:
         stages.append(("parity", parity_stage))
+    if recipe.export.auto:
+        stages.append(("rank", rank_stage))
     if recipe.deploy.triton:
         stages.append(("deploy:triton", triton_stage))
     if recipe.deploy.cpp:
@@ -171,6 +175,24 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
     out.print("[bold]stages[/] " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("stages", {}).items()))
     if m.get("parity"):
         parity(out, m["parity"])
+    if m.get("ranking"):
+        ranking(out, m["ranking"], m.get("default_backend"))
+
+
+def ranking(out: Console, r: dict, default: str | None) -> None:
+    """The ``targets: auto`` ranking: per-call ms of each verified candidate at each batch, fastest first."""
+    table = Table(title=f"ranking (per-call median of {r.get('repeats', '?')}, load average {r.get('load_average', '?')}; "
+                        f"default backend: {default or 'none'})", title_justify="left")
+    batches = [str(b) for b in r.get("batches", [])]
+    for column in ("#", "backend", "precision", *(f"ms @ batch {b}" for b in batches), "score"):
+        table.add_column(column, justify="left" if column in ("backend", "precision") else "right")
+    for i, name in enumerate(r.get("order", []), 1):
+        c = r["candidates"][name]
+        table.add_row(str(i), name + (" (default)" if name == default else ""), c["precision"],
+                      *(f"{c['call_ms'][b]:.2f}" for b in batches), f"{c['score']:.2f}x")
+    for name in r.get("failed", []):
+        table.add_row("-", f"[red]{name}[/]", "", *("" for _ in batches), "[red]failed parity[/]")
+    out.print(table)
 
 
 def _fmt(value) -> str:

@@ -14,9 +14,9 @@ from rich.table import Table
 
 from diffexport.cli.app import app, console, fail
 from diffexport.engines.base import EngineError
-from diffexport.engines.load import BACKENDS, load
+from diffexport.engines.load import BACKENDS, default_backend, load
 from diffexport.engines.manifest import read_manifest
-from diffexport.parity.harness import default_backends, run_parity
+from diffexport.parity.harness import run_parity
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
 from diffexport.fileio import write_atomic
@@ -59,17 +59,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _default_backend(manifest: dict, engine_dir: Path) -> str:
-    backends = default_backends(manifest)
-    if not backends:
+    backend = default_backend(manifest)  # the ranking's winner of a ``targets: auto`` build, else the first built
+    if backend is None:
         raise fail(f"{engine_dir}: no artifact was built; use --backend torch for the eager reference")
-    return backends[0]
+    return backend
 
 
 @app.command()
 def sample(
     engine_dir: Path = ENGINE_DIR,
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy: float32 samples [N, C, H, W] (+ a .png grid for 1 or 3 channels)."),
-    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the first built artifact."),
+    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the engine's default backend (fastest verified of a targets: auto build), else the first built."),
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the per-step noise."),
     latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
@@ -151,7 +151,7 @@ def _g(v: float | None) -> str:
 def bench(
     engine_dir: Path = ENGINE_DIR,
     backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact. torch always runs."),
-    batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: the engine's opt)."),
+    batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: 1 and 8, clamped to the engine's range)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
     repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch (median reported)."),
     warmup: int = typer.Option(2, min=0, help="Untimed calls first."),
@@ -159,7 +159,11 @@ def bench(
     no_sample: bool = typer.Option(False, "--no-sample", help="Time single calls only."),
     device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
 ) -> None:
-    """Time one call and one whole sample of each backend beside the torch reference."""
+    """Time one call and one whole sample of each backend beside the torch reference, interleaved.
+
+    Run it with OMP_WAIT_POLICY=PASSIVE in the environment (torch's spinning OpenMP threads slow the
+    runner after them otherwise); on a loaded machine compare the ratios, not the times.
+    """
     try:
         with console.status("benchmarking") as status:
             result = bench_engine(engine_dir, backend or None, batch or None, repeats=repeats, warmup=warmup,
@@ -167,14 +171,22 @@ def bench(
                                   progress=lambda message: status.update(message))
     except EngineError as e:
         raise fail(str(e)) from None
-    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; "
-                        f"{sample_repeats} sample(s) of {result['solver']} x {result['num_steps']})", title_justify="left")
-    for column in ("backend", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "sample s", "vs torch", "NFE"):
-        table.add_column(column, justify="left" if column == "backend" else "right")
+    peak = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items()) or "-"
+    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; {sample_repeats} sample(s) of "
+                        f"{result['solver']} x {result['num_steps']}); matmul peak GFLOP/s {peak}; load average "
+                        f"{result['load_average']} on {result['cores']} cores", title_justify="left")
+    columns = ("backend", "precision", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "% peak", "sample s", "vs torch", "NFE", "loop")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("backend", "precision") else "right")
     for r in result["rows"]:
-        table.add_row(r["backend"], str(r["batch"]), f"{r['call_ms']:.2f}", _ratio(r["call_vs_torch"]), f"{r['gflop_per_call']:.3f}",
-                      _num(r["gflops"]), _num(r.get("sample_s"), ".2f"), _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")))
+        overhead = r.get("loop_overhead")
+        table.add_row(r["backend"], r["precision"], str(r["batch"]), f"{r['call_ms']:.2f}", _ratio(r["call_vs_torch"]),
+                      f"{r['gflop_per_call']:.3f}", _num(r["gflops"]), _num(r.get("pct_peak"), ".0f"), _num(r.get("sample_s"), ".2f"),
+                      _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")), "-" if overhead is None else f"{100 * overhead:.1f}%")
     console.print(table)
+    console.print("[dim]loop: share of the sample time outside the NFE engine calls (sampler work, copies)[/]")
+    if result["warning"]:
+        console.print(f"[yellow]warning[/]: {result['warning']}", soft_wrap=True)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(json_out, (json.dumps(result, indent=2) + "\n").encode())

@@ -10,21 +10,39 @@ from diffexport.engines.base import Engine, EngineError, artifact_path
 from diffexport.engines.manifest import read_manifest, verify_files
 from diffexport.recipes import IOSpec
 
-# backend -> the artifact (manifest target) it runs; ``torch`` runs weights.pt
-BACKENDS: dict[str, str | None] = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt", "torch": None}
+# backend -> the artifact (manifest key) it runs; ``torch`` runs weights.pt. ``<backend>-bf16``: the
+# bf16 candidate of a ``precision: auto`` build, run by the same runtime.
+BACKENDS: dict[str, str | None] = {
+    "onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt", "openvino": "openvino",
+    "aoti-bf16": "aoti-bf16", "openvino-bf16": "openvino-bf16", "torch": None,
+}  # fmt: skip
 
 
-def load(engine_dir: str | Path, backend: str = "onnxruntime", device: str | torch.device | None = None, **options) -> Engine:
-    """The engine in ``engine_dir`` run by ``backend`` (``onnxruntime``, ``aoti``, ``tensorrt`` or
-    ``torch``, the eager reference) on ``device`` (default: where the artifact runs).
+def default_backend(manifest: dict) -> str | None:
+    """The backend ``load`` uses when none is named: the build's ranking winner (``default_backend``,
+    ``targets: auto``), else the first built of ``onnxruntime``, ``aoti``, ... (None: no artifact)."""
+    built = manifest.get("artifacts", {})
+    chosen = manifest.get("default_backend")
+    if chosen in BACKENDS and BACKENDS[chosen] in built:
+        return chosen
+    return next((b for b, t in BACKENDS.items() if t is not None and t in built), None)
+
+
+def load(engine_dir: str | Path, backend: str | None = None, device: str | torch.device | None = None, **options) -> Engine:
+    """The engine in ``engine_dir`` run by ``backend`` (``onnxruntime``, ``aoti``, ``tensorrt``,
+    ``openvino``, a ``-bf16`` candidate, or ``torch``, the eager reference) on ``device`` (default:
+    where the artifact runs). No ``backend``: :func:`default_backend` (the fastest verified one
+    of a ``targets: auto`` build).
 
     The files it runs are checked against their sha256 in the manifest first; ``options`` go to
-    the backend (e.g. ``threads=`` for ONNX Runtime). ``EngineError`` names the file at fault.
+    the backend (e.g. ``threads=`` for ONNX Runtime and OpenVINO). ``EngineError`` names the file at fault.
     """
-    if backend not in BACKENDS:
-        raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
+    if backend is None and (backend := default_backend(manifest)) is None:
+        raise EngineError(f"{engine_dir}: no artifact was built; use backend 'torch' for the eager reference")
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     io = IOSpec.from_dict(manifest["io"])
     target = BACKENDS[backend]
     if target is None:
@@ -42,7 +60,14 @@ def load(engine_dir: str | Path, backend: str = "onnxruntime", device: str | tor
             cuda = torch.device(device).type == "cuda"
             options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         return OnnxRuntimeEngine(path, io, **options)
-    if backend == "aoti":
+    if backend.startswith("openvino"):
+        from diffexport.engines.openvino import OpenVINOEngine
+
+        if device is not None and torch.device(device).type != "cpu":
+            raise EngineError(f"{path}: the OpenVINO engine runs on the CPU, not {device}")
+        source = engine_dir / record["source"] if record.get("source") else None
+        return OpenVINOEngine(path, io, record, source=source, **options)
+    if backend.startswith("aoti"):
         from diffexport.engines.aoti import AOTIEngine
 
         return AOTIEngine(path, io, device, compiled_for=record.get("device", "cpu"))

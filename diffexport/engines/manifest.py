@@ -5,6 +5,7 @@ The format is documented in ``docs/ENGINE_FORMAT.md``; this module is its only r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -79,10 +80,31 @@ def device_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {"type": device.type, "name": _cpu_name(), "compute_capability": None}
 
 
-def content_key(weights_sha: str, resolved_recipe: dict, versions: dict, device: dict, stages: Sequence[str] = ()) -> str:
+_SOURCE_SUFFIXES = frozenset({".py", ".cpp", ".cc", ".h", ".hpp", ".txt", ".cmake", ".pbtxt", ".json", ".yaml"})
+
+
+@functools.lru_cache(maxsize=1)
+def source_sha256() -> str:
+    """Hex sha256 of diffexport's own source files (Python, C++, CMake; by relative path; hidden and
+    ``build`` folders left out), so a changed exporter (an upgrade, an edit) makes a different content key."""
+    root = Path(diffexport.__file__).resolve().parent
+    h = hashlib.sha256()
+    def source(p: Path) -> bool:
+        parts = p.relative_to(root).parts
+        return p.is_file() and p.suffix in _SOURCE_SUFFIXES and not any(x.startswith(".") or x in ("__pycache__", "build") for x in parts)
+
+    for path in sorted(filter(source, root.rglob("*"))):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def content_key(weights_sha: str, resolved_recipe: dict, versions: dict, device: dict, stages: Sequence[str] = (),
+                source: str | None = None) -> str:
     """What makes two builds identical: weights, resolved recipe (targets included), tools, device,
-    and the names of the finalize ``stages`` that ran (parity, deploy)."""
-    return sha256_json({"weights": weights_sha, "recipe": resolved_recipe, "versions": versions, "device": device, "stages": list(stages)})
+    the names of the finalize ``stages`` that ran (parity, deploy), and diffexport's own ``source``
+    (default :func:`source_sha256`)."""
+    return sha256_json({"weights": weights_sha, "recipe": resolved_recipe, "versions": versions, "device": device,
+                        "stages": list(stages), "source": source or source_sha256()})
 
 
 def file_record(engine_dir: Path, files: list[str]) -> dict[str, Any]:

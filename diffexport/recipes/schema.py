@@ -18,16 +18,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-Target = Literal["onnx", "aoti", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Target = Literal["onnx", "aoti", "tensorrt", "openvino", "auto"]  # auto: every target available, ranked
+Precision = Literal["fp32", "fp16", "bf16", "auto"]  # auto: fp32, plus bf16 candidates (export.targets: auto)
 PRECONDITIONERS = ("EDMPreconditioner", "VEPreconditioner", "VPPreconditioner", "IDDPMPreconditioner", "DDPMPreconditioner")
 SCHEDULERS = ("EDMNoiseScheduler", "VENoiseScheduler", "VPNoiseScheduler", "IDDPMNoiseScheduler", "DDPMScheduler")
 SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim")  # ddim with eta=1 over all T steps is DDPM
 RESERVED_INPUTS = ("x", "sigma", "denoised", "latents", "samples", "seed")
+MAX_BATCH = 4096  # engine batch sizes (inputs.batch, parity.batch): beyond this a recipe is a typo, not a plan
+MAX_STEPS = 10_000  # sampler steps (DDPM's full chain is 1000)
+OPSETS = (18, 23)  # ONNX opsets the exporter writes (torch.onnx's dynamo exporter supports up to 23)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True, allow_inf_nan=False)
 
 
 class Init(Strict):
@@ -101,9 +104,9 @@ class Condition(Strict):
 
 
 class BatchRange(Strict):
-    min: int = Field(1, ge=1)
-    opt: int = Field(1, ge=1)
-    max: int = Field(8, ge=1)
+    min: int = Field(1, ge=1, le=MAX_BATCH)
+    opt: int = Field(1, ge=1, le=MAX_BATCH)
+    max: int = Field(8, ge=1, le=MAX_BATCH)
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchRange:
@@ -142,7 +145,7 @@ class Patching(Strict):
 class Sampler(Strict):
     scheduler: SchedulerSpec
     solver: str = "heun"
-    num_steps: int = Field(18, ge=1)
+    num_steps: int = Field(18, ge=1, le=MAX_STEPS)
     solver_options: dict[str, Any] = Field(default_factory=dict)
     patching: Patching | None = None
 
@@ -153,25 +156,48 @@ class Sampler(Strict):
 
 
 class Export(Strict):
-    targets: list[Target] = Field(default_factory=lambda: ["onnx", "aoti"], min_length=1)
+    """``targets: auto`` builds every target available here, checks each, benchmarks those that pass
+    and makes the fastest the engine's default backend (``precision: auto`` adds bf16 candidates)."""
+
+    targets: list[Target] = Field(default_factory=lambda: ["auto"])
     precision: Precision = "fp32"
-    opset: int = Field(21, ge=18)  # 21: GroupNormalization as one op (18: InstanceNormalization form)
+    opset: int = Field(21, ge=OPSETS[0], le=OPSETS[1])  # 21: GroupNormalization as one op (18: InstanceNormalization form)
     device: Literal["cpu", "cuda"] = "cpu"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        return ["auto"] if v == "auto" else v  # ``targets: auto`` in YAML
 
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one target, or auto")
         if len(set(v)) != len(v):
             raise ValueError(f"targets repeat: {v}")
+        if "auto" in v and len(v) > 1:
+            raise ValueError(f"auto stands alone (it means every available target), got {v}")
         return v
+
+    @property
+    def auto(self) -> bool:
+        """``targets: auto``: build every available target and rank those that pass parity."""
+        return self.targets == ["auto"]
+
+    @model_validator(mode="after")
+    def _auto_precision(self) -> Export:
+        if self.precision == "auto" and not self.auto:
+            raise ValueError("precision: auto needs targets: auto (it adds bf16 candidates to the ranking)")
+        return self
 
 
 class Parity(Strict):
     """Parity checks run as the last build stage. Tolerances default to the precision's preset."""
 
     enabled: bool = True
-    num_sigmas: int = Field(8, ge=2)
-    batch: int = Field(2, ge=1)
+    num_sigmas: int = Field(8, ge=2, le=1000)
+    batch: int = Field(2, ge=1, le=MAX_BATCH)
     seed: int = 0
     per_call_rtol: float | None = Field(None, gt=0)
     per_call_f_rtol: float | None = Field(None, gt=0)  # of the network's prediction F = (D - c_skip x) / c_out
@@ -181,7 +207,7 @@ class Parity(Strict):
 class Deploy(Strict):
     triton: bool = False
     triton_python_only: bool = False
-    triton_instances: int = Field(1, ge=1)
+    triton_instances: int = Field(1, ge=1, le=64)
     cpp: bool = False
 
 

@@ -29,7 +29,7 @@ from diffexport.recipes import IOSpec
 
 FULL, PYTHON_ONLY = "triton", "triton-python"
 ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
-PYTHON_BACKENDS = ("onnxruntime", "aoti")  # in-process runtimes of the self-contained denoiser, preferred first
+PYTHON_BACKENDS = ("onnxruntime", "aoti", "openvino")  # in-process runtimes of the self-contained denoiser, preferred first
 NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
 NATIVE_BACKENDS = {"tensorrt": "tensorrt", "onnx": "onnxruntime"}  # engine target -> Triton backend serving it
 
@@ -70,7 +70,11 @@ def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = Fal
 
 
 def python_backend(manifest: dict) -> str:
-    """The runtime the self-contained denoiser loads in-process: ``onnxruntime`` if built, else ``aoti``."""
+    """The runtime the self-contained denoiser loads in-process: the engine's ranked ``default_backend``
+    (``targets: auto``) when it runs in-process, else ``onnxruntime`` if built, else ``aoti``, else ``openvino``."""
+    chosen = manifest.get("default_backend")
+    if chosen and chosen != "tensorrt" and BACKENDS.get(chosen) in manifest.get("artifacts", {}):
+        return chosen
     backend = next((b for b in PYTHON_BACKENDS if BACKENDS[b] in manifest.get("artifacts", {})), None)
     if backend is None:
         raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact {_built(manifest)}")
