@@ -377,14 +377,24 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
-    """The finalize stage installs a runner that still works once the temporary directory is renamed;
-    ``diffexport cpp`` prints the binary's path and refuses an engine without an aoti artifact."""
+    """The finalize stage installs a runner that still works once the temporary directory is renamed,
+    with build.json listing the sha256 of every C++ build input (and, with the manifest hashing
+    helper, ``hashes.cpp`` covering cpp/); ``diffexport cpp`` prints the binary's path and refuses an
+    engine without an aoti artifact."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
+    from diffexport.deploy.cpp import source_files
+    from diffexport.engines import manifest as manifest_io
 
     building = shutil.copytree(engine_ok, tmp_path / ".tiny.building")
-    cpp_stage(building, manifest_of(building))
+    manifest = manifest_of(building)
+    cpp_stage(building, manifest)
+    inputs = json.loads((building / "cpp" / "build.json").read_text())
+    assert inputs["sources"] == source_files() and {"CMakeLists.txt", "src/sampler.cpp", "include/diffexport/verdict.h"} <= set(inputs["sources"])
+    if hasattr(manifest_io, "record_tree"):
+        assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
+        manifest_io.verify_record(building, manifest["hashes"]["cpp"])
     engine = building.rename(tmp_path / "tiny")
     done = run(engine / "cpp" / BINARY, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy")
     assert done.returncode == 0, done.stderr
