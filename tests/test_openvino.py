@@ -68,13 +68,14 @@ def test_artifacts_are_the_candidates(auto_engine):
     for key, hint in (("openvino", "f32"), ("openvino-bf16", "bf16")):
         art = m["artifacts"][key]
         assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
+        assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"]} == set(art["files"])
         assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
     assert m["artifacts"]["openvino"]["file"] != m["artifacts"]["openvino-bf16"]["file"]
 
 
 @pytest.mark.parametrize("backend,rtol", [("openvino", 1e-5), ("openvino-bf16", 2e-2)])
 def test_openvino_matches_torch_reference(auto_engine, backend: str, rtol: float):
-    for batch in (1, 4):  # the engine's min and max batch
+    for batch in (1, 3, 4):  # static blobs for min and max, the dynamic one for 3
         got, want = _call(auto_engine, backend, batch)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert rel_l2(got, want) <= rtol, (backend, batch, rel_l2(got, want))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPES
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
@@ -79,7 +80,7 @@ def test_patch_recipe_samples_a_larger_image():
 
 # --- broken recipes -------------------------------------------------------------------------
 
-BASE = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
+BASE = TINY_RECIPES["quickstart"]  # the tiny random-weights quickstart (no conditions, no checkpoint)
 
 
 def _with(edit) -> dict:
@@ -254,3 +255,42 @@ def test_reference_is_built_from_the_manifests_recipe(built_quickstart: Path, tm
     manifest["recipe"]["preconditioner"]["args"]["sigma_data"] = 0.9
     write_manifest(engine, manifest)
     assert not torch.allclose(TorchEngine(engine, io)(x, sigma), before)
+
+
+# --- property: any sampler either validates into a finite schedule or is refused by name -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NUM = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 2000))
+_SCHEDULER_ARGS = {
+    "EDMNoiseScheduler": ["sigma_min", "sigma_max", "rho"], "VENoiseScheduler": ["sigma_min", "sigma_max"],
+    "VPNoiseScheduler": ["beta_min", "beta_d", "epsilon_s", "t_max"], "IDDPMNoiseScheduler": ["sigma_min", "sigma_max", "C_1", "C_2"],
+    "DDPMScheduler": ["num_train_timesteps", "beta_start", "beta_end"],
+}
+_OPTIONS = ["S_churn", "S_min", "S_max", "S_noise", "alpha", "eta"]
+
+
+@st.composite
+def _samplers(draw):
+    cls = draw(st.sampled_from(sorted(_SCHEDULER_ARGS)))
+    args = draw(st.dictionaries(st.sampled_from(_SCHEDULER_ARGS[cls]), _NUM, max_size=3))
+    solver = draw(st.sampled_from(["euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim"]))
+    options = draw(st.dictionaries(st.sampled_from(_OPTIONS), _NUM, max_size=2))
+    return {"scheduler": {"class": cls, "args": args}, "solver": solver, "num_steps": draw(st.integers(1, 40)), "solver_options": options}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(sampler=_samplers())
+def test_any_sampler_validates_to_a_finite_schedule_or_is_refused(sampler):
+    data = _with(lambda d: d.update(sampler=sampler))
+    try:
+        recipe = validate_recipe(data)
+    except RecipeError as e:
+        lines = str(e).splitlines()
+        assert lines[0] == "invalid recipe" and all(line.startswith("  <recipe>: sampler") for line in lines[1:]), str(e)
+        return
+    s = sampler_schedule(recipe)
+    json.dumps(s, allow_nan=False)
+    sig = s["sigmas"]
+    assert all(a > b for a, b in zip(sig, sig[1:])) and sig[-1] == 0.0 and len(s["steps"]) == sampler["num_steps"]

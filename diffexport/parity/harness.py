@@ -291,6 +291,10 @@ class ParityRun:
             "settings": self.plan.settings(), "sigmas": self.plan.sigmas,
             "backends": {b: self.check(b) for b in backends},
         }  # fmt: skip
+        if self.manifest["recipe"].get("parity", {}).get("judge"):  # task-level parity (diffexport.parity.task)
+            from diffexport.parity.task import check_task
+
+            report["task"] = check_task(self.engine_dir, self.manifest, report["backends"], self.reference.engine, self.device)
         report["passed"] = all(e["passed"] for e in report["backends"].values())
         return report
 
