@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
 from diffexport.fileio import write_atomic
 from diffexport.runtime.images import save_png_grid
-from diffexport.runtime.sampler import sample as run_sampler
+from diffexport.runtime.inputs import condition_specs
+from diffexport.runtime.sampler import one_hot_condition, sample as run_sampler
 
 ENGINE_DIR = typer.Argument(..., help="Engine directory made by `diffexport build`.")
 BACKEND_HELP = f"Backend: {', '.join(BACKENDS)}."
@@ -59,14 +61,30 @@ def _load_npy(path: Path, what: str, integer_ok: bool = False) -> np.ndarray:
     return array
 
 
-def _parse_conditions(items: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``NAME=FILE.npy`` items -> tensors and file names by condition name."""
+def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``NAME=FILE.npy`` items -> tensors and file names by condition name; ``NAME=3`` / ``NAME=0,1,2``
+    (no such file) is one-hot class labels of that vector condition, cycled over ``batch``."""
     tensors, files = {}, {}
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
-            raise fail(f"--condition expects NAME=FILE.npy, got {item!r}")
-        tensors[name], files[name] = torch.from_numpy(_load_npy(Path(file), f"condition '{name}'", integer_ok=True)), file
+            raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
+        if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
+            try:
+                tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
+            except ValueError as e:
+                raise fail(f"--condition {item}: {e}") from None
+            files[name] = f"--condition {item}"
+            continue
+        array = _load_npy(Path(file), f"condition '{name}'", integer_ok=True)
+        vector = engine is not None and any(c.name == name and c.kind == "vector" for c in condition_specs(engine))
+        if vector and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):  # class indices
+            try:
+                tensors[name], files[name] = one_hot_condition(engine, array.tolist(), batch, name)[1], file
+            except ValueError as e:
+                raise fail(f"{file}: {e}") from None
+            continue
+        tensors[name], files[name] = torch.from_numpy(array), file
     return tensors, files
 
 
@@ -114,7 +132,9 @@ def sample(
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the initial noise and of the per-step noise."),
     latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
-    condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable)."),
+    condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
+                                        "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
+    label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
     steps: int = typer.Option(None, "--steps", min=1, max=MAX_STEPS, help="Number of sampler steps (default: the recipe's)."),
     device: str = typer.Option(None, "--device", help="torch device to run on: cpu, cuda, cuda:N (default: where the artifact runs)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay engine calls from CUDA graphs (CUDA engines)."),
@@ -134,7 +154,14 @@ def sample(
     except EngineError as e:
         raise fail(str(e)) from None
     x_n = torch.from_numpy(_load_npy(latents, "latents")).float() if latents is not None else None
-    conditions, files = _parse_conditions(condition)
+    if label is not None:
+        if not re.fullmatch(r"\d+(,\d+)*", label):
+            raise fail(f"--label expects an integer or a comma-separated list of them, got {label!r}")
+        try:
+            condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
+        except ValueError as e:
+            raise fail(f"--label: {e}") from None
+    conditions, files = _parse_conditions(condition, engine, batch)
     if x_n is not None and (x_n.ndim != 4 or tuple(x_n.shape[1:]) != image):
         raise fail(f"{latents}: latents must be [N, {', '.join(map(str, image))}], got shape {list(x_n.shape)}")
     start = time.perf_counter()

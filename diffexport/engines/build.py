@@ -137,6 +137,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
         "time_steps": t.tolist(), "sigmas": sigmas.double().tolist(), "alphas": alphas.tolist(),
         "patching": s.patching.model_dump() if s.patching else None,
         "steps": steps,
+        **({"guidance": s.guidance.model_dump()} if s.guidance else {}),
     }  # fmt: skip
 
 
