@@ -123,8 +123,10 @@ def test_matches_python_sampler(engine_ok, runner, tmp_path, solver, steps, batc
     """Heun (2N-1 evaluations) and Euler (N), the manifest's or a recomputed EDM schedule (--steps),
     N = 5 rows in chunks of the batch max 4; with batch min 2 the last chunk is padded."""
     engine = shutil.copytree(engine_ok, tmp_path / "engine")
-    edit_manifest(engine, lambda m: (m["sampler"].update(solver=solver), m["io"]["batch"].update(min=batch_min)))
-    num_steps = steps or manifest_of(engine)["sampler"]["num_steps"]
+    recorded = manifest_of(engine)["sampler"]
+    set_sampler(engine, recorded["scheduler"]["class"], recorded["scheduler"]["args"], solver, recorded["num_steps"])
+    edit_manifest(engine, lambda m: m["io"]["batch"].update(min=batch_min))
+    num_steps = steps or recorded["num_steps"]
     log, _ = check_parity(runner, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy", steps)
     assert f"{2 * num_steps - 1 if solver == 'heun' else num_steps} evaluations per batch" in log
 
@@ -175,13 +177,18 @@ def index_engine_dir(tmp_path_factory) -> Path:
 
 
 def set_sampler(engine: Path, scheduler: str, args: dict, solver: str, num_steps: int, options: dict | None = None) -> None:
-    """Rewrite ``manifest.sampler`` as ``engines.build.sampler_schedule`` records it."""
-    from diffexport.diffusion import noise_schedulers
+    """Rewrite ``manifest.sampler`` as ``engines.build.sampler_schedule`` records it (step table included)."""
+    from diffexport.diffusion import noise_schedulers, samplers
+    from diffexport.export.validate import resolved_args
 
     sch = getattr(noise_schedulers, scheduler)(**args)
     t = sch.timesteps(num_steps)
-    sampler = {"scheduler": {"class": scheduler, "args": args}, "solver": solver, "num_steps": num_steps, "solver_options": options or {},
-               "time_steps": t.tolist(), "sigmas": sch.edm_sigma(t).double().tolist(), "alphas": sch.alpha(t).double().tolist(), "patching": None}
+    solver_args = resolved_args(samplers.SOLVERS[solver], options or {}, skip=1, supplied=samplers.SUPPLIED)
+    sampler = {"scheduler": {"class": scheduler, "args": resolved_args(type(sch), args)}, "solver": solver, "num_steps": num_steps,
+               "solver_options": options or {}, "solver_args": {k: str(v) if v in (float("inf"), float("-inf")) else v for k, v in solver_args.items()},
+               "discrete": not t.is_floating_point(), "time_steps": t.tolist(),
+               "sigmas": sch.edm_sigma(t if not t.is_floating_point() else t.double()).double().tolist(), "alphas": sch.alpha(t).double().tolist(),
+               "patching": None, "steps": samplers.step_table(sch, solver, t, options or {})}
     edit_manifest(engine, lambda m: m.update(sampler=sampler))
 
 
@@ -275,6 +282,8 @@ BROKEN = {
     "missing artifact": (lambda e: (e / "denoiser.pt2").unlink(), "denoiser.pt2: missing"),
     "sha256 mismatch": (_flip_byte, "denoiser.pt2: corrupted: its sha256"),
     "solver misfit": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(solver="ddim")), "sampler.solver: 'ddim' does not fit EDMNoiseScheduler"),
+    "table of another solver": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(solver="euler", solver_args={})),
+                                "sampler.steps[0].evals: 2 evaluations, solver 'euler' makes 1"),
     "unknown solver": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(solver="dpm")), "sampler.solver: 'dpm' is not supported"),
     "unknown scheduler": (lambda e: edit_manifest(e, lambda m: m["sampler"]["scheduler"].update({"class": "CosineScheduler"})),
                           "sampler.scheduler.class: 'CosineScheduler' is not supported by the C++ runner"),
@@ -282,6 +291,8 @@ BROKEN = {
                               "sampler.solver_options.S_churn: not an option of solver 'heun' (alpha)"),
     "patching": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(patching={"img_shape": [32, 32]})),
                  "sampler.patching: patch-based sampling (multi-diffusion, global_index) is not supported by the C++ runner"),
+    "edited step table": (lambda e: edit_manifest(e, lambda m: m["sampler"]["steps"][2].update(t_cur=1.5)),
+                          "sampler.steps[2].t_cur: 1.500000 does not match"),
     "unknown sampler field": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(guidance={"scale": 2})),
                               "sampler.guidance: not supported by the C++ runner"),
 }
@@ -366,14 +377,24 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
-    """The finalize stage installs a runner that still works once the temporary directory is renamed;
-    ``diffexport cpp`` prints the binary's path and refuses an engine without an aoti artifact."""
+    """The finalize stage installs a runner that still works once the temporary directory is renamed,
+    with build.json listing the sha256 of every C++ build input (and, with the manifest hashing
+    helper, ``hashes.cpp`` covering cpp/); ``diffexport cpp`` prints the binary's path and refuses an
+    engine without an aoti artifact."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
+    from diffexport.deploy.cpp import source_files
+    from diffexport.engines import manifest as manifest_io
 
     building = shutil.copytree(engine_ok, tmp_path / ".tiny.building")
-    cpp_stage(building, manifest_of(building))
+    manifest = manifest_of(building)
+    cpp_stage(building, manifest)
+    inputs = json.loads((building / "cpp" / "build.json").read_text())
+    assert inputs["sources"] == source_files() and {"CMakeLists.txt", "src/sampler.cpp", "include/diffexport/verdict.h"} <= set(inputs["sources"])
+    if hasattr(manifest_io, "record_tree"):
+        assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
+        manifest_io.verify_record(building, manifest["hashes"]["cpp"])
     engine = building.rename(tmp_path / "tiny")
     done = run(engine / "cpp" / BINARY, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy")
     assert done.returncode == 0, done.stderr

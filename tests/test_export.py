@@ -326,3 +326,29 @@ def test_tensorrt_plan_builds_for_the_batch_profile(onnx_path, io, tmp_path):
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine((tmp_path / "denoiser.plan").read_bytes())
     assert [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)] == ["x", "sigma", "denoised"]
     assert tuple(engine.get_tensor_profile_shape("x", 0)[2]) == (io.batch["max"], 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------
+# Locating the first diverging module (any backend compiled from a torch.export program)
+
+
+def test_module_locate_names_the_perturbed_module(denoiser, io):
+    """A "compiler" that runs the exported program with one weight of ``enc.8x8_block0.conv1``
+    perturbed: the search names that module (its block first, then the block's child)."""
+    from diffexport.parity.module_locate import locate_module
+
+    target = "enc.8x8_block0.conv1.weight"
+
+    def faulty_compile(program):
+        module = program.module()
+        (name,) = [n for n, _ in module.named_parameters() if n.endswith(target)]
+        with torch.no_grad():
+            module.get_parameter(name).mul_(1.05)
+        return module
+
+    args = inputs_at(io, 2, 1.0)
+    found = locate_module(denoiser, args, faulty_compile, lambda d: export_program(d, io), rtol=1e-4)
+    assert found is not None and found.module == "enc.8x8_block0.conv1" and found.kind == "Conv2d", found
+    assert found.rel_l2 > 1e-3 and "enc.8x8_block0.conv1" in str(found)
+    honest = locate_module(denoiser, args, lambda p: p.module(), lambda d: export_program(d, io), rtol=1e-4)
+    assert honest is None

@@ -12,9 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -168,25 +165,33 @@ def test_sample_never_overwrites_without_overwrite(tmp_path, capsys, tiny_engine
 
 # --- faults: SIGKILL at each stage and in the swap, full disk ---------------------------------
 
-KILLER = textwrap.dedent("""
-    import os, sys
-    from diffexport.engines import build_engine
-    from diffexport.parity import parity_stage
-    recipe, out, where = sys.argv[1:]
+def killed_build(recipe: Path, engine: Path, where: str) -> int:
+    """Build ``recipe`` into ``engine`` in a forked child that SIGKILLs itself when stage ``where``
+    starts (``swap``: between the two renames of the directory swap); the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            import diffexport.engines.build as build
 
-    def progress(stage, event, seconds, detail):
-        if stage == where and event == "start":
-            os.kill(os.getpid(), 9)
+            def progress(stage, event, seconds, detail):
+                if stage == where and event == "start":
+                    os.kill(os.getpid(), signal.SIGKILL)
 
-    if where == "swap":  # killed between the two renames of the swap: the old engine moved aside, the new not yet in
-        real = os.rename
-        def rename(src, dst):
-            real(src, dst)
-            if str(dst).endswith(".old"):
-                os.kill(os.getpid(), 9)
-        os.rename = rename
-    build_engine(recipe, out, force=True, progress=progress, finalize=[("parity", parity_stage)])
-""")
+            if where == "swap":
+                real = os.rename
+
+                def rename(src, dst):
+                    real(src, dst)
+                    if str(dst).endswith(".old"):  # the old engine moved aside, the new one not yet in place
+                        os.kill(os.getpid(), signal.SIGKILL)
+
+                build.os.rename = rename
+            build_engine(recipe, engine, force=True, progress=progress, finalize=PARITY)
+        finally:
+            os._exit(3)
+    return os.waitpid(pid, 0)[1]
+
+
 STAGES = ["load", "export", "export:onnx", "parity", "swap"]
 
 
@@ -194,10 +199,9 @@ def test_kill_9_at_each_stage_and_in_the_swap_loses_nothing(tmp_path, capsys, ti
     """After each kill the previous engine is intact (or restored by the next build's recovery), the
     killed build's hidden folder is refused by inspect and sample, and recovery removes it."""
     before = snapshot(engine)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for where in STAGES:
-        proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_recipe), str(engine), where], env=env, capture_output=True, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, (where, proc.stderr.decode()[-2000:])
+        status = killed_build(tiny_recipe, engine, where)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (where, status)
         left = [engine.parent / name for name in leftovers(engine)]
         assert left, where
         if where == "swap":
@@ -220,14 +224,14 @@ def test_recovery_keeps_a_leftover_folder_that_holds_foreign_files(engine):
     assert (stale / "mine.txt").read_text() == "not the build's"
 
 
-@pytest.mark.parametrize("where", ["weights", "manifest"])
+@pytest.mark.parametrize("where", ["weights", "recipe.yaml"])
 def test_full_disk_fails_cleanly_and_keeps_the_old_engine(tmp_path, capsys, monkeypatch, tiny_recipe, engine, where):
     import diffexport.engines.build as build
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "x"))
 
-    monkeypatch.setattr(build.torch if where == "weights" else build, "save" if where == "weights" else "write_manifest", no_space)
+    monkeypatch.setattr(build.torch if where == "weights" else build, "save" if where == "weights" else "write_atomic", no_space)
     before = snapshot(engine)
     line = one_line_error(*cli(capsys, "build", tiny_recipe, "--out", engine, "--force"))
     assert "No space left on device" in line, line
@@ -333,3 +337,36 @@ def test_png_grid_is_written_by_a_library_and_round_trips(tmp_path):
     x = np.random.default_rng(1).uniform(-1, 1, size=(3, 3, 5, 4)).astype(np.float32)
     image = matplotlib.image.imread(save_png_grid(x, tmp_path / "g.png"))
     assert np.array_equal(np.round(image * 255).astype(np.uint8), to_grid(x))
+
+
+def test_tree_hashing_helper_for_deploy_folders(tmp_path):
+    """``record_tree`` / ``verify_record``: what the Triton and C++ stages use for the folders they write."""
+    from diffexport.engines.manifest import hash_records, record_tree, verify_record
+
+    repo = tmp_path / "triton" / "m" / "1"
+    repo.mkdir(parents=True)
+    (repo / "model.py").write_text("print('served')\n")
+    (tmp_path / "triton" / "m" / "config.pbtxt").write_text("name: 'm'\n")
+    manifest: dict = {}
+    record = record_tree(tmp_path, manifest, "triton")
+    assert manifest["hashes"]["triton"] is record and set(record["files"]) == {"triton/m/1/model.py", "triton/m/config.pbtxt"}
+    assert "hashes.triton" in hash_records(manifest)
+    verify_record(tmp_path, record)
+    (repo / "__pycache__").mkdir()
+    (repo / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"bytecode")  # written by Python on import: ignored
+    verify_record(tmp_path, record)
+    (repo / "model.py").write_text("import os; os.system('rm -rf ~')\n")
+    with pytest.raises(EngineError, match="model.py: sha256 does not match"):
+        verify_record(tmp_path, record)
+    (repo / "model.py").write_text("print('served')\n")
+    (repo / "extra.py").write_text("")
+    with pytest.raises(EngineError, match="extra.py: file is not listed"):
+        verify_record(tmp_path, record)
+    (repo / "extra.py").unlink()
+    (repo / "link").symlink_to("/etc/hostname")
+    with pytest.raises(EngineError, match="not listed|symlinks"):
+        verify_record(tmp_path, record)
+    with pytest.raises(EngineError, match="symlinks and special files"):
+        record_tree(tmp_path, manifest, "triton")
+    with pytest.raises(EngineError, match="leaves the engine directory"):
+        record_tree(tmp_path, manifest, "../elsewhere")

@@ -133,6 +133,9 @@ def file_record(engine_dir: Path, files: list[str]) -> dict[str, Any]:
     }
 
 
+CACHE_DIR = "__pycache__"  # Python's bytecode cache, written when a hashed model.py is imported: not hashed, not an unlisted file
+
+
 def hash_tree(engine_dir: str | Path, subdir: str) -> dict[str, Any]:
     """``{"dir", "files": {path: sha256}, "bytes"}`` of every file under ``engine_dir/subdir`` (paths
     relative to ``engine_dir``, sorted). Symlinks and anything but files and folders are refused."""
@@ -142,6 +145,8 @@ def hash_tree(engine_dir: str | Path, subdir: str) -> dict[str, Any]:
         raise EngineError(f"{root}: not a folder; nothing to hash")
     files, total = {}, 0
     for path in sorted(root.rglob("*")):
+        if CACHE_DIR in path.relative_to(root).parts:
+            continue
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise EngineError(f"{path}: symlinks and special files are not allowed in an engine directory")
         if path.is_file():
@@ -185,6 +190,8 @@ def verify_record(engine_dir: str | Path, record: dict, where: str = MANIFEST) -
         root = inside(engine_dir, record["dir"])
         listed = {inside(engine_dir, name) for name in files}
         for path in sorted(root.rglob("*")) if root.is_dir() else ():
+            if CACHE_DIR in path.relative_to(root).parts:
+                continue
             if (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
                 raise EngineError(f"{path}: file is not listed in {MANIFEST} ({where}); it was added after the build; rebuild the engine")
 
@@ -274,7 +281,8 @@ def check_manifest(path: Path, manifest: dict) -> None:
         raise EngineError(f"{path}: status {manifest['status']!r} is not one of {', '.join(STATUSES)}")
     try:
         io = IOSpec.from_dict(manifest["io"])
-        want = io_spec(parse_recipe(manifest["recipe"], f"{path}: recipe")).to_dict()
+        recipe = parse_recipe(manifest["recipe"], f"{path}: recipe")
+        want = io_spec(recipe).to_dict()
     except RecipeError as e:
         raise EngineError(f"{path}: field 'recipe' is not a valid recipe: {str(e).splitlines()[-1].strip()}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -282,11 +290,48 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if io.to_dict() != want:
         raise EngineError(f"{path}: field 'io' does not match the engine's recipe (expected {json.dumps(want, separators=(',', ':'))[:300]}); "
                           "the manifest was edited, rebuild the engine")
-    sampler = manifest["sampler"]
-    sigmas = sampler.get("sigmas")
-    if (not isinstance(sigmas, list) or len(sigmas) < 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in sigmas)
-            or not isinstance(sampler.get("solver"), str) or not isinstance(sampler.get("scheduler"), dict)):
-        raise EngineError(f"{path}: field 'sampler' is invalid (needs scheduler, solver and finite sigmas >= 0); rebuild the engine")
+    _check_sampler(path, manifest["sampler"], recipe)
+
+
+def _finite_list(value: Any, length: int | None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def _check_sampler(path: Path, sampler: dict, recipe: Any) -> None:
+    """``EngineError`` unless ``sampler`` is the one of ``recipe``: same scheduler class (its args a
+    superset of the recipe's, constructible), solver, steps, options and patching, with N + 1 finite
+    ``time_steps`` / ``sigmas`` (≥ 0)."""
+    from diffexport.diffusion import noise_schedulers, samplers
+
+    def bad(field: str, why: str) -> EngineError:
+        return EngineError(f"{path}: field 'sampler.{field}' {why}; the manifest is damaged or edited, rebuild the engine")
+
+    want = recipe.sampler
+    scheduler = sampler.get("scheduler")
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("args", {}), dict):
+        raise bad("scheduler", "must be an object {class, args}")
+    if scheduler.get("class") != want.scheduler.class_name:
+        raise bad("scheduler.class", f"is {scheduler.get('class')!r}, but the recipe says {want.scheduler.class_name!r}")
+    args = scheduler.get("args", {})
+    if any(k not in args or args[k] != v for k, v in want.scheduler.args.items()):
+        raise bad("scheduler.args", f"differ from the recipe's {want.scheduler.args}")
+    try:
+        getattr(noise_schedulers, want.scheduler.class_name)(**args)
+    except Exception as e:  # noqa: BLE001 (any constructor refusal)
+        raise bad("scheduler.args", f"are refused by {want.scheduler.class_name} ({type(e).__name__}: {e})") from None
+    for field, value in (("solver", want.solver), ("num_steps", want.num_steps), ("solver_options", dict(want.solver_options)),
+                         ("patching", want.patching.model_dump() if want.patching else None)):
+        if sampler.get(field, None if field == "patching" else ...) != value:
+            raise bad(field, f"is {sampler.get(field)!r}, but the recipe says {value!r}")
+    if want.solver not in samplers.SOLVERS:
+        raise bad("solver", f"{want.solver!r} is not one of {', '.join(samplers.SOLVERS)}")
+    n = want.num_steps + 1
+    if not _finite_list(sampler.get("sigmas"), n) or any(v < 0 for v in sampler["sigmas"]):
+        raise bad("sigmas", f"must be {n} finite numbers >= 0")
+    for field in ("time_steps", "alphas"):
+        if field in sampler and not _finite_list(sampler[field], n):
+            raise bad(field, f"must be {n} finite numbers")
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -96,12 +96,14 @@ class TritonServer:
 
     Ports left ``None`` are picked free on ``host``. Server output (the models' prints included)
     goes to ``log_file`` (a temporary file by default, kept after stop for inspection).
+    ``exit_timeout``: seconds Triton waits on stop for models to unload (Python models took up to
+    20 s on a loaded 2-core machine).
     """
 
     def __init__(
         self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int | None = None,
         grpc_port: int | None = None, metrics_port: int | None = None, log_file: str | Path | None = None,
-        exit_timeout: int = 10,
+        exit_timeout: int = 30,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():

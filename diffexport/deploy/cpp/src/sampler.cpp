@@ -29,6 +29,17 @@ Tensor ramp(int n) { return at::arange(n, at::kDouble) / static_cast<double>(std
 
 Tensor append_zero(const Tensor& t) { return at::cat({t, at::zeros({1}, t.options())}); }
 
+/// A JSON number, or the strings "inf" / "-inf" / "nan" that strict-JSON manifests use for them.
+bool json_number(const Json& j, double& out) {
+  if (j.is_number()) return out = j.get<double>(), true;
+  if (!j.is_string()) return false;
+  const std::string v = j.get<std::string>();
+  if (v == "inf" || v == "Infinity") return out = INFINITY, true;
+  if (v == "-inf" || v == "-Infinity") return out = -INFINITY, true;
+  if (v == "nan" || v == "NaN") return out = NAN, true;
+  return false;
+}
+
 /// Scheduler arguments: the manifest's resolved values, Python's defaults for the ones left out.
 class Args {
  public:
@@ -43,8 +54,9 @@ class Args {
   double num(const char* key, double fallback) const {
     auto it = args_.find(key);
     if (it == args_.end() || it->is_null()) return fallback;
-    if (!it->is_number()) throw Error(where_ + key + ": expected a number, got " + it->dump());
-    return it->get<double>();
+    double v = 0;
+    if (!json_number(*it, v)) throw Error(where_ + key + ": expected a number, got " + it->dump());
+    return v;
   }
 
  private:
@@ -147,7 +159,7 @@ class VP : public Schedule {
 
  private:
   Tensor a_(const Tensor& t) const { return at::pow(t, 2) * (0.5 * bd_) + t * bmin_; }
-  Tensor t_of_a(const Tensor& a) const { return ((a * (2 * bd_) + bmin_ * bmin_).sqrt() - bmin_) / bd_; }
+  Tensor t_of_a(const Tensor& a) const { return a * 2 / ((a * (2 * bd_) + bmin_ * bmin_).sqrt() + bmin_); }
   double bmin_, bd_, eps_, tmax_;
 };
 
@@ -230,8 +242,8 @@ SolverSpec solver_spec(const SamplerSpec& s, const Schedule& schedule, const std
       out.has_seed = true, out.seed = it->get<uint64_t>();
       continue;
     }
-    if (!it->is_number()) throw Error(at + ": expected a number, got " + it->dump());
-    const double v = it->get<double>();
+    double v = 0;
+    if (!json_number(*it, v)) throw Error(at + ": expected a number, got " + it->dump());
     if (key == "alpha") out.heun_alpha = v;
     if (key == "S_churn") out.S_churn = v;
     if (key == "S_min") out.S_min = v;
@@ -382,7 +394,45 @@ class Run {
   at::Generator gen_;
 };
 
-const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "time_steps", "sigmas", "alphas", "patching"};
+const std::set<std::string> kSamplerKeys = {"scheduler", "solver",  "num_steps", "solver_options", "solver_args", "discrete",
+                                            "time_steps", "sigmas", "alphas",  "steps",          "patching"};
+
+bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
+
+/// The manifest's resolved records (`solver_args`, `discrete`, the `steps` table) must say what this
+/// runner computes from the scheduler and solver; a disagreement is refused, never guessed around.
+void check_records(const std::string& where, const Field& sampler, const SolverSpec& solver, const Schedule& schedule,
+                   const std::vector<double>& times, const std::vector<double>& sigmas, bool own_steps) {
+  auto mismatch = [&](const std::string& field, double got, double want) {
+    throw Error(where + field + ": " + std::to_string(got) + " does not match " + std::to_string(want) +
+                " computed from the scheduler and solver (edited manifest?)");
+  };
+  if (sampler.has("discrete") && sampler.at("discrete").boolean() != schedule.discrete())
+    throw Error(where + "discrete: " + sampler.at("discrete").json().dump() + " does not fit the scheduler");
+  if (sampler.has("solver_args")) {
+    const std::map<std::string, double> mine = {{"alpha", solver.heun_alpha}, {"S_churn", solver.S_churn}, {"S_min", solver.S_min},
+                                                {"S_max", solver.S_max},      {"S_noise", solver.S_noise}, {"eta", solver.eta}};
+    for (const auto& [key, value] : sampler.at("solver_args").items()) {
+      double v = 0;
+      auto it = mine.find(key);
+      if (it != mine.end() && json_number(value.json(), v) && !close(v, it->second)) mismatch("solver_args." + key, v, it->second);
+    }
+  }
+  if (!own_steps || !sampler.has("steps")) return;  // the table is for the manifest's own num_steps
+  const std::vector<Field> steps = sampler.at("steps").array();
+  if (steps.size() + 1 != times.size())
+    throw Error(where + "steps: " + std::to_string(steps.size()) + " steps, the time steps make " + std::to_string(times.size() - 1));
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string at = "steps[" + std::to_string(i) + "]";
+    if (!close(steps[i].at("t_cur").number(), times[i])) mismatch(at + ".t_cur", steps[i].at("t_cur").number(), times[i]);
+    if (!close(steps[i].at("t_next").number(), times[i + 1])) mismatch(at + ".t_next", steps[i].at("t_next").number(), times[i + 1]);
+    const std::vector<Field> evals = steps[i].at("evals").array();
+    const size_t want = solver.heun() && times[i + 1] != 0 ? 2 : 1;
+    if (evals.size() != want)
+      throw Error(where + at + ".evals: " + std::to_string(evals.size()) + " evaluations, solver '" + solver.name + "' makes " + std::to_string(want));
+    if (!steps[i].has("churn") && !close(evals[0].at("sigma").number(), sigmas[i])) mismatch(at + ".evals[0].sigma", evals[0].at("sigma").number(), sigmas[i]);
+  }
+}
 
 }  // namespace
 
@@ -415,6 +465,8 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
   times_.assign(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
   const Tensor sig = schedule_->edm_sigma(times).to(at::kDouble).contiguous();
   sigmas_.assign(sig.data_ptr<double>(), sig.data_ptr<double>() + sig.numel());
+  check_records(where, Field(engine_.manifest, "").at("sampler"), solver_spec(s, *schedule_, where), *schedule_, times_, sigmas_,
+                options.steps <= 0 || options.steps == s.num_steps);
   backend_ = open_backend(engine_, options.backend, options.threads);
 }
 
