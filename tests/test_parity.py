@@ -103,8 +103,8 @@ def test_parity_stage_and_cli_mark_failure(perturbed, onnx_engine_dir, tmp_path)
     assert ok.exit_code == 0, ok.output
 
 
-def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path):
-    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path, tiny_recipe_paths):
+    data = yaml.safe_load(tiny_recipe_paths["quickstart"].read_text())
     data.update(parity={"per_call_rtol": 1e-12}, deploy={})  # fp32 engines differ by ~1e-7: must fail
     (tmp_path / "strict.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "engine"

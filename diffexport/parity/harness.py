@@ -332,7 +332,7 @@ class ParityRun:
         run's reference); it adds ``entry["task"]`` and folds its verdict into ``entry["passed"]``."""
         from diffexport.parity.task import check_task
 
-        return check_task(self.engine_dir, self.manifest, entries, self.reference, self.device)
+        return check_task(self.engine_dir, self.manifest, entries, self.reference.engine, self.device)
 
     def report(self, backends: list[str] | None = None) -> dict:
         """The parity report of ``backends`` (default: every built artifact); ``report["passed"]``
