@@ -11,6 +11,7 @@ from typing import Any
 
 from diffexport.engines.manifest import write_json
 from diffexport.fileio import write_atomic
+from diffexport.parity.task import markdown_lines as task_markdown_lines
 
 FILES = ("parity.json", "parity.md", "parity.png")
 
@@ -75,6 +76,7 @@ def markdown(report: dict) -> str:
             at = f" (at σ = {d['sigma']:.4g})" if d and d.get("sigma") is not None else ""
             lines += ["", f"Diagnosis{at}: {d['summary']}." if d else
                       "No single ONNX node exceeds the per-call tolerance on the worst inputs: the error builds up gradually."]
+    lines += task_markdown_lines(report)  # task-level parity (parity.judge), if any
     return "\n".join(lines) + "\n"
 
 

@@ -142,12 +142,21 @@ class Patching(Strict):
         return self
 
 
+class Guidance(Strict):
+    """Classifier-free guidance (``diffexport.diffusion.guidance.ClassifierFreeGuidance``):
+    ``uncond + cfg (cond - uncond)``, the unconditional call with the vector condition zeroed (as
+    label dropout trains it); ``cfg: 1`` is plain conditional sampling."""
+
+    cfg: float = Field(ge=0)
+
+
 class Sampler(Strict):
     scheduler: SchedulerSpec
     solver: str = "heun"
     num_steps: int = Field(18, ge=1, le=MAX_STEPS)
     solver_options: dict[str, Any] = Field(default_factory=dict)
     patching: Patching | None = None
+    guidance: Guidance | None = None
 
     @field_validator("solver")
     @classmethod
@@ -192,6 +201,21 @@ class Export(Strict):
         return self
 
 
+class Judge(Strict):
+    """Task-level parity (``diffexport.parity.task``): ``name`` is ``digits`` (the shipped digits
+    classifier) or ``module:callable`` (samples [N, C, H, W] -> labels [N] or (labels, features)).
+    ``samples`` seeded samples per backend, requested classes cycling 0..K-1; gates: class agreement
+    with the reference, Fréchet distance of the judge's features to the reference's, and the share
+    of samples the judge classifies as requested."""
+
+    name: str
+    samples: int = Field(100, ge=2)
+    seed: int = 0
+    min_agreement: float = Field(0.97, ge=0, le=1)
+    max_frechet: float | None = Field(None, ge=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+
+
 class Parity(Strict):
     """Parity checks run as the last build stage. Tolerances default to the precision's preset."""
 
@@ -202,6 +226,7 @@ class Parity(Strict):
     per_call_rtol: float | None = Field(None, gt=0)
     per_call_f_rtol: float | None = Field(None, gt=0)  # of the network's prediction F = (D - c_skip x) / c_out
     final_rtol: float | None = Field(None, gt=0)
+    judge: Judge | None = None
 
 
 class Deploy(Strict):
@@ -239,4 +264,6 @@ class Recipe(Strict):
             raise ValueError(f"conditions: duplicate name(s) {', '.join(dup)}")
         if sum(c.kind == "vector" for c in self.conditions) > 1:
             raise ValueError("conditions: at most one vector condition (it feeds the model's class labels)")
+        if self.sampler.guidance is not None and not any(c.kind == "vector" for c in self.conditions):
+            raise ValueError("sampler.guidance: classifier-free guidance needs a vector condition (the class labels it zeroes)")
         return self

@@ -31,6 +31,7 @@ import torch
 
 from diffexport.diffusion import noise_schedulers, samplers
 from diffexport.diffusion.base import NoiseSource
+from diffexport.diffusion.guidance import ClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines.base import Engine
 from diffexport.runtime.batching import BatchedEngine
@@ -59,6 +60,7 @@ class SamplerSpec:
     time_steps: torch.Tensor  # [N + 1], decreasing, last 0
     solver_options: dict = field(default_factory=dict)
     patching: dict | None = None
+    guidance: float | None = None  # classifier-free guidance scale (manifest sampler.guidance.cfg)
 
     @property
     def num_steps(self) -> int:
@@ -72,7 +74,8 @@ class SamplerSpec:
             times = torch.tensor(ts, dtype=torch.int64 if all(isinstance(t, int) for t in ts) else torch.float64)
         else:
             times = scheduler.timesteps(int(sampler["num_steps"]))
-        return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"))
+        return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
+                   (sampler.get("guidance") or {}).get("cfg"))
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
         """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
@@ -123,6 +126,21 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
             raise ValueError(f"{where}condition '{spec.name}' is an index (int64) but holds non-integer values")
         out[spec.name] = t.to(device=engine.device, dtype=dtype).contiguous()
     return out
+
+
+def one_hot_condition(engine: Engine, labels: list[int], batch: int | None = None, name: str | None = None) -> tuple[str, torch.Tensor]:
+    """``(name, one-hot [batch, K])``: class ``labels`` for the engine's vector condition (or the one
+    called ``name``), cycled over ``batch`` rows (default: one row per label). ``ValueError`` when the
+    engine has no such vector condition or a label is outside 0..K-1."""
+    vectors = [s for s in condition_specs(engine) if s.kind == "vector" and (name is None or s.name == name)]
+    if not vectors:
+        raise ValueError(f"class labels need a vector condition{f' named {name!r}' if name else ''}; the engine takes "
+                         f"{[f'{s.name} ({s.kind})' for s in condition_specs(engine)] or 'none'}")
+    spec, k = vectors[0], vectors[0].shape[-1]
+    if not labels or any(not 0 <= v < k for v in labels):
+        raise ValueError(f"condition '{spec.name}': class labels must be integers in 0..{k - 1}, got {labels}")
+    rows = torch.tensor(labels).repeat(-(-(batch or len(labels)) // len(labels)))[: batch or len(labels)]
+    return spec.name, torch.nn.functional.one_hot(rows, k).float()
 
 
 def _condition_batch(engine: Engine, conditions: dict[str, torch.Tensor] | None) -> int:
@@ -190,7 +208,14 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
     if not spec.patching:
         if gi_spec is not None:
             raise ValueError(f"engine input '{gi_spec.name}' needs patch-wise sampling, but the sampler has no patching")
-        return edm_x0_predictor(d, spec.scheduler, **conditions), guard
+        predictor = edm_x0_predictor(d, spec.scheduler, **conditions)
+        if spec.guidance is not None and spec.guidance != 1:  # the unconditional call: class labels zeroed
+            vectors = {s.name for s in condition_specs(engine) if s.kind == "vector"}
+            uncond = {k: v.new_zeros(v.shape) if k in vectors else v for k, v in conditions.items()}
+            predictor = ClassifierFreeGuidance(predictor, edm_x0_predictor(d, spec.scheduler, **uncond), spec.guidance)
+        return predictor, guard
+    if spec.guidance is not None and spec.guidance != 1:
+        raise ValueError("sampler.guidance: classifier-free guidance is not supported with patching")
     from tensordict import TensorDict
 
     from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
@@ -223,6 +248,7 @@ def sample(
     cuda_graph: bool = False,
     on_step: StepHook | None = None,
     condition_sources: dict[str, str] | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Samples ``[N, C, H, W]`` (float32, on the engine's device) from ``engine``.
 
@@ -241,10 +267,13 @@ def sample(
         cuda_graph: replay each engine call from a CUDA graph (CUDA engines, static shapes).
         on_step: ``on_step(i, t_cur, t_next, x)`` after every step.
         condition_sources: where each condition came from (e.g. a file), named in shape errors.
+        guidance: classifier-free guidance scale replacing the recipe's ``sampler.guidance.cfg``.
     """
     spec = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec.from_manifest(sampler)
     if num_steps is not None and num_steps != spec.num_steps:
         spec = spec.with_steps(num_steps)
+    if guidance is not None:
+        spec = replace(spec, guidance=guidance)
     device = engine.device
     c, h, w = image_shape(engine, spec)
     if batch is None and latents is None:
