@@ -23,13 +23,13 @@ def _over(value: float, tol: float) -> bool:
     return math.isnan(value) or value > tol
 
 
-def describe_call(record: dict, tol: dict) -> list[str]:
-    """What of one per-call record exceeds its tolerance (D and/or F), as phrases."""
+def describe_call(record: dict, tol: dict, spaces: str = "DF") -> list[str]:
+    """What of one per-call record exceeds its tolerance (of D and/or of F, among ``spaces``), as phrases."""
     at = f"at sigma={record['sigma']:.4g}"
     out = []
-    if _over(record["rel_l2"], tol["per_call_rtol"]):
+    if "D" in spaces and _over(record["rel_l2"], tol["per_call_rtol"]):
         out.append(f"per-call rel L2 of D {record['rel_l2']:.3g} > {tol['per_call_rtol']:g} {at}")
-    if _over(record["f_rel_l2"], tol["per_call_f_rtol"]):
+    if "F" in spaces and _over(record["f_rel_l2"], tol["per_call_f_rtol"]):
         out.append(f"per-call rel L2 of F = (D - c_skip x)/c_out {record['f_rel_l2']:.3g} > {tol['per_call_f_rtol']:g} {at}")
     return out
 
@@ -39,9 +39,9 @@ def describe_backend(entry: dict) -> list[str]:
     tol, problems = entry["tolerances"], []
     if entry.get("error"):
         problems.append(entry["error"])
-    for key in ("per_call_worst", "per_call_f_worst"):
+    for key, space in (("per_call_worst", "D"), ("per_call_f_worst", "F")):  # the worst σ of each
         if entry.get(key):
-            problems += [p for p in describe_call(entry[key], tol) if p not in problems]
+            problems += describe_call(entry[key], tol, space)
     final = entry.get("trajectory", {}).get("final")
     if final and _over(final["rel_l2"], tol["final_rtol"]):
         problems.append(f"final-sample rel L2 {final['rel_l2']:.3g} > {tol['final_rtol']:g}")

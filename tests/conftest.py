@@ -15,8 +15,11 @@ redrawn by ``randomize_``, batch range [1, 4] unless noted):
 * ``built_dhariwal`` -- DhariwalUNet 16x16 (32 channels) with ``class_labels`` [4]; onnx only.
 * ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside the
   DDPMPreconditioner (epsilon prediction, 1000 discrete steps), DDPMScheduler + ddim; onnx only.
+* ``perturbed_onnx_engine`` -- ``(engine_dir, onnx.ModelProto, weight)``: a copy of ``built_quickstart``
+  whose ONNX has one element of one decoder conv weight changed, the manifest hashes re-signed.
 
-Copy an engine directory (``shutil.copytree``) before modifying it.
+Every fixture engine is built with the parity stage (status ``ok``): ``engines.load`` refuses
+unverified engines. Copy an engine directory (``shutil.copytree``) before modifying it.
 """
 
 from __future__ import annotations
@@ -84,10 +87,14 @@ def tiny_recipe_paths(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build(tmp_path_factory, recipe: Path, targets: list[str] | None = None) -> Path:
+    """Build with the parity stage, as `diffexport build` does: consumers refuse unverified engines."""
     from diffexport.engines import build_engine
+    from diffexport.parity import parity_stage
 
     out = tmp_path_factory.mktemp("engines") / recipe.stem
-    return build_engine(recipe, out, targets).engine_dir
+    result = build_engine(recipe, out, targets, finalize=[("parity", parity_stage)])
+    assert result.manifest["status"] == "ok", f"{recipe}: fixture engine failed parity; see {out / 'parity.md'}"
+    return result.engine_dir
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +133,28 @@ def one_thread():
     tiny models run fastest so, and CI's 2 cores are shared."""
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def perturbed_onnx_engine(built_quickstart, tmp_path_factory):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from diffexport.engines import read_manifest
+    from diffexport.engines.manifest import file_record, write_manifest
+
+    weight = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
+    engine_dir = tmp_path_factory.mktemp("perturbed") / "perturbed"
+    shutil.copytree(built_quickstart, engine_dir)
+    model = onnx.load(str(engine_dir / "denoiser.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == weight)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] += 1.0
+    init.CopyFrom(numpy_helper.from_array(w, weight))
+    onnx.save(model, str(engine_dir / "denoiser.onnx"))
+    manifest = read_manifest(engine_dir)
+    manifest["artifacts"]["onnx"].update(file_record(engine_dir, ["denoiser.onnx"]))
+    write_manifest(engine_dir, manifest)
+    return engine_dir, model, weight

@@ -6,6 +6,7 @@ Engines come from the session fixtures of ``conftest.py`` (tiny, randomised weig
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_batch_below_min(tmp_path, built_quickstart):
     engine_dir = shutil.copytree(built_quickstart, tmp_path / "e")
     manifest = read_manifest(engine_dir)
     manifest["io"]["batch"]["min"] = 2  # the check reads the manifest's range
+    manifest["recipe"]["inputs"]["batch"]["min"] = 2  # (io must follow from the recipe, or the manifest is refused)
     write_manifest(engine_dir, manifest)
     engine = load(engine_dir)
     with pytest.raises(EngineError, match=r"batch 1 of input 'x' is outside the engine's range \[2, 16\]"):
@@ -144,6 +146,15 @@ def test_load_errors_name_what_is_wrong(tmp_path, built_quickstart):
         load(tmp_path)
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(EngineError, match="cannot read manifest"):
+        load(tmp_path)
+    edited = read_manifest(built_quickstart)
+    edited["io"]["inputs"][0]["shape"] = [-1, 4, 16, 16]
+    (tmp_path / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(EngineError, match="field 'io' does not match the engine's recipe"):
+        load(tmp_path)
+    del edited["sampler"]
+    (tmp_path / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(EngineError, match="field 'sampler' is missing"):
         load(tmp_path)
 
 

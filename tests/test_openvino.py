@@ -68,13 +68,14 @@ def test_artifacts_are_the_candidates(auto_engine):
     for key, hint in (("openvino", "f32"), ("openvino-bf16", "bf16")):
         art = m["artifacts"][key]
         assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
+        assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"]} == set(art["files"])
         assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
     assert m["artifacts"]["openvino"]["file"] != m["artifacts"]["openvino-bf16"]["file"]
 
 
 @pytest.mark.parametrize("backend,rtol", [("openvino", 1e-5), ("openvino-bf16", 2e-2)])
 def test_openvino_matches_torch_reference(auto_engine, backend: str, rtol: float):
-    for batch in (1, 4):  # the engine's min and max batch
+    for batch in (1, 3, 4):  # static blobs for min and max, the dynamic one for 3
         got, want = _call(auto_engine, backend, batch)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert rel_l2(got, want) <= rtol, (backend, batch, rel_l2(got, want))
@@ -147,7 +148,7 @@ def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
 
 def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
     path = tmp_path / "bench.json"
-    out = CliRunner().invoke(app, ["bench", str(auto_engine), "-n", "1", "-n", "8", "--repeats", "1", "--warmup", "0",
+    out = CliRunner().invoke(app, ["bench", str(auto_engine), "--repeats", "1", "--warmup", "0",  # default batches 1 and 8
                                    "-b", "openvino", "-b", "openvino-bf16", "--json", str(path)], terminal_width=240)
     assert out.exit_code == 0, out.output
     result = json.loads(path.read_text())
@@ -156,7 +157,8 @@ def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
     rows = result["rows"]
     assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for n in (1, 4) for b in ("torch", "openvino", "openvino-bf16")]
     for r in rows:  # batch 8 is clamped to the engine's max, 4
-        assert {"precision", "call_ms", "call_vs_torch", "gflops", "pct_peak", "sample_s", "sample_vs_torch", "nfe", "loop_overhead"} <= set(r)
-        assert r["nfe"] == 11 and r["pct_peak"] > 0 and r["loop_overhead"] < 1
+        assert {"precision", "call_ms", "call_vs_torch", "gflops", "pct_peak", "sample_s", "sample_vs_torch", "nfe", "loop_overhead",
+                "sampler_only_s"} <= set(r)
+        assert r["nfe"] == 11 and r["pct_peak"] > 0 and r["loop_overhead"] < 1 and 0 < r["sampler_only_s"] < r["sample_s"]
     assert [r["precision"] for r in rows[:3]] == ["fp32", "fp32", "bf16"] and rows[0]["call_vs_torch"] == 1.0
     assert "matmul peak GFLOP/s" in out.output and "loop: share" in out.output

@@ -9,7 +9,6 @@ unconditional, onnx) and ``built_conditional`` (image + vector conditions, onnx 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,11 @@ import onnx
 import pytest
 import torch
 import yaml
-from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from diffexport.cli import app
 from diffexport.cli.build import finalize_stages
 from diffexport.engines import read_manifest
-from diffexport.engines.manifest import file_record, write_manifest
 from diffexport.parity import PRESETS, parity_stage, run_parity, tolerances
 from diffexport.parity import harness
 from diffexport.parity.harness import ParityRun, Plan, call_passed, reference_key
@@ -31,7 +28,7 @@ from diffexport.recipes import load_recipe
 from diffexport.testing import assert_engine_parity
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
+WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # the one perturbed_onnx_engine changes
 
 
 def check_passed(report: dict, backends: set[str]) -> None:
@@ -66,20 +63,9 @@ def test_seed_unet_ddim_engine_passes(built_seed_unet):
 
 
 @pytest.fixture(scope="module")
-def perturbed(onnx_engine_dir, tmp_path_factory):
+def perturbed(perturbed_onnx_engine):
     """A copy of the quickstart engine with one element of one conv weight changed in its ONNX."""
-    engine_dir = tmp_path_factory.mktemp("perturbed") / "engine"
-    shutil.copytree(onnx_engine_dir, engine_dir)
-    model = onnx.load(str(engine_dir / "denoiser.onnx"))
-    init = next(i for i in model.graph.initializer if i.name == WEIGHT)
-    w = numpy_helper.to_array(init).copy()
-    w.flat[3] += 1.0
-    init.CopyFrom(numpy_helper.from_array(w, WEIGHT))
-    onnx.save(model, str(engine_dir / "denoiser.onnx"))
-    manifest = read_manifest(engine_dir)
-    manifest["artifacts"]["onnx"].update(file_record(engine_dir, ["denoiser.onnx"]))
-    write_manifest(engine_dir, manifest)
-    return engine_dir, model
+    return perturbed_onnx_engine[:2]
 
 
 def downstream_of(model: onnx.ModelProto, value: str) -> set[str]:

@@ -126,6 +126,8 @@ BROKEN = {
     "model_channels 0": (lambda d: d["model"]["args"].update(model_channels=0), "model.args.model_channels: SongUNet: must be an int >= 1"),
     "model arg type": (lambda d: d["model"]["args"].update(model_channels=16.5), "model.args.model_channels: must be int"),
     "resolution vs levels": (lambda d: d["model"]["args"].update(img_resolution=15), "model.args.img_resolution: SongUNet: spatial size (15, 15)"),
+    "missing checkpoint": (lambda d: d["model"].update(checkpoint="no/such/model.mdlus"), "model.checkpoint: "),
+    "checkpoint is a folder": (lambda d: d["model"].update(checkpoint="/"), "model.checkpoint: / is not a file"),
     "huge image": (lambda d: d["model"]["args"].update(img_resolution=10**6), "model.args.img_resolution: must be an int in [1, 8192]"),
 }
 
@@ -140,10 +142,11 @@ def test_broken_recipe_names_file_and_field(case: str, tmp_path: Path):
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
 
 
-def test_inf_allowed_only_where_the_default_is_infinite():
-    """S_max's default is +inf, so `.inf` is a valid S_max (and nothing else)."""
+def test_inf_is_refused_with_a_hint_where_it_is_the_default():
+    """S_max's default is +inf: the message says to leave it out (the manifest is strict JSON)."""
     data = _with(lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"S_churn": 10, "S_max": float("inf")}))
-    assert validate_recipe(data).sampler.solver_options["S_max"] == float("inf")
+    with pytest.raises(RecipeError, match=r"sampler.solver_options.S_max: must be finite, got inf; leave it out for its default \(inf\)"):
+        validate_recipe(data)
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path):
@@ -218,9 +221,8 @@ def test_yaml_reader_refuses_files_that_are_not_small_utf8_text(tmp_path: Path, 
 
 def test_yaml_reader_keeps_shared_anchors_and_merge_keys(tmp_path: Path):
     base = {k: v for k, v in BASE.items() if k not in ("parity", "deploy")}
-    text = yaml.safe_dump(base) + "parity: &p {batch: 2}\ndeploy: {<<: {triton: false}, cpp: false}\n"
     path = tmp_path / "anchors.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(base) + "parity: &p {batch: 2}\ndeploy: {<<: {triton: false}, cpp: false}\n")
     recipe = load_recipe(path)
     assert recipe.parity.batch == 2 and recipe.deploy.triton is False
 
@@ -256,3 +258,70 @@ def test_reference_is_built_from_the_manifests_recipe(built_quickstart: Path, tm
     manifest["recipe"]["preconditioner"]["args"]["sigma_data"] = 0.9
     write_manifest(engine, manifest)
     assert not torch.allclose(TorchEngine(engine, io)(x, sigma), before)
+
+
+# --- property: any sampler either validates into a finite schedule or is refused by name -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NUM = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 2000))
+_SCHEDULER_ARGS = {
+    "EDMNoiseScheduler": ["sigma_min", "sigma_max", "rho"], "VENoiseScheduler": ["sigma_min", "sigma_max"],
+    "VPNoiseScheduler": ["beta_min", "beta_d", "epsilon_s", "t_max"], "IDDPMNoiseScheduler": ["sigma_min", "sigma_max", "C_1", "C_2"],
+    "DDPMScheduler": ["num_train_timesteps", "beta_start", "beta_end"],
+}
+_OPTIONS = ["S_churn", "S_min", "S_max", "S_noise", "alpha", "eta"]
+
+
+@st.composite
+def _samplers(draw):
+    cls = draw(st.sampled_from(sorted(_SCHEDULER_ARGS)))
+    args = draw(st.dictionaries(st.sampled_from(_SCHEDULER_ARGS[cls]), _NUM, max_size=3))
+    solver = draw(st.sampled_from(["euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim"]))
+    options = draw(st.dictionaries(st.sampled_from(_OPTIONS), _NUM, max_size=2))
+    return {"scheduler": {"class": cls, "args": args}, "solver": solver, "num_steps": draw(st.integers(1, 40)), "solver_options": options}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(sampler=_samplers())
+def test_any_sampler_validates_to_a_finite_schedule_or_is_refused(sampler):
+    data = _with(lambda d: d.update(sampler=sampler))
+    try:
+        recipe = validate_recipe(data)
+    except RecipeError as e:
+        lines = str(e).splitlines()
+        assert lines[0] == "invalid recipe" and all(line.startswith("  <recipe>: sampler") for line in lines[1:]), str(e)
+        return
+    s = sampler_schedule(recipe)
+    json.dumps(s, allow_nan=False)
+    sig = s["sigmas"]
+    assert all(a > b for a, b in zip(sig, sig[1:])) and sig[-1] == 0.0 and len(s["steps"]) == sampler["num_steps"]
+
+
+def test_vp_recipe_exports_with_the_sigma_contract(tmp_path: Path):
+    """A VP recipe (VPPreconditioner + VPNoiseScheduler) builds an ONNX engine that takes σ and
+    matches the eager reference, from σ_max of the schedule down to its smallest σ."""
+    from diffexport.engines import build_engine
+    from diffexport.engines.manifest import read_manifest
+    from diffexport.engines.onnxruntime import OnnxRuntimeEngine
+    from diffexport.engines.torch_engine import TorchEngine
+    from diffexport.recipes import IOSpec
+
+    data = _with(lambda d: (d.update(preconditioner={"class": "VPPreconditioner", "args": {}}, name="tiny-vp"),
+                            d["sampler"].update(scheduler={"class": "VPNoiseScheduler", "args": {}}, num_steps=4),
+                            d["export"].update(targets=["onnx"]), d.update(deploy={})))
+    path = tmp_path / "vp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    engine = build_engine(path, tmp_path / "vp").engine_dir
+    manifest = read_manifest(engine)
+    sampler, io = manifest["sampler"], IOSpec.from_dict(manifest["io"])
+    assert sampler["scheduler"]["args"] == {"beta_min": 0.1, "beta_d": 19.9, "epsilon_s": 1e-3, "t_max": 1.0}
+    ort, ref = OnnxRuntimeEngine(engine / manifest["artifacts"]["onnx"]["file"], io), TorchEngine(engine, io)
+    sigma = torch.tensor([sampler["sigmas"][0], sampler["sigmas"][-2]], dtype=torch.float32)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * sigma.reshape(-1, 1, 1, 1)
+    want = ref(x, sigma)
+    torch.testing.assert_close(ort(x, sigma), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    pre = ref.denoiser.preconditioner  # PhysicsNeMo's API: forward at diffusion time t = sigma_inv(sigma)
+    with torch.no_grad():
+        torch.testing.assert_close(pre(x, pre.sigma_inv(sigma)), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

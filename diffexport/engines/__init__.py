@@ -3,13 +3,29 @@
 >>> result = build_engine("recipes/quickstart.yaml")           # engines/quickstart/
 >>> engine = load(result.engine_dir, backend="onnxruntime")     # or "aoti", "tensorrt", "torch"
 >>> denoised = engine(x, sigma)
+
+``build_engine`` and ``BuildResult`` are imported on first use (PEP 562 ``__getattr__``): loading
+and running an engine never imports the exporter (``diffexport.export``'s lowering, torch.onnx,
+onnxscript, TensorRT).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from diffexport.engines.base import Engine, EngineError, check_inputs
-from diffexport.engines.build import BuildResult, build_engine
 from diffexport.engines.load import BACKENDS, load
 from diffexport.engines.manifest import mark, read_manifest
 
+_LAZY = {"BuildResult": "diffexport.engines.build", "build_engine": "diffexport.engines.build"}
+
 __all__ = ["BACKENDS", "BuildResult", "Engine", "EngineError", "build_engine", "check_inputs", "load", "mark", "read_manifest"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

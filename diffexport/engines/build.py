@@ -9,6 +9,7 @@ temporary sibling directory replaces the engine directory only when every stage 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -29,8 +30,10 @@ from torch.export import ExportedProgram
 from diffexport.diffusion import samplers
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
-    FORMAT, MANIFEST, content_key, device_info, file_record, read_manifest, sha256_file, verify_files, versions, write_manifest,
+    FORMAT, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
+    write_manifest,
 )  # fmt: skip
+from diffexport.fileio import write_atomic
 from diffexport.engines.torch_engine import backbone
 from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
 from diffexport.export.validate import resolved_args, scheduler_of
@@ -205,26 +208,109 @@ def _up_to_date(engine_dir: Path, key: str) -> dict | None:
     and its files are intact (a failed engine is always rebuilt)."""
     try:
         manifest = read_manifest(engine_dir)
-        if manifest.get("content_key") != key or manifest.get("status") == "failed":
+        if manifest.get("content_key") != key or manifest.get("status") == "failed" or engine_problems(engine_dir, manifest):
             return None
-        for record in (manifest["weights"], *manifest["artifacts"].values()):
-            verify_files(engine_dir, record)
     except (EngineError, KeyError):
         return None
     return manifest
 
 
+# What a build writes besides the hashed files (docs/ENGINE_FORMAT.md): only folders holding nothing
+# else may be replaced or cleaned up (with the files listed in their manifest's hash records).
+GENERATED_FILES = frozenset({MANIFEST, "recipe.yaml", "weights.pt", "parity.json", "parity.md", "parity.png", *FILENAMES.values()})
+GENERATED_DIRS = frozenset({"triton", "triton-python", "cpp", ".cache"})  # .cache: parity reference cache
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _foreign_files(folder: Path, manifest: dict | None) -> list[str]:
+    """Files (and links) in ``folder`` that a build does not write: neither a generated name (``GENERATED_*``,
+    ``denoiser.*``, temporary ``.*.tmp`` of an atomic write) nor listed in ``manifest``'s hash records."""
+    listed: set[str] = set()
+    for record in (manifest and _records(manifest) or {}).values():
+        files = record.get("files") if isinstance(record, dict) else None
+        listed |= set(files) if isinstance(files, dict) else {record.get("file")} if isinstance(record, dict) else set()
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_dir() and not path.is_symlink():
+            continue
+        top = rel.parts[0]
+        generated = (len(rel.parts) == 1 and (top in GENERATED_FILES or top.startswith("denoiser.") or top.endswith(".tmp"))) or top in GENERATED_DIRS
+        if not generated and rel.as_posix() not in listed:
+            foreign.append(rel.as_posix())
+    return foreign
+
+
+def _records(manifest: dict) -> dict:
+    try:
+        return hash_records(manifest)
+    except EngineError:
+        return {}
+
+
 def _check_replaceable(engine_dir: Path) -> None:
-    if engine_dir.exists() and not (engine_dir / MANIFEST).is_file() and (not engine_dir.is_dir() or any(engine_dir.iterdir())):
-        raise EngineError(f"{engine_dir}: exists and is not an engine directory (no {MANIFEST}); refusing to replace it")
+    """``EngineError`` unless ``engine_dir`` is absent, an empty folder, or an engine this tool wrote:
+    a valid manifest with a content key, and no file a build does not write (a user's folder that
+    happens to hold a ``manifest.json`` is never replaced)."""
+    if engine_dir.is_symlink() or (engine_dir.exists() and not engine_dir.is_dir()):
+        raise EngineError(f"{engine_dir}: exists and is not a folder; refusing to replace it (choose another --out)")
+    if not engine_dir.exists() or not any(engine_dir.iterdir()):
+        return
+    try:
+        manifest = read_manifest(engine_dir)
+    except EngineError as e:
+        raise EngineError(f"{engine_dir}: exists and is not an engine directory built by diffexport ({e}); "
+                          "refusing to replace it (choose another --out)") from None
+    if not isinstance(manifest.get("content_key"), str) or not _KEY.fullmatch(manifest["content_key"]):
+        raise EngineError(f"{engine_dir}: its {MANIFEST} has no content key, so diffexport did not write it; refusing to replace it")
+    if foreign := _foreign_files(engine_dir, manifest):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise EngineError(f"{engine_dir}: holds files diffexport did not write ({shown}); refusing to replace it "
+                          "(move them, or choose another --out)")
 
 
-def _remove_stale(engine_dir: Path) -> None:
-    """Remove leftovers of builds of ``engine_dir`` whose process is gone (killed with SIGKILL)."""
-    pattern = re.compile(rf"\.{re.escape(engine_dir.name)}\.(\d+)\..*(building|old)$")
+def _leftovers(engine_dir: Path) -> Iterator[tuple[Path, str, int]]:
+    """``(path, "building" | "old", pid)`` of the temporary and moved-aside folders of ``engine_dir``'s builds."""
+    pattern = re.compile(rf"\.{re.escape(engine_dir.name)}\.(\d+)\.(?:.*\.(building)|(old))")
     for path in engine_dir.parent.iterdir():
-        if (m := pattern.fullmatch(path.name)) and not _alive(int(m.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+        if (m := pattern.fullmatch(path.name)) and path.is_dir() and not path.is_symlink():
+            yield path, m.group(2) or m.group(3), int(m.group(1))
+
+
+def recover(engine_dir: Path) -> list[str]:
+    """Repair after builds of ``engine_dir`` killed by SIGKILL (their process is gone): a moved-aside
+    previous engine (``.NAME.<pid>.old``) is renamed back when ``engine_dir`` is missing (a crash
+    between the two renames of the swap), else removed; a temporary ``.building`` folder is removed.
+    Only folders holding nothing but what a build writes are removed. Returns what was done."""
+    done = []
+    for path, kind, pid in sorted(_leftovers(engine_dir), key=lambda item: item[1] != "old"):  # restore first
+        if _alive(pid):
+            continue
+        if kind == "old" and not engine_dir.exists():
+            os.rename(path, engine_dir)
+            done.append(f"restored the previous engine {engine_dir} from {path.name} (an earlier build was interrupted during the swap)")
+            continue
+        try:
+            manifest = read_manifest_unchecked(path)
+        except EngineError:
+            manifest = None
+        if _foreign_files(path, manifest):
+            done.append(f"left {path} in place: it holds files a build does not write")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path.name}, left by an interrupted build")
+    return done
+
+
+def read_manifest_unchecked(folder: Path) -> dict | None:
+    """The JSON of ``folder/manifest.json`` (no checks; ``None`` when absent), for cleaning up leftovers."""
+    try:
+        value = json.loads((folder / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{folder / MANIFEST}: {e}") from None
+    return value if isinstance(value, dict) else None
 
 
 def _alive(pid: int) -> bool:
@@ -238,7 +324,9 @@ def _alive(pid: int) -> bool:
 
 
 def _replace(tmp: Path, engine_dir: Path) -> None:
-    """Rename ``tmp`` to ``engine_dir``, the old directory (if any) moved aside first, then deleted."""
+    """Rename ``tmp`` to ``engine_dir``, the old directory (if any) moved aside first, then deleted.
+    Killed between the two renames, the previous engine waits in ``.NAME.<pid>.old`` and the next
+    build (:func:`recover`) renames it back."""
     if not engine_dir.exists():
         os.rename(tmp, engine_dir)
         return
@@ -299,7 +387,11 @@ def build_engine(
     device, tools = device_info(recipe.export.device), versions()  # (fails early when CUDA is asked for and absent)
     gpu = device_info("cuda") if any(c.target == "tensorrt" and c.key not in skipped for c in todo) else None
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(engine_dir)
+    for line in recover(engine_dir):
+        stages.skip("recover", line)
+        if progress is None:
+            warnings.warn(line, stacklevel=2)
+    _check_replaceable(engine_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{engine_dir.name}.{os.getpid()}.", suffix=".building", dir=engine_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would become the engine directory's mode
@@ -314,11 +406,11 @@ def build_engine(
             message = f"{engine_dir} is up to date (same weights, recipe, tools and device); nothing to do (force rebuilds)"
             stages.skip("build", message)
             return BuildResult(engine_dir, existing, False, message)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_atomic(tmp / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
         manifest = {
             "format": FORMAT, "name": recipe.name, "status": "unchecked", "content_key": key,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "recipe": resolved,
-            "io": io.to_dict(), "sampler": schedule, "weights": weights, "artifacts": {}, "versions": tools,
+            "recipe_file": file_record(tmp, ["recipe.yaml"]), "io": io.to_dict(), "sampler": schedule, "weights": weights, "artifacts": {}, "versions": tools,
             "device": device, "stages": stages.times, "skipped": skipped,
         }  # fmt: skip
         programs = _Programs(denoiser, io, stages)

@@ -10,41 +10,62 @@ hash them with ``diffexport.engines.manifest.file_record``), ``precision`` and i
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch.export import ExportedProgram
-
-from diffexport.export.aoti import INDUCTOR_CONFIGS, export_aoti
-from diffexport.export.denoiser import Denoiser, build_denoiser, example_inputs, instantiate_model, random_global_index, random_input
-from diffexport.export.onnx import GROUP_NORM_OPSET, export_onnx, make_session
-from diffexport.export.openvino import export_openvino
-from diffexport.export.precision import dtype_of, mixed_precision
-from diffexport.export.program import export_program
-from diffexport.export.tensorrt import TargetUnavailable, build_tensorrt, export_torch_tensorrt, require
-from diffexport.export.validate import check_recipe, validate_recipe
 from diffexport.recipes import IOSpec
 
-__all__ = [
-    "Denoiser", "FILENAMES", "GROUP_NORM_OPSET", "INDUCTOR_CONFIGS", "TARGETS", "TargetUnavailable",
-    "build_denoiser", "build_tensorrt", "check_recipe", "validate_recipe", "dtype_of", "example_inputs", "export_aoti", "export_onnx", "export_openvino", "export_program",
-    "export_target", "export_torch_tensorrt", "instantiate_model", "make_session", "mixed_precision", "random_global_index", "random_input",
-    "require",
-]  # fmt: skip
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+# Public names -> the submodule defining them, imported on first use (PEP 562): importing
+# ``diffexport.export.denoiser`` (the torch reference needs it) must not pull in torch.onnx,
+# onnxscript or TensorRT.
+_LAZY = {
+    "INDUCTOR_CONFIGS": "aoti", "export_aoti": "aoti",
+    "Denoiser": "denoiser", "build_denoiser": "denoiser", "example_inputs": "denoiser", "instantiate_model": "denoiser",
+    "random_global_index": "denoiser", "random_input": "denoiser",
+    "export_onnx": "onnx",
+    "dtype_of": "precision", "mixed_precision": "precision",
+    "export_program": "program",
+    "TargetUnavailable": "tensorrt", "build_tensorrt": "tensorrt", "export_torch_tensorrt": "tensorrt", "require": "tensorrt",
+    "check_recipe": "validate", "validate_recipe": "validate",
+    "export_openvino": "openvino",
+}  # fmt: skip
+GROUP_NORM_OPSET = 21  # first ONNX opset whose GroupNormalization matches torch's group_norm
+
+__all__ = sorted({*_LAZY, "FILENAMES", "GROUP_NORM_OPSET", "TARGETS", "export_target"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan", "openvino": "denoiser.openvino.blob"}
 
 
 def _onnx(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, filename: str, **_) -> dict:
+    from diffexport.export.onnx import export_onnx
+
     return export_onnx(program, io, out_dir / filename, precision=precision, opset=opset)
 
 
 def _aoti(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, device: str, filename: str, **_) -> dict:
+    from diffexport.export.aoti import export_aoti
+
     return export_aoti(program, io, out_dir / filename, precision=precision, device=device)
 
 
 def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None, **_) -> dict:
+    from diffexport.export.onnx import export_onnx
+    from diffexport.export.tensorrt import build_tensorrt, require
+
     require("tensorrt")  # fail before lowering anything
     if onnx_path is not None:
         return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
@@ -56,6 +77,9 @@ def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision:
 
 def _openvino(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None,
               filename: str, **_) -> dict:
+    from diffexport.export.onnx import export_onnx
+    from diffexport.export.openvino import export_openvino
+
     if onnx_path is not None:  # the build's fp32 ONNX: the loader may recompile it
         return export_openvino(onnx_path, io, out_dir / filename, precision=precision, source=onnx_path.name)
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,9 +7,11 @@ per-channel affine. (``GroupNormalization``-18 took per-group scales and is depr
 checker rejects models that use it.) Either way there is no ReduceMean/Pow decomposition.
 
 ONNX Runtime has no GroupNormalization kernel: it expands the function into ~20 small nodes per
-norm. :func:`make_session` therefore hands it the same math as Reshape, InstanceNormalization,
-Reshape and the per-channel affine (native kernels; about 8% less time per call on the EDM
-CIFAR-10 UNet). The file on disk, whose hash the manifest records, is not changed.
+norm. The file written therefore carries each 4-D GroupNormalization as the same math in standard
+ops, Reshape, InstanceNormalization, Reshape and the per-channel affine (native kernels; about 8%
+less time per call on the EDM CIFAR-10 UNet). That file, whose hash the manifest records, is what
+every consumer runs unchanged: ONNX Runtime sessions, Triton's ``onnxruntime_onnx`` model,
+OpenVINO, TensorRT; so the parity check of a session checks the artifact itself.
 """
 
 from __future__ import annotations
@@ -26,17 +28,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import onnxscript
 import torch
 from onnx import helper, numpy_helper
 from torch.export import ExportedProgram
 
+from diffexport.export import GROUP_NORM_OPSET
 from diffexport.export.denoiser import Denoiser
 from diffexport.export.program import export_program
 from diffexport.recipes import IOSpec
-
-GROUP_NORM_OPSET = 21  # first opset whose GroupNormalization matches torch's group_norm
 
 
 def export_onnx(
@@ -46,7 +46,8 @@ def export_onnx(
     """Write ``path`` (+ ``path.data`` when over 2 GB); returns the manifest fields of the artifact.
 
     Inputs and outputs carry the ``io`` names with a symbolic ``batch`` axis; constants are
-    folded (including weight casts of fp16/bf16 graphs), shapes inferred, ``onnx.checker`` passes.
+    folded (including weight casts of fp16/bf16 graphs), shapes inferred, 4-D GroupNormalization
+    written as InstanceNormalization (:func:`instance_norm_groups`), ``onnx.checker`` passes.
     """
     program = program_or_denoiser
     if not isinstance(program, ExportedProgram):
@@ -71,6 +72,7 @@ def export_onnx(
     try:
         onnx_program.save(tmp / path.name, external_data=None)  # external data only past 2 GB
         onnx.shape_inference.infer_shapes_path(str(tmp / path.name), str(tmp / path.name), strict_mode=True, data_prop=True)
+        _rewrite_group_norms(tmp / path.name)
         onnx.checker.check_model(str(tmp / path.name), full_check=True)
         files = sorted(os.listdir(tmp), key=lambda name: name != path.name)  # the model first
         for name in reversed(files):  # external data before the model that points at it
@@ -106,55 +108,15 @@ def _group_norm_op(ops: set[str]) -> str | None:
     return next((op for op in ("GroupNormalization", "InstanceNormalization") if op in ops), None)
 
 
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads counted once)."""
-    allowed = os.sched_getaffinity(0)
-    cores, cpu, physical = set(), None, "0"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "processor":
-                cpu = int(value)
-            elif key == "physical id":
-                physical = value
-            elif key == "core id" and cpu in allowed:
-                cores.add((physical, value))
-    except OSError:
-        pass
-    return len(cores) or len(allowed)
-
-
-def make_session(path: str | Path, threads: int | None = None, providers: list | None = None, *, spinning: bool = False) -> ort.InferenceSession:
-    """An ONNX Runtime session tuned for one denoiser call at a time.
-
-    One intra-op thread per physical core (``threads`` overrides), no inter-op parallelism, all
-    graph optimisations (the NCHWc layout pass alone is 10-20% on x86). Worker threads do not
-    spin between calls unless ``spinning``: on an idle 2-core machine spinning made no measurable
-    difference, on a shared one it cost 20%. ``providers`` default to CUDA when this onnxruntime
-    has it, then CPU (pass ``TensorrtExecutionProvider`` explicitly).
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or physical_cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if providers is None:
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(_onnxruntime_model(Path(path)), options, providers=providers)
-
-
-def _onnxruntime_model(path: Path) -> str | bytes:
-    """The model for ONNX Runtime: its serialized bytes with GroupNormalization rewritten
-    (:func:`_instance_norm_groups`), or ``path`` itself when there is none or weights are external."""
+def _rewrite_group_norms(path: Path) -> None:
+    """Rewrite the model file ``path`` in place with :func:`instance_norm_groups` (external
+    weights stay where they are: only the graph proto is rewritten)."""
     model = onnx.load(str(path), load_external_data=False)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        return str(path)
-    return model.SerializeToString() if _instance_norm_groups(model) else str(path)
+    if instance_norm_groups(model):
+        onnx.save(model, str(path))
 
 
-def _instance_norm_groups(model: onnx.ModelProto) -> int:
+def instance_norm_groups(model: onnx.ModelProto) -> int:
     """Rewrite each 4-D ``GroupNormalization`` in place as ``InstanceNormalization`` over a
     ``[N, G, -1]`` view plus the per-channel affine (the exporter's opset-18 form); returns how many."""
     graph = model.graph

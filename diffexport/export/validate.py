@@ -10,7 +10,7 @@ checked, each failure one line ``<file>: <field path>: <what is allowed>``:
 * solver and scheduler fit (:func:`~diffexport.diffusion.samplers.check_fit`, from each solver's
   ``scheduler_type``); ``sampler.solver_options`` against the solver's signature and ranges;
 * patching: the grid the runtime will cut (:class:`~diffexport.diffusion.multi_diffusion.GridPatching2D`);
-* non-finite numbers: ``inf`` only where the parameter's own default is infinite (``S_max``).
+* non-finite numbers anywhere (``S_max``'s default +inf is had by leaving it out).
 
 Types and ranges of the schema's own fields (batch sizes, opset, ...) are checked when loading
 (:mod:`diffexport.recipes.schema`).
@@ -33,7 +33,7 @@ from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import ArgumentError
 from diffexport.diffusion.multi_diffusion import GridPatching2D
 from diffexport.models import get_model_class, model_names
-from diffexport.recipes import Recipe, RecipeError, image_shape, io_spec, load_recipe, parse_recipe
+from diffexport.recipes import Recipe, RecipeError, image_shape, io_spec, load_recipe, parse_recipe, resolve_path
 
 __all__ = ["check_recipe", "validate_recipe", "resolved_args", "scheduler_of"]
 
@@ -77,12 +77,13 @@ def _type_problem(field: str, name: str, hint: Any, value: Any) -> str | None:
 
 
 def _finite_problems(field: str, value: Any, default: Any) -> list[str]:
-    """NaN anywhere; ``inf`` unless the parameter's default is infinite too."""
+    """NaN or inf anywhere (saying so when the parameter's default is the infinity asked for)."""
     if isinstance(value, float):
         if math.isnan(value):
             return [f"{field}: must be a number, got nan"]
-        if math.isinf(value) and not (isinstance(default, float) and math.isinf(default)):
-            return [f"{field}: must be finite, got {value}"]
+        if math.isinf(value):  # (the manifest is strict JSON; an infinite default is had by leaving the key out)
+            hint = f"; leave it out for its default ({default})" if isinstance(default, float) and math.isinf(default) else ""
+            return [f"{field}: must be finite, got {value}{hint}"]
         return []
     if isinstance(value, dict):
         return [p for k, v in value.items() for p in _finite_problems(f"{field}.{k}", v, None)]
@@ -144,6 +145,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
     m = recipe.model
     if m.class_name not in model_names():
         return [f"model.class: unknown model class {m.class_name!r}; expected one of {', '.join(model_names())}"]
+    if m.checkpoint is not None and not (path := resolve_path(recipe, m.checkpoint)).is_file():
+        return [f"model.checkpoint: {path} is not a file; expected a .mdlus / .pt checkpoint"]
     cls = get_model_class(m.class_name)
     if problems := _call_problems("model.args", cls, m.args):
         return problems

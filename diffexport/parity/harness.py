@@ -12,10 +12,12 @@ later ``diffexport parity``, a test session or another xdist worker reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,12 @@ def default_backends(manifest: dict) -> list[str]:
     return [TARGET_BACKEND[t] for t in manifest.get("artifacts", {}) if t in TARGET_BACKEND]
 
 
-def load_candidate(engine_dir: str | Path, backend: str, device: str | torch.device | None = None) -> Engine:
-    """``backend``'s engine whatever its parity verdict (parity is what sets the verdict)."""
-    unverified = {"allow_unverified": True} if "allow_unverified" in inspect.signature(load).parameters else {}
-    return load(engine_dir, backend, device=device, **unverified)
+def load_candidate(engine_dir: str | Path, backend: str, device: str | torch.device | None = None, **options: Any) -> Engine:
+    """``backend``'s engine whatever its parity verdict (parity is what sets the verdict);
+    ``options`` go to :func:`~diffexport.engines.load`."""
+    if "allow_unverified" in inspect.signature(load).parameters:  # engines.load refuses unverified engines by default
+        options["allow_unverified"] = True
+    return load(engine_dir, backend, device=device, **options)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,14 @@ class Reference:
             self.engines[device] = load(self.engine_dir, "torch", device=device)
         return self.engines[device]
 
+    def run(self, what: str, device: torch.device | str, fn) -> Any:
+        """``fn(reference_engine)`` computed once per ``what`` and device (in memory only), for
+        further checks built on the same reference (task-level parity)."""
+        device = torch.device(device)
+        if (what, device) not in self.memo:
+            self.memo[what, device] = fn(self.engine(device))
+        return self.memo[what, device]
+
     def calls(self, device: torch.device | str = "cpu") -> Calls:
         """The per-call sweep on ``device``."""
         def compute(ref: Engine) -> dict:
@@ -143,19 +155,39 @@ class Reference:
     def _get(self, what: str, device: torch.device, compute) -> dict:
         if (what, device) in self.memo:
             return self.memo[what, device]
-        path = None
-        if self.cache_dir is not None:
+        if self.cache_dir is None:
+            value = compute(self.engine(device))
+            self.computed.append(what)
+        else:
             path = self.cache_dir / f"{what}-{reference_key(self.manifest, self.plan, device)[:40]}.pt"
-            value = _read_cache(path)
-            if value is not None:
-                self.memo[what, device] = value
-                return value
-        value = compute(self.engine(device))
-        self.computed.append(what)
-        if path is not None:
-            _write_cache(path, value)
+            with _locked(path):  # another process (an xdist worker) computing it: wait and read its result
+                value = _read_cache(path)
+                if value is None:
+                    value = compute(self.engine(device))
+                    self.computed.append(what)
+                    _write_cache(path, value)
         self.memo[what, device] = value
         return value
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` + ``.lock`` (none where the folder is read-only or
+    ``fcntl`` is missing: then two processes may both compute, which is only slower)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_suffix(".lock"), "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_cache(path: Path) -> dict | None:
@@ -203,18 +235,20 @@ class ParityRun:
     several. Settings default to the recipe's ``parity:`` section, tolerances to the artifact's
     precision preset overridden by that section, then by ``per_call_rtol`` / ``per_call_f_rtol`` /
     ``final_rtol``, then multiplied by ``rtol_scale``. ``cache_dir=None`` uses
-    :func:`default_cache_dir`; ``False`` disables the disk cache.
+    :func:`default_cache_dir`; ``False`` disables the disk cache. ``reference``: a
+    :class:`Reference` to share with other runs on the same engine and plan (else a new one).
     """
 
     def __init__(self, engine_dir: str | Path, *, per_call_rtol: float | None = None, per_call_f_rtol: float | None = None,
                  final_rtol: float | None = None, rtol_scale: float = 1.0, num_sigmas: int | None = None,
                  batch: int | None = None, seed: int | None = None, device: str | torch.device | None = None,
-                 locate: bool = True, cache_dir: str | Path | bool | None = None):
+                 locate: bool = True, cache_dir: str | Path | bool | None = None, reference: Reference | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir)
         self.plan = Plan.of(self.manifest, num_sigmas, batch, seed)
         cache = default_cache_dir(self.engine_dir) if cache_dir is None or cache_dir is True else Path(cache_dir) if cache_dir else None
-        self.reference = Reference(self.engine_dir, self.manifest, self.plan, cache)
+        shared = reference is not None and reference.engine_dir == self.engine_dir and reference.plan == self.plan
+        self.reference = reference if shared else Reference(self.engine_dir, self.manifest, self.plan, cache)
         self.overrides = {"per_call_rtol": per_call_rtol, "per_call_f_rtol": per_call_f_rtol, "final_rtol": final_rtol}
         self.rtol_scale, self.device, self.locate = rtol_scale, device, locate
         self.entries: dict[str, dict] = {}
@@ -280,6 +314,17 @@ class ParityRun:
                                   precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
         return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
 
+    def judge(self) -> dict | None:
+        """The recipe's ``parity.judge`` section (task-level parity), if any."""
+        return (self.manifest["recipe"].get("parity") or {}).get("judge")
+
+    def task(self, entries: dict[str, dict]) -> dict:
+        """Task-level parity of ``entries`` (:func:`diffexport.parity.task.check_task`, on this
+        run's reference); it adds ``entry["task"]`` and folds its verdict into ``entry["passed"]``."""
+        from diffexport.parity.task import check_task
+
+        return check_task(self.engine_dir, self.manifest, entries, self.reference.engine, self.device)
+
     def report(self, backends: list[str] | None = None) -> dict:
         """The parity report of ``backends`` (default: every built artifact); ``report["passed"]``
         is True when every one passed."""
@@ -291,10 +336,8 @@ class ParityRun:
             "settings": self.plan.settings(), "sigmas": self.plan.sigmas,
             "backends": {b: self.check(b) for b in backends},
         }  # fmt: skip
-        if self.manifest["recipe"].get("parity", {}).get("judge"):  # task-level parity (diffexport.parity.task)
-            from diffexport.parity.task import check_task
-
-            report["task"] = check_task(self.engine_dir, self.manifest, report["backends"], self.reference.engine, self.device)
+        if self.judge():
+            report["task"] = self.task(report["backends"])
         report["passed"] = all(e["passed"] for e in report["backends"].values())
         return report
 

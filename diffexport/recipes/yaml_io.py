@@ -86,6 +86,9 @@ def parse_yaml(text: str, source: str = "<yaml>") -> Any:
             raise YAMLInputError(f"{source}: too large once its aliases are expanded (over {MAX_NODES} nodes); "
                                  "write the values out or use fewer aliases")
         return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        where = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}: " if e.problem_mark else ""
+        raise YAMLInputError(f"{source}: not valid YAML: {where}{' '.join(str(e.problem or e).split())}") from None
     except yaml.YAMLError as e:
         raise YAMLInputError(f"{source}: not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:

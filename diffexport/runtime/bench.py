@@ -113,6 +113,25 @@ class _Counting:
         return self.engine(x, sigma, **conditions)
 
 
+class _Null:
+    """An engine of ``like``'s I/O whose call costs nothing (returns ``x`` scaled): timing a sample
+    with it measures the sampler's own work (solver math, guards, chunking, Python)."""
+
+    backend = "null"
+
+    def __init__(self, like: Engine):
+        self.io, self.device = like.io, like.device
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3) -> float:
+    """Median seconds of one whole sample at ``batch`` with a zero-cost engine (:class:`_Null`)."""
+    null = _Null(like)
+    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0)}, {like.device}, repeats, 1, pause=0)["null"]
+
+
 def _load(engine_dir: Path, backend: str, device=None, *, allow_unverified: bool = False) -> Engine:
     """``engines.load``, passing ``allow_unverified`` where this ``load`` has that switch."""
     extra = {"allow_unverified": True} if allow_unverified and "allow_unverified" in inspect.signature(load).parameters else {}
@@ -159,8 +178,9 @@ def bench_engine(
 ) -> dict:
     """Per backend (the torch reference first) and batch: ``precision``, ``call_ms``, ``call_vs_torch``,
     ``gflops`` (achieved) and ``pct_peak``; with ``full_sample`` also ``sample_s``, ``sample_vs_torch``,
-    ``nfe`` (evaluations per sample), ``sample_gflops`` and ``loop_overhead`` (the share of the sample
-    time not spent in the NFE engine calls: sampler Python work, copies, thread wake-ups).
+    ``nfe`` (evaluations per sample), ``sample_gflops``, ``loop_overhead`` (the share of the sample
+    time not spent in the NFE engine calls: sampler work, copies, thread wake-ups, noise) and
+    ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
     ``backends`` default to every built artifact, ``batches`` to 1 and 8 (clamped to the engine's
     range); every engine runs on ``device`` (default: where its artifact runs). The result also holds
     the machine's load (:func:`machine_load`) and the measured ``peak_gflops``."""
@@ -192,11 +212,12 @@ def bench_engine(
                 e.rows = 0
             runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0)) for n, e in engines.items()},
                                {e.device for e in engines.values()}, sample_repeats, 0)
+            alone = sampler_only(reference, spec, batch)
             for row in rows[-len(names):]:
                 n = row["backend"]
                 nfe = engines[n].rows // (batch * sample_repeats)
                 row.update(sample_s=runs[n], nfe=nfe, sample_gflops=flops * nfe / runs[n] / 1e9,
-                           loop_overhead=(runs[n] - nfe * calls[n]) / runs[n])
+                           loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
     _ratios(rows)
     after = machine_load()
     return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,

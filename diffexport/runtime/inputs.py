@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from diffexport.engines.base import Engine
-from diffexport.export import random_input
 from diffexport.recipes import TensorSpec
+
+
+def random_input(*args, **kwargs) -> torch.Tensor:
+    """:func:`diffexport.export.denoiser.random_input`, imported on first use (running an engine
+    never imports the exporter)."""
+    from diffexport.export.denoiser import random_input as draw
+
+    return draw(*args, **kwargs)
 
 
 def condition_specs(engine: Engine) -> list[TensorSpec]:

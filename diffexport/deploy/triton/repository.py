@@ -10,7 +10,9 @@ Two repositories, same two models, same client-facing API::
       <name>_sampler/...                           as above
 
 Model sources find the engine through the ``engine_dir`` parameter, a path relative to their model
-folder (``../..``), so repositories survive the engine directory being renamed.
+folder (``../..``), so repositories survive the engine directory being renamed. Every file of a
+repository is hashed into ``manifest["hashes"][<repository>]`` when written, and
+:func:`verify_repository` checks them before a server executes anything from it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
+from diffexport.deploy.triton.backend import ALLOW_PARAM
+from diffexport.deploy.triton.config import Instances, denoiser_config, sampler_config, to_pbtxt
 from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS
-from diffexport.engines.manifest import read_manifest
+from diffexport.engines.manifest import read_manifest, sha256_file, write_manifest
 from diffexport.recipes import IOSpec
 
 FULL, PYTHON_ONLY = "triton", "triton-python"
@@ -92,11 +95,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_model(repo: Path, config: dict, files: dict[str, str | Path]) -> None:
+def _write_model(repo: Path, config, files: dict[str, str | Path]) -> None:
     """``repo/<name>/config.pbtxt`` and ``repo/<name>/1/<file>`` (text, or a linked/copied file)."""
-    version = repo / config["name"] / "1"
+    version = repo / config.name / "1"
     version.mkdir(parents=True)
-    (repo / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
+    (repo / config.name / "config.pbtxt").write_text(to_pbtxt(config))
     for fname, content in files.items():
         if isinstance(content, Path):
             _link_or_copy(content, version / fname)
@@ -104,18 +107,67 @@ def _write_model(repo: Path, config: dict, files: dict[str, str | Path]) -> None
             (version / fname).write_text(content)
 
 
-def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None) -> Path:
+# --- hashes of the written files (issue 13 item 4) ---------------------------------------------
+_IGNORED = "__pycache__"  # written by Python itself when a model is imported outside `diffexport serve`
+
+
+def _repo_files(engine_dir: Path, folder: str) -> list[Path]:
+    root = engine_dir / folder
+    return sorted(p for p in root.rglob("*") if p.is_file() and _IGNORED not in p.relative_to(root).parts)
+
+
+def hash_repository(engine_dir: Path, folder: str) -> dict:
+    """``{"dir", "files": {relpath: sha256}, "bytes"}`` of every file under ``engine_dir/folder``."""
+    files = _repo_files(engine_dir, folder)
+    return {"dir": folder, "files": {p.relative_to(engine_dir).as_posix(): sha256_file(p) for p in files},
+            "bytes": sum(p.stat().st_size for p in files)}
+
+
+def verify_repository(engine_dir: str | Path, manifest: dict, folder: str) -> None:
+    """``EngineError`` (one line) unless every file under ``engine_dir/folder`` is in the manifest's
+    hashes and unchanged: a missing record, a changed, missing or unlisted file is refused."""
+    engine_dir = Path(engine_dir)
+    record = (manifest.get("hashes") or {}).get(folder)
+    if not record:
+        raise EngineError(f"{engine_dir / folder}: not hashed in manifest.json; rewrite it with `diffexport serve {engine_dir} --rewrite`")
+    want = record.get("files", {})
+    for p in _repo_files(engine_dir, folder):
+        rel = p.relative_to(engine_dir).as_posix()
+        if rel not in want:
+            raise EngineError(f"{p}: not listed in manifest.json hashes.{folder} (a file added to the repository); "
+                              f"rewrite it with `diffexport serve {engine_dir} --rewrite`")
+    for rel, sha in want.items():
+        p = engine_dir / rel
+        if not p.is_file():
+            raise EngineError(f"{p}: missing (listed in manifest.json hashes.{folder})")
+        if sha256_file(p) != sha:
+            raise EngineError(f"{p}: sha256 does not match manifest.json hashes.{folder} (the file was changed); "
+                              f"rewrite it with `diffexport serve {engine_dir} --rewrite`")
+
+
+def recipe_instances(manifest: dict) -> Instances:
+    """The recipe's ``deploy.triton_instances`` (CPU), the default instance group."""
+    return Instances(int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1)))
+
+
+def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None,
+                     instances: Instances | None = None, allow_unverified: bool = False, batching: bool = True) -> Path:
     """Write ``ENGINE_DIR/triton`` (or ``triton-python`` when ``python_only``) atomically and return it.
 
-    ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is writing).
-    Instance counts come from the recipe's ``deploy.triton_instances``.
+    ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is
+    writing). The written files' hashes go into ``manifest["hashes"]``, and into
+    ``manifest.json`` when ``manifest`` was read from it. ``instances`` defaults to the recipe's
+    ``deploy.triton_instances`` on the CPU; ``allow_unverified`` lets the models serve an engine
+    whose parity verdict is not ok (debugging); ``batching=False`` (benchmarks) turns off the
+    sampler's dynamic batching.
     """
     engine_dir = Path(engine_dir)
+    persist = manifest is None
     manifest = manifest if manifest is not None else read_manifest(engine_dir)
     io = IOSpec.from_dict(manifest["io"])
-    instances = int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1))
+    instances = instances or recipe_instances(manifest)
     denoiser, sampler = model_names(manifest["name"])
-    params = {"engine_dir": ENGINE_DIR_PARAM}
+    params = {"engine_dir": ENGINE_DIR_PARAM, ALLOW_PARAM: "true" if allow_unverified else "false"}
     if python_only:
         den_cfg = denoiser_config(denoiser, io, instances=instances, parameters={**params, "backend": python_backend(manifest)})
         den_files: dict[str, str | Path] = {"model.py": _model_source("denoiser")}
@@ -123,14 +175,16 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         target = native_target(manifest)
         platform, fname = NATIVE_PLATFORMS[target]
         art = manifest["artifacts"][target]
-        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, gpu=target == "tensorrt")
+        if target == "tensorrt" and not instances.on_gpu:
+            instances = Instances(instances.count, instances.gpus, gpu=True)
+        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances)
         extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
         den_files = {fname: engine_dir / art["file"], **{name: engine_dir / name for name in extra}}
         for f in den_files.values():
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
     sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser},
-                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"))
+                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching)
 
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))
@@ -147,6 +201,9 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    manifest.setdefault("hashes", {})[final.name] = hash_repository(engine_dir, final.name)
+    if persist:
+        write_manifest(engine_dir, manifest)
     return final
 
 
