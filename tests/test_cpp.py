@@ -231,15 +231,16 @@ def test_every_sampler_matches_python(index_engine_dir, runner, tmp_path, case, 
 
 
 def test_classifier_free_guidance(engine_ok, runner, tmp_path):
-    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) matches the
-    Python runtime, costs twice the evaluations, and changes the samples."""
+    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) and
+    ``sampler.clip`` match the Python runtime; guidance costs twice the evaluations and changes the samples."""
     engine = shutil.copytree(engine_ok, tmp_path / "engine")
     inputs = make_inputs(engine, tmp_path)
     assert run(runner / BINARY, engine, inputs, tmp_path / "plain.npy").returncode == 0
-    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}))
+    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}, clip=[-0.5, 0.5]))
     log, _ = check_parity(runner, engine, inputs, tmp_path / "cfg.npy")
     assert f"{2 * (2 * manifest_of(engine)['sampler']['num_steps'] - 1)} evaluations per batch" in log
     assert np.abs(np.load(tmp_path / "cfg.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
+    assert np.abs(np.load(tmp_path / "cfg.npy")).max() == 0.5 < np.abs(np.load(tmp_path / "plain.npy")).max()  # sampler.clip
 
 
 def test_latents_drawn_from_seed_and_steps(index_engine_dir, runner, tmp_path):
