@@ -112,7 +112,7 @@ def test_engine_has_one_hot_class_labels_and_passes_tensor_and_task_parity(digit
     manifest = read_manifest(digits_engine)
     names = [i["name"] for i in manifest["io"]["inputs"]]
     assert names == ["x", "sigma", "class_labels"] and manifest["io"]["inputs"][2]["shape"][1:] == [10]
-    assert manifest["sampler"]["guidance"] == {"cfg": 2.0}
+    assert manifest["sampler"]["guidance"] == {"cfg": 2.0} and manifest["sampler"]["clip"] == [-1, 1]
     report = check_engine(digits_engine, ["onnxruntime"], locate=False)
     entry = report["backends"]["onnxruntime"]
     assert entry["passed"] and entry["task"]["passed"], entry
@@ -143,6 +143,7 @@ def test_sample_label_shorthand(digits_engine, tmp_path):
     assert result.exit_code == 0, result.output
     samples = np.load(out)
     assert samples.shape == (10, 1, 16, 16) and samples.dtype == np.float32 and out.with_suffix(".png").is_file()
+    assert samples.min() >= -1 and samples.max() <= 1 and samples.min() < -0.9  # clamped to sampler.clip, not squashed
     labels, _ = judge_samples(resolve_judge("digits"), torch.from_numpy(samples))
     assert (labels == 3).mean() >= 0.8
     np.save(tmp_path / "labels.npy", np.array([7, 1]))
