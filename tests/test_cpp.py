@@ -390,23 +390,21 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
     """The finalize stage installs a runner that still works once the temporary directory is renamed,
-    with build.json listing the sha256 of every C++ build input (and, with the manifest hashing
-    helper, ``hashes.cpp`` covering cpp/); ``diffexport cpp`` prints the binary's path and refuses an
-    engine without an aoti artifact."""
+    with build.json listing the sha256 of every C++ build input and ``hashes.cpp`` covering cpp/;
+    ``diffexport cpp`` prints the binary's path and refuses an engine without an aoti artifact."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
     from diffexport.deploy.cpp import source_files
-    from diffexport.engines import manifest as manifest_io
+    from diffexport.engines.manifest import verify_record
 
     building = shutil.copytree(engine_ok, tmp_path / ".tiny.building")
     manifest = manifest_of(building)
     cpp_stage(building, manifest)
     inputs = json.loads((building / "cpp" / "build.json").read_text())
     assert inputs["sources"] == source_files() and {"CMakeLists.txt", "src/sampler.cpp", "include/diffexport/verdict.h"} <= set(inputs["sources"])
-    if hasattr(manifest_io, "record_tree"):
-        assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
-        manifest_io.verify_record(building, manifest["hashes"]["cpp"])
+    assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
+    verify_record(building, manifest["hashes"]["cpp"])
     engine = building.rename(tmp_path / "tiny")
     done = run(engine / "cpp" / BINARY, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy")
     assert done.returncode == 0, done.stderr
