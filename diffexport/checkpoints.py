@@ -194,6 +194,11 @@ def _zip_members(path: Path) -> dict[str, bytes] | None:
 
 
 def _tar_members(path: Path) -> dict[str, bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+        raise CheckpointError(f"{path} is a compressed tar archive; .mdlus tar archives are read uncompressed "
+                              "(as PhysicsNeMo 1.x writes them): decompress it first")
     members: dict[str, bytes] = {}
     listed: set[str] = set()
     with tarfile.open(path, mode="r:") as tar:  # uncompressed, as PhysicsNeMo writes them; headers are read one at a time

@@ -395,3 +395,14 @@ def test_system_files_are_a_checkpoint_error(path):
         pytest.skip(f"{path} does not exist here")
     with pytest.raises(CheckpointError):
         load_model(path, class_name="DiffusionModel", args=ARGS)
+
+
+def test_compressed_tar_is_refused_with_its_reason(model, tmp_path):
+    path = tmp_path / "m.mdlus"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in mdlus_members(model.state_dict()).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(CheckpointError, match="compressed tar archive"):
+        load_model(path)

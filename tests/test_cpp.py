@@ -230,6 +230,18 @@ def test_every_sampler_matches_python(index_engine_dir, runner, tmp_path, case, 
         assert np.abs(np.load(tmp_path / "other.npy") - np.load(tmp_path / "out.npy")).max() > 1e-3, "the seed has no effect"
 
 
+def test_classifier_free_guidance(engine_ok, runner, tmp_path):
+    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) matches the
+    Python runtime, costs twice the evaluations, and changes the samples."""
+    engine = shutil.copytree(engine_ok, tmp_path / "engine")
+    inputs = make_inputs(engine, tmp_path)
+    assert run(runner / BINARY, engine, inputs, tmp_path / "plain.npy").returncode == 0
+    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}))
+    log, _ = check_parity(runner, engine, inputs, tmp_path / "cfg.npy")
+    assert f"{2 * (2 * manifest_of(engine)['sampler']['num_steps'] - 1)} evaluations per batch" in log
+    assert np.abs(np.load(tmp_path / "cfg.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
+
+
 def test_latents_drawn_from_seed_and_steps(index_engine_dir, runner, tmp_path):
     """``--batch N --seed S`` draws the latents as ``diffexport sample --seed S --batch N`` does, then the
     per-step noise from the same generator; ``--steps`` re-discretises VP and DDPM schedules."""
@@ -293,8 +305,8 @@ BROKEN = {
                  "sampler.patching: patch-based sampling (multi-diffusion, global_index) is not supported by the C++ runner"),
     "edited step table": (lambda e: edit_manifest(e, lambda m: m["sampler"]["steps"][2].update(t_cur=1.5)),
                           "sampler.steps[2].t_cur: 1.500000 does not match"),
-    "unknown sampler field": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(guidance={"scale": 2})),
-                              "sampler.guidance: not supported by the C++ runner"),
+    "unknown sampler field": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(dps={"scale": 2})),
+                              "sampler.dps: not supported by the C++ runner"),
 }
 
 
@@ -443,7 +455,7 @@ def test_no_absolute_rpath_ld_library_path_or_bundle(engine_ok, runner, tmp_path
     np.testing.assert_array_equal(np.load(tmp_path / "bundled.npy"), np.load(tmp_path / "out.npy"))
 
 
-def test_missing_package_named(tmp_path, monkeypatch):
+def test_missing_package_named(engine_ok, tmp_path, monkeypatch):
     """With two of the three system packages made unfindable for CMake, `diffexport cpp` names exactly
     those two Debian packages."""
     from typer.testing import CliRunner
@@ -452,10 +464,7 @@ def test_missing_package_named(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DIFFEXPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DIFFEXPORT_CMAKE_ARGS", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON -DCMAKE_DISABLE_FIND_PACKAGE_CLI11=ON")
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    (engine / "manifest.json").write_text(json.dumps({"format": "diffexport-engine/1", "name": "x", "artifacts": {"aoti": {}}}))
-    result = CliRunner().invoke(app, ["cpp", str(engine)])
+    result = CliRunner().invoke(app, ["cpp", str(engine_ok)])
     assert result.exit_code == 1
     assert "needs the Debian packages libssl-dev, libcli11-dev: apt-get install -y libssl-dev libcli11-dev (or ./setup.sh --dev)" in result.output
     assert missing_packages("diffexport-missing-packages: libcli11-dev\n") == ["libcli11-dev"]

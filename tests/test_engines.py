@@ -177,7 +177,7 @@ def test_mark_updates_status_and_parity_atomically(tmp_path, built_quickstart):
     after = mark(engine_dir, status="ok", parity={"max_rel_l2": 3e-7})
     assert after == read_manifest(engine_dir)
     assert after["status"] == "ok" and after["parity"] == {"max_rel_l2": 3e-7}
-    assert {k: v for k, v in after.items() if k not in ("status", "parity")} == {k: v for k, v in before.items() if k != "status"}
+    assert {k: v for k, v in after.items() if k not in ("status", "parity")} == {k: v for k, v in before.items() if k not in ("status", "parity")}
     with pytest.raises(ValueError, match="status must be one of"):
         mark(engine_dir, status="great")
     assert [p.name for p in engine_dir.iterdir() if p.name.startswith(".")] == []  # no temp files left
