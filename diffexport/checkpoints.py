@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import tarfile
 import zipfile
@@ -145,23 +144,80 @@ def load_model(
     return model.eval()
 
 
+# Archives are read member by member, only the members named here, each within its size limit;
+# unused members (however large) are never read, and a member that inflates beyond MAX_RATIO is refused.
+NEEDED = ("model.pt", "args.json")
+LIMITS = {"model.pt": 16 << 30, "args.json": 1 << 20}  # bytes, uncompressed
+MAX_RATIO = 200  # uncompressed / compressed, for members over 16 MiB (zip bombs)
+MAX_MEMBERS = 100_000  # entries in one archive
+
+
 def _archive_members(path: Path) -> dict[str, bytes] | None:
-    """The files in the ``.mdlus`` archive at ``path``, or ``None`` when it is none (a ZIP
-    without ``model.pt``/``args.json`` is taken for a ``torch.save`` file, itself a ZIP)."""
+    """The needed members (:data:`NEEDED`) of the ``.mdlus`` archive at ``path``, or ``None`` when it
+    is none (a ZIP without ``model.pt``/``args.json`` is taken for a ``torch.save`` file, itself a ZIP)."""
     try:
         if tarfile.is_tarfile(path):  # first, as PhysicsNeMo does: some 1.x files are both
-            with tarfile.open(path) as tar:
-                files = [m for m in tar if m.isfile()]
-                return {m.name.removeprefix("./"): tar.extractfile(m).read() for m in files}
+            return _tar_members(path)
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                names = {n.removeprefix("./"): n for n in archive.namelist()}
-                if not names.keys() & {"model.pt", "args.json"}:
-                    return None
-                return {name: archive.read(n) for name, n in names.items()}
-    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as err:
+            return _zip_members(path)
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
         raise CheckpointError(f"{path} is a damaged or truncated archive ({err})") from None
     return None
+
+
+def _check_size(path: Path, name: str, size: int, packed: int | None = None) -> None:
+    if size > LIMITS[name]:
+        raise CheckpointError(f"{path}: member {name} is {size} bytes, over the limit of {LIMITS[name]} bytes; refused")
+    if packed is not None and size > 16 << 20 and size > MAX_RATIO * max(packed, 1):
+        raise CheckpointError(f"{path}: member {name} inflates {size / max(packed, 1):.0f}x ({packed} -> {size} bytes), "
+                              f"over the limit of {MAX_RATIO}x: a zip bomb; refused")
+
+
+def _zip_members(path: Path) -> dict[str, bytes] | None:
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise CheckpointError(f"{path}: {len(infos)} archive members, over the limit of {MAX_MEMBERS}; refused")
+        found = {i.filename.removeprefix("./"): i for i in infos if not i.is_dir()}
+        if not found.keys() & set(NEEDED):
+            return None
+        members = {}
+        for name in NEEDED:
+            if (info := found.get(name)) is None:
+                continue
+            _check_size(path, name, info.file_size, info.compress_size if info.compress_type != zipfile.ZIP_STORED else None)
+            with archive.open(info) as f:
+                data = f.read(LIMITS[name] + 1)  # never more than the declared size (zipfile checks it and the CRC)
+            _check_size(path, name, len(data))
+            members[name] = data
+        return {**members, **{n: b"" for n in found if n not in members}}  # other names listed, never read
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+        raise CheckpointError(f"{path} is a compressed tar archive; .mdlus tar archives are read uncompressed "
+                              "(as PhysicsNeMo 1.x writes them): decompress it first")
+    members: dict[str, bytes] = {}
+    listed: set[str] = set()
+    with tarfile.open(path, mode="r:") as tar:  # uncompressed, as PhysicsNeMo writes them; headers are read one at a time
+        for count, info in enumerate(tar):
+            if count >= MAX_MEMBERS:
+                raise CheckpointError(f"{path}: over {MAX_MEMBERS} archive members; refused")
+            name = info.name.removeprefix("./")
+            if not info.isfile():
+                continue
+            listed.add(name)
+            if name in NEEDED and name not in members:
+                _check_size(path, name, info.size)
+                f = tar.extractfile(info)
+                members[name] = f.read(LIMITS[name] + 1) if f is not None else b""
+                if len(members[name]) != info.size:
+                    raise CheckpointError(f"{path}: member {name} is truncated ({len(members[name])} of {info.size} bytes)")
+            if len(members) == len(NEEDED):
+                break
+    return {**members, **{n: b"" for n in listed if n not in members}}
 
 
 def _torch_load(source: Path | bytes, where: str, map_location: str | torch.device) -> Any:
@@ -169,7 +225,7 @@ def _torch_load(source: Path | bytes, where: str, map_location: str | torch.devi
     try:
         file = io.BytesIO(source) if isinstance(source, bytes) else source
         return torch.load(file, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (any failure to unpickle a foreign file: IndexError, KeyError, ...)
         message = str(err)
         unsafe = _UNSAFE_GLOBAL.search(message)
         if unsafe:

@@ -4,8 +4,9 @@ Fixtures (stable names; every engine directory follows docs/ENGINE_FORMAT.md, we
 redrawn by ``randomize_``, batch range [1, 4] unless noted):
 
 * ``tiny_recipe_paths`` -- ``{name: Path}`` of the tiny recipe YAML files below (written once).
-* ``built_quickstart`` -- ``recipes/quickstart.yaml`` as shipped (SongUNet 16x16, 3 channels,
-  unconditional, batch [1, 16]), target onnx only.
+* ``built_quickstart`` -- the tiny recipe ``quickstart`` below (the pre-digits quickstart: SongUNet
+  16x16, 3 channels, unconditional, seeded random weights, batch [1, 16]), target onnx only. The
+  shipped ``recipes/quickstart.yaml`` (the trained digits model) is tested in test_digits.py.
 * ``onnx_engine_dir`` -- alias of ``built_quickstart`` (an unconditional ONNX engine).
 * ``built_conditional`` -- SongUNetPosEmbd 16x16, x 2 channels, an image condition ``cond``
   [3, 16, 16], a vector condition ``class_labels`` [4], sinusoidal grid; targets onnx **and aoti**
@@ -14,8 +15,11 @@ redrawn by ``randomize_``, batch range [1, 4] unless noted):
 * ``built_dhariwal`` -- DhariwalUNet 16x16 (32 channels) with ``class_labels`` [4]; onnx only.
 * ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside the
   DDPMPreconditioner (epsilon prediction, 1000 discrete steps), DDPMScheduler + ddim; onnx only.
+* ``perturbed_onnx_engine`` -- ``(engine_dir, onnx.ModelProto, weight)``: a copy of ``built_quickstart``
+  whose ONNX has one element of one decoder conv weight changed, the manifest hashes re-signed.
 
-Copy an engine directory (``shutil.copytree``) before modifying it.
+Every fixture engine is built with the parity stage (status ``ok``): ``engines.load`` refuses
+unverified engines. Copy an engine directory (``shutil.copytree``) before modifying it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ EDM = {
     "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}, "num_steps": 6},
 }
 TINY_RECIPES: dict[str, dict] = {
+    "quickstart": {
+        "name": "quickstart",
+        "model": {"class": "SongUNet", "init": {"seed": 0}, "args": {**TINY, "in_channels": 3, "out_channels": 3}},
+        "inputs": {"batch": {"min": 1, "opt": 4, "max": 16}},
+        **EDM,
+        "sampler": {**EDM["sampler"], "solver": "heun", "num_steps": 18},
+        "export": {"targets": ["onnx", "aoti"], "precision": "fp32"},
+        "deploy": {"triton": True, "cpp": False},
+    },
     "conditional": {
         "name": "tiny-conditional",
         "model": {"class": "SongUNetPosEmbd", "init": {"seed": 1},
@@ -66,7 +79,7 @@ TINY_RECIPES: dict[str, dict] = {
 @pytest.fixture(scope="session")
 def tiny_recipe_paths(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("recipes")
-    paths = {"quickstart": REPO / "recipes" / "quickstart.yaml"}
+    paths = {}
     for key, data in TINY_RECIPES.items():
         paths[key] = folder / f"{data['name']}.yaml"
         paths[key].write_text(yaml.safe_dump(data, sort_keys=False))
@@ -74,10 +87,14 @@ def tiny_recipe_paths(tmp_path_factory) -> dict[str, Path]:
 
 
 def _build(tmp_path_factory, recipe: Path, targets: list[str] | None = None) -> Path:
+    """Build with the parity stage, as `diffexport build` does: consumers refuse unverified engines."""
     from diffexport.engines import build_engine
+    from diffexport.parity import parity_stage
 
     out = tmp_path_factory.mktemp("engines") / recipe.stem
-    return build_engine(recipe, out, targets).engine_dir
+    result = build_engine(recipe, out, targets, finalize=[("parity", parity_stage)])
+    assert result.manifest["status"] == "ok", f"{recipe}: fixture engine failed parity; see {out / 'parity.md'}"
+    return result.engine_dir
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +133,28 @@ def one_thread():
     tiny models run fastest so, and CI's 2 cores are shared."""
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def perturbed_onnx_engine(built_quickstart, tmp_path_factory):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from diffexport.engines import read_manifest
+    from diffexport.engines.manifest import file_record, write_manifest
+
+    weight = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
+    engine_dir = tmp_path_factory.mktemp("perturbed") / "perturbed"
+    shutil.copytree(built_quickstart, engine_dir)
+    model = onnx.load(str(engine_dir / "denoiser.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == weight)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] += 1.0
+    init.CopyFrom(numpy_helper.from_array(w, weight))
+    onnx.save(model, str(engine_dir / "denoiser.onnx"))
+    manifest = read_manifest(engine_dir)
+    manifest["artifacts"]["onnx"].update(file_record(engine_dir, ["denoiser.onnx"]))
+    write_manifest(engine_dir, manifest)
+    return engine_dir, model, weight

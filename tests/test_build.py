@@ -23,6 +23,7 @@ from diffexport.engines.manifest import sha256_file
 from diffexport.export import TargetUnavailable
 from diffexport.models import get_model_class
 from diffexport.models.init import randomize_
+from diffexport.parity import parity_stage
 from diffexport.recipes import RecipeError, io_spec, load_recipe
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_manifest_follows_engine_format(built_conditional: Path):
     m = read_manifest(built_conditional)
-    assert m["format"] == "diffexport-engine/1" and m["name"] == "tiny-conditional" and m["status"] == "unchecked"
+    assert m["format"] == "diffexport-engine/1" and m["name"] == "tiny-conditional" and m["status"] == "ok"  # built with parity
     assert re.fullmatch(r"[0-9a-f]{64}", m["content_key"]) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", m["created"])
     recipe = load_recipe(built_conditional / "recipe.yaml")  # the resolved recipe, as built
     assert yaml.safe_load((built_conditional / "recipe.yaml").read_text()) == m["recipe"]
@@ -64,8 +65,9 @@ def test_manifest_follows_engine_format(built_conditional: Path):
         assert art["files"][art["file"]] == art["sha256"] and art["precision"] == "fp32"
     assert m["artifacts"]["aoti"]["device"] == "cpu" and m["artifacts"]["onnx"]["opset"] == recipe.export.opset
     assert m["weights"] == {"file": "weights.pt", "sha256": sha256_file(built_conditional / "weights.pt")}
+    assert m["recipe_file"]["files"] == {"recipe.yaml": sha256_file(built_conditional / "recipe.yaml")}
     assert m["versions"]["torch"] == torch.__version__ and m["device"]["type"] == "cpu"
-    assert set(m["stages"]) == {"load", "export", "export:onnx", "export:aoti"} and all(t > 0 for t in m["stages"].values())
+    assert set(m["stages"]) == {"load", "export", "export:onnx", "export:aoti", "parity"} and all(t > 0 for t in m["stages"].values())
     assert leftovers(built_conditional) == []
 
 
@@ -86,9 +88,10 @@ def test_second_build_is_a_noop(built_quickstart: Path, tiny_recipe_paths):
     stale = built_quickstart.with_name(f".{built_quickstart.name}.{2**22 + 1}.x.building")  # a dead process' leftover
     stale.mkdir()
     events = []
-    result = build_engine(tiny_recipe_paths["quickstart"], built_quickstart, ["onnx"], progress=lambda *e: events.append(e[:2]))
+    result = build_engine(tiny_recipe_paths["quickstart"], built_quickstart, ["onnx"], progress=lambda *e: events.append(e[:2]),
+                          finalize=[("parity", parity_stage)])
     assert not result.built and "up to date" in result.message
-    assert events == [("load", "start"), ("load", "done"), ("build", "skip")]
+    assert events == [("recover", "skip"), ("load", "start"), ("load", "done"), ("build", "skip")]
     assert snapshot(built_quickstart) == before and leftovers(built_quickstart) == []
 
 
@@ -176,7 +179,7 @@ def test_unbuildable_recipe_is_a_recipe_error_naming_the_file(tmp_path: Path, ti
 
 def test_refuses_to_replace_a_folder_that_is_not_an_engine(tmp_path: Path, tiny_recipe_paths):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(EngineError, match="is not an engine directory"):
+    with pytest.raises(EngineError, match="is not an engine directory built by diffexport"):
         build_engine(tiny_recipe_paths["quickstart"], tmp_path, ["onnx"])
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 

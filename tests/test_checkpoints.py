@@ -331,3 +331,78 @@ def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
     members = mdlus_members(legacy, "SongUNet", SONG, "modulus.models.diffusion.song_unet")
     loaded = load_model(write_archive(tmp_path / "old.mdlus", members, "tar"))
     assert same_song_outputs(model, loaded)
+
+
+# --- archives: member by member, only what is needed, bounded (issue 13 item 3) ---------------
+
+
+def _zip_with_unused(path: Path, members: dict[str, bytes], unused_mib: int) -> Path:
+    """``members`` plus an unused deflated member of ``unused_mib`` MiB of zeros (about 1000x smaller on disk)."""
+    write_archive(path, members)
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as archive, archive.open("unused.bin", "w", force_zip64=True) as f:
+        block = bytes(1 << 20)
+        for _ in range(unused_mib):
+            f.write(block)
+    return path
+
+
+def test_zip_reads_only_the_needed_members(model, tmp_path, monkeypatch):
+    path = _zip_with_unused(tmp_path / "m.mdlus", mdlus_members(model.state_dict()), unused_mib=64)
+    assert path.stat().st_size < 2 << 20
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name)) or real_open(self, name, *a, **k))
+    assert same_outputs(load_model(path), model)
+    assert sorted(opened) == ["args.json", "model.pt"]
+
+
+def test_tar_reads_only_the_needed_members(model, tmp_path, monkeypatch):
+    members = {"big-unused.bin": bytes(4 << 20), **mdlus_members(model.state_dict())}
+    path = write_archive(tmp_path / "m.mdlus", members, "tar")
+    extracted = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: extracted.append(m.name) or real(self, m))
+    assert same_outputs(load_model(path), model)
+    assert sorted(extracted) == ["args.json", "model.pt"]
+
+
+def test_zip_bomb_member_is_refused(model, tmp_path):
+    """model.pt declared as 64 MiB of zeros deflated to ~64 kB: refused before it is inflated."""
+    members = mdlus_members(model.state_dict())
+    path = tmp_path / "bomb.mdlus"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("args.json", members["args.json"])
+        with archive.open("model.pt", "w", force_zip64=True) as f:
+            for _ in range(64):
+                f.write(bytes(1 << 20))
+    with pytest.raises(CheckpointError, match="zip bomb"):
+        load_model(path)
+
+
+def test_oversized_member_is_refused(model, tmp_path, monkeypatch):
+    import diffexport.checkpoints as checkpoints
+
+    monkeypatch.setitem(checkpoints.LIMITS, "args.json", 100)
+    members = {**mdlus_members(model.state_dict()), "args.json": json.dumps({"__name__": "DiffusionModel", "__args__": ARGS, "pad": "x" * 200}).encode()}
+    for fmt in ("zip", "tar"):
+        with pytest.raises(CheckpointError, match="args.json is .* over the limit"):
+            load_model(write_archive(tmp_path / f"m.{fmt}", members, fmt))
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "/etc/hostname", "/dev/null"])
+def test_system_files_are_a_checkpoint_error(path):
+    if not Path(path).exists():
+        pytest.skip(f"{path} does not exist here")
+    with pytest.raises(CheckpointError):
+        load_model(path, class_name="DiffusionModel", args=ARGS)
+
+
+def test_compressed_tar_is_refused_with_its_reason(model, tmp_path):
+    path = tmp_path / "m.mdlus"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in mdlus_members(model.state_dict()).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(CheckpointError, match="compressed tar archive"):
+        load_model(path)

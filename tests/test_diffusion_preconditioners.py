@@ -86,15 +86,42 @@ def test_ve_coefficients():
     torch.testing.assert_close(D, X + _bc(SIGMA))
 
 
-def test_vp_coefficients():
+def test_vp_takes_diffusion_time_like_physicsnemo():
+    """forward(x, t): sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1), c_noise = (M - 1) t."""
     beta_d, beta_min, M = 19.9, 0.1, 1000
-    D, x_in, c_noise = _run(VPPreconditioner(Recorder(), beta_d=beta_d, beta_min=beta_min, M=M))
-    s = _bc(SIGMA)
-    torch.testing.assert_close(x_in, X / (s**2 + 1).sqrt())
+    pre = VPPreconditioner(Recorder(), beta_d=beta_d, beta_min=beta_min, M=M)
+    T = torch.tensor([1e-3, 0.05, 0.5, 1.0], dtype=torch.float64)
+    D = pre(X, T)
+    s = _bc(((0.5 * beta_d * T**2 + beta_min * T).exp() - 1).sqrt())
+    torch.testing.assert_close(pre.model.x_in, X / (s**2 + 1).sqrt())
     torch.testing.assert_close(D, X - s)
-    t = c_noise / (M - 1)  # sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)
-    torch.testing.assert_close(((0.5 * beta_d * t**2 + beta_min * t).exp() - 1).sqrt(), SIGMA)
-    torch.testing.assert_close(VPNoiseScheduler(beta_min, beta_d).edm_sigma(t), SIGMA)
+    torch.testing.assert_close(pre.model.c_noise, (M - 1) * T)
+    torch.testing.assert_close(pre.sigma_inv(pre.sigma(T)), T)
+    torch.testing.assert_close(pre.sigma(T), VPNoiseScheduler(beta_min, beta_d).edm_sigma(T))
+    t32 = torch.tensor([1e-4, 1e-3], dtype=torch.float32)  # expm1 / log1p: small t keeps float32 precision
+    torch.testing.assert_close(pre.sigma_inv(pre.sigma(t32)).double(), t32.double(), rtol=1e-5, atol=0)
+
+
+def test_exported_contract_stays_sigma_for_vp():
+    """The engine's D(x, sigma) maps sigma to t inside: equal to the preconditioner at t = sigma_inv(sigma)."""
+    from diffexport.export.denoiser import Denoiser
+
+    pre = VPPreconditioner(Recorder())
+    D = Denoiser(pre)(X.float(), SIGMA.float())
+    s = _bc(SIGMA.float())
+    torch.testing.assert_close(D, X.float() - s)
+    torch.testing.assert_close(pre.model.x_in, X.float() / (s**2 + 1).sqrt())
+    torch.testing.assert_close(D, pre(X.float(), pre.sigma_inv(SIGMA.float())), rtol=1e-5, atol=1e-5)  # = forward at t(sigma)
+
+
+def test_iddpm_keeps_the_first_half_of_learned_variance_outputs():
+    class TwoC(nn.Module):
+        def forward(self, x, c_noise, **kw):
+            return torch.cat([torch.ones_like(x), torch.full_like(x, 7.0)], dim=1)
+
+    D = IDDPMPreconditioner(TwoC())(X, SIGMA)
+    torch.testing.assert_close(D, X - _bc(SIGMA))  # the variance half (7) is dropped
+    assert D.shape == X.shape
 
 
 def test_iddpm_coefficients_and_round_sigma():
@@ -182,7 +209,7 @@ def test_torch_export_table_preconditioners(cls):
     B = torch.export.Dim("batch", min=1, max=64)
     x, sigma = torch.randn(2, 1, 4, 4), torch.tensor([0.1, 3.0])
     ep = torch.export.export(pre, (x, sigma), dynamic_shapes={"x": {0: B}, "t": {0: B}}, strict=False)
-    x, sigma = torch.randn(3, 1, 4, 4), torch.tensor([0.01, 1.0, 50.0])
+    x, sigma = torch.randn(3, 1, 4, 4), torch.tensor([0.01, 0.5, 1.0])  # diffusion times (VP: t <= 1)
     torch.testing.assert_close(ep.module()(x, sigma), pre(x, sigma))
     assert math.isfinite(ep.module()(x, sigma).abs().max().item())
 

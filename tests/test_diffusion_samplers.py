@@ -27,6 +27,7 @@ from diffexport.diffusion import (
     edm_x0_predictor,
     sample,
 )
+from diffexport.diffusion.samplers import check_fit, ddpm_sample, sample_step_table, solvers_for, step_table
 from diffexport.diffusion.testing import GaussianDenoiser, GaussianEpsilonPredictor
 
 MU, S, N_SAMPLES, MEAN_TOL = 1.5, 0.5, 20000, 0.03
@@ -239,10 +240,10 @@ def test_ddpm_ancestral_and_ddim_gaussian():
     dd = DDPMScheduler()
     eps = GaussianEpsilonPredictor(dd, MU, S)
     for steps, eta, std_tol in ((None, 1.0, 0.03), (200, 0.0, 0.035)):
-        x0 = dd.sample(eps, (N_SAMPLES, 1), steps, eta=eta, generator=0)
+        x0 = ddpm_sample(dd, eps, (N_SAMPLES, 1), steps, eta=eta, generator=0)
         assert abs(x0.mean().item() - MU) <= MEAN_TOL and abs(x0.std().item() / S - 1) <= std_tol
-    a = dd.sample(eps, (8, 1), 20, eta=1.0, generator=5)
-    assert torch.equal(a, dd.sample(eps, (8, 1), 20, eta=1.0, generator=5))
+    a = ddpm_sample(dd, eps, (8, 1), 20, eta=1.0, generator=5)
+    assert torch.equal(a, ddpm_sample(dd, eps, (8, 1), 20, eta=1.0, generator=5))
     # a plain epsilon U-Net model(x, t_int) (stand-in) is called with int64 timesteps, T-1 first
     net = nn.Conv2d(1, 1, 1)
     seen = []
@@ -252,10 +253,53 @@ def test_ddpm_ancestral_and_ddim_gaussian():
         return net(x)
 
     with torch.no_grad():
-        assert dd.sample(unet, (2, 1, 4, 4), 10, eta=0.0, generator=0).shape == (2, 1, 4, 4)
+        assert ddpm_sample(dd, unet, (2, 1, 4, 4), 10, eta=0.0, generator=0).shape == (2, 1, 4, 4)
     assert len(seen) == 10 and seen[0].dtype == torch.int64 and seen[0].tolist() == [999, 999]
     # the same chain through the generic sample() with the "ddim" key
     xT = dd.init_latents((1,), torch.full((8,), 999), generator=0)
     b = sample(dd.get_denoiser(epsilon_predictor=eps), xT, dd, 20, solver="ddim", solver_options={"eta": 0.0})
-    x0_ref = dd.sample(eps, (8, 1), 20, eta=0.0, generator=0)
+    x0_ref = ddpm_sample(dd, eps, (8, 1), 20, eta=0.0, generator=0)
     torch.testing.assert_close(b, x0_ref)
+
+
+STEP_TABLE_CASES = [
+    (EDMNoiseScheduler(), "euler", {}),
+    (EDMNoiseScheduler(), "heun", {}),
+    (EDMNoiseScheduler(), "heun", {"alpha": 0.5}),
+    (EDMNoiseScheduler(), "edm_stochastic_heun", {"S_churn": 40, "S_min": 0.05, "S_max": 50}),
+    (EDMNoiseScheduler(), "edm_stochastic_euler", {"S_churn": 10, "S_noise": 1.003}),
+    (VENoiseScheduler(), "heun", {}),
+    (VPNoiseScheduler(), "heun", {}),
+    (VPNoiseScheduler(), "edm_stochastic_heun", {"S_churn": 20}),
+    (IDDPMNoiseScheduler(), "euler", {}),
+    (DDPMScheduler(), "ddim", {"eta": 0.0}),
+    (DDPMScheduler(), "ddim", {"eta": 1.0}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STEP_TABLE_CASES)), ids=lambda i: f"{type(STEP_TABLE_CASES[i][0]).__name__}-{STEP_TABLE_CASES[i][1]}")
+def test_step_table_reproduces_sample(case):
+    """The manifest's per-step coefficients (what the C++ runner reads) give sample()'s trajectory."""
+    scheduler, solver, options = STEP_TABLE_CASES[case]
+    D = GaussianDenoiser(MU, S)
+    n = 12
+    ts = scheduler.timesteps(n)
+    xN = scheduler.init_latents((3,), ts[:1].expand(4), generator=1, dtype=torch.float64)
+    predictor = edm_x0_predictor(D, scheduler)
+    draws = {"generator": torch.Generator().manual_seed(7)} if solver not in ("euler", "heun") else {}
+    want = sample(scheduler.get_denoiser(x0_predictor=predictor), xN, scheduler, n, solver=solver, time_steps=ts,
+                  solver_options={**options, **draws})
+    table = step_table(scheduler, solver, ts, options)
+    assert len(table) == n
+    got = sample_step_table(D, xN, table, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.isfinite(got).all() and not torch.equal(got, xN)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "edm_stochastic_heun"])
+def test_ode_solvers_refuse_ddpm_and_ddim_refuses_continuous(solver):
+    with pytest.raises(ValueError, match="for DDPMScheduler use one of: ddim"):
+        check_fit(solver, DDPMScheduler())
+    with pytest.raises(ValueError, match="needs a DDPMScheduler"):
+        check_fit("ddim", EDMNoiseScheduler)
+    assert solvers_for(DDPMScheduler) == ["ddim"] and "ddim" not in solvers_for(VPNoiseScheduler)

@@ -6,6 +6,7 @@ Engines come from the session fixtures of ``conftest.py`` (tiny, randomised weig
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_batch_below_min(tmp_path, built_quickstart):
     engine_dir = shutil.copytree(built_quickstart, tmp_path / "e")
     manifest = read_manifest(engine_dir)
     manifest["io"]["batch"]["min"] = 2  # the check reads the manifest's range
+    manifest["recipe"]["inputs"]["batch"]["min"] = 2  # (io must follow from the recipe, or the manifest is refused)
     write_manifest(engine_dir, manifest)
     engine = load(engine_dir)
     with pytest.raises(EngineError, match=r"batch 1 of input 'x' is outside the engine's range \[2, 16\]"):
@@ -145,6 +147,15 @@ def test_load_errors_name_what_is_wrong(tmp_path, built_quickstart):
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(EngineError, match="cannot read manifest"):
         load(tmp_path)
+    edited = read_manifest(built_quickstart)
+    edited["io"]["inputs"][0]["shape"] = [-1, 4, 16, 16]
+    (tmp_path / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(EngineError, match="field 'io' does not match the engine's recipe"):
+        load(tmp_path)
+    del edited["sampler"]
+    (tmp_path / MANIFEST).write_text(json.dumps(edited))
+    with pytest.raises(EngineError, match="field 'sampler' is missing"):
+        load(tmp_path)
 
 
 def test_aoti_package_runs_only_where_it_was_compiled(built_conditional):
@@ -166,7 +177,7 @@ def test_mark_updates_status_and_parity_atomically(tmp_path, built_quickstart):
     after = mark(engine_dir, status="ok", parity={"max_rel_l2": 3e-7})
     assert after == read_manifest(engine_dir)
     assert after["status"] == "ok" and after["parity"] == {"max_rel_l2": 3e-7}
-    assert {k: v for k, v in after.items() if k not in ("status", "parity")} == {k: v for k, v in before.items() if k != "status"}
+    assert {k: v for k, v in after.items() if k not in ("status", "parity")} == {k: v for k, v in before.items() if k not in ("status", "parity")}
     with pytest.raises(ValueError, match="status must be one of"):
         mark(engine_dir, status="great")
     assert [p.name for p in engine_dir.iterdir() if p.name.startswith(".")] == []  # no temp files left

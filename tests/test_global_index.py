@@ -54,7 +54,7 @@ def engine_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(engine_dir):
-    return load(engine_dir, "onnxruntime"), load(engine_dir, "torch")
+    return load(engine_dir, "onnxruntime", allow_unverified=True), load(engine_dir, "torch")  # built with parity off
 
 
 def test_manifest_declares_the_global_index_input(engine_dir):

@@ -4,7 +4,6 @@ the same weights and inputs (eval and train), and legacy (EDM / PhysicsNeMo 1.x)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,12 @@ import torch
 from diffexport.models import get_model_class
 from diffexport.models.legacy import upgrade_legacy_state_dict
 
-# ../shared/reference beside the repository (as on the project machines and CI), or $DIFFEXPORT_REFERENCE
-REF = Path(os.environ.get("DIFFEXPORT_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+# PhysicsNeMo 2.2.2's own outputs, kept in the repository (tests/data/physicsnemo-2.2.2/README.md): never skipped
+REF = Path(__file__).resolve().parent / "data" / "physicsnemo-2.2.2"
 CONFIGS = ["songunet_ddpmpp", "songunet_ncsnpp", "dhariwalunet", "songunet_posembd_learnable", "songunet_posltembd"]
 TOL = 1e-5
 
-pytestmark = [
-    pytest.mark.skipif(not REF.is_dir(), reason=f"PhysicsNeMo reference data not found at {REF}"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -1,5 +1,6 @@
-"""Parity harness: passing engines pass, a perturbed ONNX weight fails and is located, the build
-stage marks engines, the CLI exits accordingly, ``diffexport.testing`` asserts.
+"""Parity harness: passing engines pass, a perturbed ONNX weight fails and is located, an error in
+the prediction F that D hides fails, one reference serves every candidate and is cached by
+content, the build stage marks engines, the CLI exits accordingly, ``diffexport.testing`` asserts.
 
 Engines come from conftest.py (randomised weights): ``onnx_engine_dir`` (quickstart,
 unconditional, onnx) and ``built_conditional`` (image + vector conditions, onnx and aoti).
@@ -8,26 +9,26 @@ unconditional, onnx) and ``built_conditional`` (image + vector conditions, onnx 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+import torch
 import yaml
-from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from diffexport.cli import app
 from diffexport.cli.build import finalize_stages
 from diffexport.engines import read_manifest
-from diffexport.engines.manifest import file_record, write_manifest
 from diffexport.parity import PRESETS, parity_stage, run_parity, tolerances
+from diffexport.parity import harness
+from diffexport.parity.harness import ParityRun, Plan, call_passed, reference_key
 from diffexport.recipes import load_recipe
 from diffexport.testing import assert_engine_parity
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # a conv of the quickstart decoder
+WEIGHT = "preconditioner.model.model.dec.8x8_block0.conv0.weight"  # the one perturbed_onnx_engine changes
 
 
 def check_passed(report: dict, backends: set[str]) -> None:
@@ -35,6 +36,7 @@ def check_passed(report: dict, backends: set[str]) -> None:
     for e in report["backends"].values():
         assert e["passed"] and e["error"] is None and "divergence" not in e
         assert len(e["per_call"]) >= 8 and max(r["rel_l2"] for r in e["per_call"]) <= PRESETS["fp32"]["per_call_rtol"]
+        assert max(r["f_rel_l2"] for r in e["per_call"]) <= PRESETS["fp32"]["per_call_f_rtol"]
         assert len(e["trajectory"]["steps"]) == report["settings"]["num_steps"]
         assert e["trajectory"]["final"]["rel_l2"] <= PRESETS["fp32"]["final_rtol"]
 
@@ -46,7 +48,8 @@ def test_unconditional_onnx_passes_and_writes_report(onnx_engine_dir, tmp_path):
     assert sigmas[0] == pytest.approx(80.0) and sigmas[-1] == pytest.approx(0.002)
     assert np.allclose(np.diff(np.log(sigmas)), np.log(sigmas[1] / sigmas[0]))  # log-spaced
     assert json.loads((tmp_path / "parity.json").read_text())["passed"] is True
-    assert "PASS" in (tmp_path / "parity.md").read_text()
+    md = (tmp_path / "parity.md").read_text()
+    assert "PASS" in md and "F rel L2" in md
     assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -60,20 +63,9 @@ def test_seed_unet_ddim_engine_passes(built_seed_unet):
 
 
 @pytest.fixture(scope="module")
-def perturbed(onnx_engine_dir, tmp_path_factory):
+def perturbed(perturbed_onnx_engine):
     """A copy of the quickstart engine with one element of one conv weight changed in its ONNX."""
-    engine_dir = tmp_path_factory.mktemp("perturbed") / "engine"
-    shutil.copytree(onnx_engine_dir, engine_dir)
-    model = onnx.load(str(engine_dir / "denoiser.onnx"))
-    init = next(i for i in model.graph.initializer if i.name == WEIGHT)
-    w = numpy_helper.to_array(init).copy()
-    w.flat[3] += 1.0
-    init.CopyFrom(numpy_helper.from_array(w, WEIGHT))
-    onnx.save(model, str(engine_dir / "denoiser.onnx"))
-    manifest = read_manifest(engine_dir)
-    manifest["artifacts"]["onnx"].update(file_record(engine_dir, ["denoiser.onnx"]))
-    write_manifest(engine_dir, manifest)
-    return engine_dir, model
+    return perturbed_onnx_engine[:2]
 
 
 def downstream_of(model: onnx.ModelProto, value: str) -> set[str]:
@@ -111,8 +103,8 @@ def test_parity_stage_and_cli_mark_failure(perturbed, onnx_engine_dir, tmp_path)
     assert ok.exit_code == 0, ok.output
 
 
-def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path):
-    data = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path, tiny_recipe_paths):
+    data = yaml.safe_load(tiny_recipe_paths["quickstart"].read_text())
     data.update(parity={"per_call_rtol": 1e-12}, deploy={})  # fp32 engines differ by ~1e-7: must fail
     (tmp_path / "strict.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "engine"
@@ -131,9 +123,59 @@ def test_build_runs_parity_unless_disabled(tiny_recipe_paths):
 
 
 def test_tolerances_presets_and_overrides():
-    assert tolerances("fp32") == {"per_call_rtol": 1e-5, "final_rtol": 1e-4}
-    assert tolerances("bf16")["per_call_rtol"] > tolerances("fp16")["per_call_rtol"] > tolerances("fp32")["per_call_rtol"]
-    assert tolerances("fp32", {"per_call_rtol": 1e-3, "final_rtol": None}) == {"per_call_rtol": 1e-3, "final_rtol": 1e-4}
+    assert tolerances("fp32") == PRESETS["fp32"] and set(PRESETS["fp32"]) == {"per_call_rtol", "per_call_f_rtol", "final_rtol"}
+    for key in PRESETS["fp32"]:
+        assert tolerances("bf16")[key] > tolerances("fp16")[key] > tolerances("fp32")[key]
+    assert tolerances("fp32", {"per_call_rtol": 1e-3, "final_rtol": None}) == {**PRESETS["fp32"], "per_call_rtol": 1e-3}
+    assert tolerances("fp32", {"per_call_f_rtol": 0.5})["per_call_f_rtol"] == 0.5
     assert tolerances("fp16", {"final_rtol": 0.5}, final_rtol=0.25)["final_rtol"] == 0.25
     with pytest.raises(ValueError, match="int8"):
         tolerances("int8")
+
+
+class _FError:
+    """The reference with its prediction F scaled by ``1 + error`` where σ < ``below`` (D = c_skip x + c_out F)."""
+
+    def __init__(self, reference, error: float, below: float):
+        self.ref, self.error, self.below = reference, error, below
+        self.backend, self.io, self.device = "onnxruntime", reference.io, reference.device
+
+    def __call__(self, x, sigma, **conditions):
+        d = self.ref(x, sigma, **conditions)
+        s = sigma.reshape(-1, 1, 1, 1)
+        _, _, c_out, c_skip = self.ref.denoiser.preconditioner.compute_coefficients(s)
+        scale = torch.where(s < self.below, 1 + self.error, 1.0)
+        return c_skip * x + c_out * scale * (d - c_skip * x) / c_out
+
+
+def test_half_error_in_F_at_smallest_sigma_fails_fp16_preset(onnx_engine_dir, monkeypatch, tmp_path):
+    """At σ = 0.002, c_skip ≈ 1: a 50 % error in F moves D by ~1e-3, inside fp16's D tolerance;
+    the F gate catches it."""
+    run = ParityRun(onnx_engine_dir, cache_dir=tmp_path, locate=False, **PRESETS["fp16"])
+    monkeypatch.setattr(harness, "load_candidate", lambda d, b, dev=None: _FError(run.reference.engine("cpu"), 0.5, 0.004))
+    entry = run.check("onnxruntime")
+    smallest = entry["per_call"][-1]
+    assert smallest["sigma"] == pytest.approx(0.002)
+    assert smallest["rel_l2"] < PRESETS["fp16"]["per_call_rtol"]  # what used to be gated: passes
+    assert smallest["f_rel_l2"] == pytest.approx(0.5, rel=1e-3) and not call_passed(smallest, entry["tolerances"])
+    assert all(call_passed(r, entry["tolerances"]) for r in entry["per_call"][:-1])  # larger σ untouched
+    assert entry["passed"] is False and entry["per_call_f_worst"]["sigma"] == pytest.approx(0.002)
+
+
+def test_one_reference_for_all_candidates_cached_by_content(onnx_engine_dir, tmp_path, monkeypatch):
+    calls = []
+    real = harness.load_candidate
+    monkeypatch.setattr(harness, "load_candidate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    run = ParityRun(onnx_engine_dir, cache_dir=tmp_path)
+    first = run.report(["onnxruntime", "onnxruntime"])  # a second candidate on the same artifact
+    assert run.reference.computed == ["calls", "trajectory"] and calls == ["onnxruntime"]  # memoised per backend
+    again = ParityRun(onnx_engine_dir, cache_dir=tmp_path)
+    second = again.report(["onnxruntime"])
+    assert again.reference.computed == [] and not again.reference.engines  # cache hit: no torch model built
+    assert second["backends"]["onnxruntime"]["per_call"] == first["backends"]["onnxruntime"]["per_call"]
+    manifest = read_manifest(onnx_engine_dir)
+    plan = Plan.of(manifest)
+    key = reference_key(manifest, plan, torch.device("cpu"))
+    changed = {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
+    assert reference_key(changed, plan, torch.device("cpu")) != key
+    assert reference_key(manifest, Plan.of(manifest, seed=1), torch.device("cpu")) != key

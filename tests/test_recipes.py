@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPES
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
-from diffexport.export import check_recipe
+from diffexport.export import check_recipe, validate_recipe
 from diffexport.models import get_model_class
 from diffexport.recipes import RecipeError, image_shape, io_spec, load_recipe
 
@@ -78,7 +80,7 @@ def test_patch_recipe_samples_a_larger_image():
 
 # --- broken recipes -------------------------------------------------------------------------
 
-BASE = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())
+BASE = TINY_RECIPES["quickstart"]  # the tiny random-weights quickstart (no conditions, no checkpoint)
 
 
 def _with(edit) -> dict:
@@ -99,6 +101,34 @@ BROKEN = {
     "channel mismatch": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]}]), "model.args"),
     "bad condition shape": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [3, 8, 8]}]), "conditions.cond.shape"),
     "unknown target": (lambda d: d["export"].update(targets=["onnx", "tflite"]), "export.targets[1]"),
+    # solver and scheduler must fit (issue 9 item 7 / issue 13 item 5)
+    "DDPM + heun": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler"}, num_steps=10), "sampler.solver: solver 'heun' needs a LinearGaussianNoiseScheduler"),
+    "EDM + ddim": (lambda d: d["sampler"].update(solver="ddim"), "for EDMNoiseScheduler use one of: euler, heun, edm_stochastic_euler, edm_stochastic_heun"),
+    "unknown solver option": (lambda d: d["sampler"].update(solver_options={"S_chrun": 1}), "sampler.solver_options: unknown argument(s) S_chrun for HeunSolver; expected some of: alpha"),
+    "negative S_churn": (lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"S_churn": -1}), "sampler.solver_options.S_churn: EDMStochasticHeunSolver: must be >= 0"),
+    "solver option type": (lambda d: d["sampler"].update(solver="edm_stochastic_euler", solver_options={"S_noise": "loud"}), "sampler.solver_options.S_noise: must be float"),
+    "solver option set by the sampler": (lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"num_steps": 3}), "sampler.solver_options.num_steps: set by sampler.num_steps"),
+    "heun alpha": (lambda d: d["sampler"].update(solver_options={"alpha": 0}), "sampler.solver_options.alpha: HeunSolver: must be in (0, 1]"),
+    "sigma_min > sigma_max": (lambda d: d["sampler"]["scheduler"]["args"].update(sigma_min=100), "sampler.scheduler.args.sigma_max: EDMNoiseScheduler: must be > sigma_min = 100"),
+    "sigma_min <= 0": (lambda d: d["sampler"]["scheduler"]["args"].update(sigma_min=0), "sampler.scheduler.args.sigma_min: EDMNoiseScheduler: must be > 0"),
+    "rho <= 0": (lambda d: d["sampler"]["scheduler"]["args"].update(rho=0), "sampler.scheduler.args.rho: EDMNoiseScheduler: must be > 0"),
+    "nan scheduler arg": (lambda d: d["sampler"]["scheduler"]["args"].update(rho=float("nan")), "sampler.scheduler.args.rho: must be a number, got nan"),
+    "inf preconditioner arg": (lambda d: d["preconditioner"]["args"].update(sigma_data=float("inf")), "preconditioner.args.sigma_data: must be finite"),
+    "nan schema field": (lambda d: d.update(parity={"final_rtol": float("nan")}), "parity.final_rtol"),
+    "sigma_data <= 0": (lambda d: d["preconditioner"]["args"].update(sigma_data=0), "preconditioner.args.sigma_data: EDMPreconditioner: must be > 0"),
+    "DDPM steps > T": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler", "args": {"num_train_timesteps": 5}}, solver="ddim", num_steps=10), "sampler.num_steps: DDPMScheduler: must be <= num_train_timesteps = 5"),
+    "patch overlap > patch": (lambda d: d["sampler"].update(patching={"img_shape": [32, 32], "overlap_pix": 20}), "sampler.patching: GridPatching2D"),
+    "absurd batch": (lambda d: d["inputs"]["batch"].update(max=10**21), "inputs.batch.max: Input should be less than or equal to 4096"),
+    "absurd steps": (lambda d: d["sampler"].update(num_steps=10**9), "sampler.num_steps: Input should be less than or equal to 10000"),
+    "opset": (lambda d: d["export"].update(opset=99), "export.opset: Input should be less than or equal to 23"),
+    "in_channels 0": (lambda d: d["model"]["args"].update(in_channels=0), "model.args.in_channels: must be an int in [1, 4096], got 0"),
+    "channel_mult []": (lambda d: d["model"]["args"].update(channel_mult=[]), "model.args.channel_mult: SongUNet: must be a non-empty list"),
+    "model_channels 0": (lambda d: d["model"]["args"].update(model_channels=0), "model.args.model_channels: SongUNet: must be an int >= 1"),
+    "model arg type": (lambda d: d["model"]["args"].update(model_channels=16.5), "model.args.model_channels: must be int"),
+    "resolution vs levels": (lambda d: d["model"]["args"].update(img_resolution=15), "model.args.img_resolution: SongUNet: spatial size (15, 15)"),
+    "missing checkpoint": (lambda d: d["model"].update(checkpoint="no/such/model.mdlus"), "model.checkpoint: "),
+    "checkpoint is a folder": (lambda d: d["model"].update(checkpoint="/"), "model.checkpoint: / is not a file"),
+    "huge image": (lambda d: d["model"]["args"].update(img_resolution=10**6), "model.args.img_resolution: must be an int in [1, 8192]"),
 }
 
 
@@ -112,6 +142,39 @@ def test_broken_recipe_names_file_and_field(case: str, tmp_path: Path):
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
 
 
+def test_inf_is_refused_with_a_hint_where_it_is_the_default():
+    """S_max's default is +inf: the message says to leave it out (the manifest is strict JSON)."""
+    data = _with(lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"S_churn": 10, "S_max": float("inf")}))
+    with pytest.raises(RecipeError, match=r"sampler.solver_options.S_max: must be finite, got inf; leave it out for its default \(inf\)"):
+        validate_recipe(data)
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path):
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_with(lambda d: (d["sampler"].update(solver="ddim"), d["preconditioner"]["args"].update(sigma_data=-1)))))
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(path)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 2 and all(line.strip().startswith(str(path)) for line in lines), lines
+
+
+def test_manifest_sampler_is_resolved():
+    """Scheduler args with their defaults, the solver's resolved options, and a step table."""
+    recipe = load_recipe(RECIPES / "quickstart.yaml").model_copy()
+    s = sampler_schedule(recipe)
+    assert s["scheduler"]["args"] == {"sigma_min": 0.002, "sigma_max": 80, "rho": 7, "sigma_data": 0.5, "P_mean": -1.2, "P_std": 1.2}
+    assert s["solver_args"] == {"alpha": 1.0} and s["discrete"] is False
+    assert len(s["steps"]) == recipe.sampler.num_steps and len(s["steps"][0]["evals"]) == 2 and len(s["steps"][-1]["evals"]) == 1
+    e = s["steps"][0]["evals"][0]
+    assert e["sigma"] == 80 and e["c_x"] == pytest.approx(1 / 80) and e["c_d"] == pytest.approx(-1 / 80)
+    stochastic = _with(lambda d: d["sampler"].update(solver="edm_stochastic_heun", solver_options={"S_churn": 40}))
+    s = sampler_schedule(validate_recipe(stochastic))
+    assert s["solver_args"]["S_max"] == "inf" and s["solver_args"]["S_churn"] == 40 and s["steps"][0]["churn"]["x_scale"] == 1.0
+    json.dumps(s, allow_nan=False)  # strict JSON, as the manifest is written
+    ddpm = sampler_schedule(load_recipe(RECIPES / "ddpm-simple.yaml"))
+    assert ddpm["discrete"] and ddpm["time_steps"][-1] == -1 and "ddim" in ddpm["steps"][0]
+
+
 def test_not_yaml_and_missing_file_name_the_file(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
@@ -119,3 +182,147 @@ def test_not_yaml_and_missing_file_name_the_file(tmp_path: Path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="absent.yaml: cannot read"):
         load_recipe(tmp_path / "absent.yaml")
+
+
+# --- the YAML reader (issue 13 item 3) -------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")
+)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "too large once its aliases are expanded"),
+    ("a: &a [1]\nb: *a\nname: x\nname: y\n", "duplicate key 'name' (first on line 3)"),
+    ("model:\n  class: SongUNet\n  class: DhariwalUNet\n", "duplicate key 'class' (first on line 2)"),
+    ("a: &a\n  b: *a\n", "recursive alias"),
+    ("[" * 5000 + "]" * 5000, "nested too deeply"),
+], ids=["alias bomb", "duplicate top-level key", "duplicate nested key", "recursive alias", "deep nesting"])
+def test_yaml_reader_refuses_unsafe_documents(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value) and message in str(err.value), str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "a binary file"),
+    ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    (b"# " + b"x" * (1 << 20) + b"\n", "larger than 1048576 bytes"),
+    ("name: x\n".encode("utf-16"), "UTF-16 text; save the recipe as UTF-8"),
+], ids=["binary", "latin-1", "oversized", "utf-16"])
+def test_yaml_reader_refuses_files_that_are_not_small_utf8_text(tmp_path: Path, data: bytes, message: str):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(data)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_yaml_reader_keeps_shared_anchors_and_merge_keys(tmp_path: Path):
+    base = {k: v for k, v in BASE.items() if k not in ("parity", "deploy")}
+    path = tmp_path / "anchors.yaml"
+    path.write_text(yaml.safe_dump(base) + "parity: &p {batch: 2}\ndeploy: {<<: {triton: false}, cpp: false}\n")
+    recipe = load_recipe(path)
+    assert recipe.parity.batch == 2 and recipe.deploy.triton is False
+
+
+# --- one source of truth (issue 9 item 8) ----------------------------------------------------
+
+
+def test_content_key_covers_diffexports_own_source():
+    from diffexport.engines.manifest import content_key, source_sha256
+
+    args = ("w" * 64, {"name": "x"}, {"torch": "2"}, {"type": "cpu"}, ["parity"])
+    assert content_key(*args) == content_key(*args, source=source_sha256())
+    assert content_key(*args, source="a" * 64) != content_key(*args, source="b" * 64)
+    assert len(source_sha256()) == 64
+
+
+def test_reference_is_built_from_the_manifests_recipe(built_quickstart: Path, tmp_path: Path):
+    """recipe.yaml is a copy for people; the torch reference reads manifest["recipe"] (what the content key hashes)."""
+    import shutil
+
+    from diffexport.engines.manifest import read_manifest, write_manifest
+    from diffexport.engines.torch_engine import TorchEngine
+    from diffexport.recipes import IOSpec
+
+    engine = tmp_path / "e"
+    shutil.copytree(built_quickstart, engine)
+    manifest = read_manifest(engine)
+    io = IOSpec.from_dict(manifest["io"])
+    x, sigma = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.5, 3.0])
+    before = TorchEngine(engine, io)(x, sigma)
+    (engine / "recipe.yaml").write_text((engine / "recipe.yaml").read_text().replace("sigma_data: 0.5", "sigma_data: 0.9"))
+    torch.testing.assert_close(TorchEngine(engine, io)(x, sigma), before, rtol=0, atol=0)
+    manifest["recipe"]["preconditioner"]["args"]["sigma_data"] = 0.9
+    write_manifest(engine, manifest)
+    assert not torch.allclose(TorchEngine(engine, io)(x, sigma), before)
+
+
+# --- property: any sampler either validates into a finite schedule or is refused by name -----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NUM = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-5, 2000))
+_SCHEDULER_ARGS = {
+    "EDMNoiseScheduler": ["sigma_min", "sigma_max", "rho"], "VENoiseScheduler": ["sigma_min", "sigma_max"],
+    "VPNoiseScheduler": ["beta_min", "beta_d", "epsilon_s", "t_max"], "IDDPMNoiseScheduler": ["sigma_min", "sigma_max", "C_1", "C_2"],
+    "DDPMScheduler": ["num_train_timesteps", "beta_start", "beta_end"],
+}
+_OPTIONS = ["S_churn", "S_min", "S_max", "S_noise", "alpha", "eta"]
+
+
+@st.composite
+def _samplers(draw):
+    cls = draw(st.sampled_from(sorted(_SCHEDULER_ARGS)))
+    args = draw(st.dictionaries(st.sampled_from(_SCHEDULER_ARGS[cls]), _NUM, max_size=3))
+    solver = draw(st.sampled_from(["euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim"]))
+    options = draw(st.dictionaries(st.sampled_from(_OPTIONS), _NUM, max_size=2))
+    return {"scheduler": {"class": cls, "args": args}, "solver": solver, "num_steps": draw(st.integers(1, 40)), "solver_options": options}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(sampler=_samplers())
+def test_any_sampler_validates_to_a_finite_schedule_or_is_refused(sampler):
+    data = _with(lambda d: d.update(sampler=sampler))
+    try:
+        recipe = validate_recipe(data)
+    except RecipeError as e:
+        lines = str(e).splitlines()
+        assert lines[0] == "invalid recipe" and all(line.startswith("  <recipe>: sampler") for line in lines[1:]), str(e)
+        return
+    s = sampler_schedule(recipe)
+    json.dumps(s, allow_nan=False)
+    sig = s["sigmas"]
+    assert all(a > b for a, b in zip(sig, sig[1:])) and sig[-1] == 0.0 and len(s["steps"]) == sampler["num_steps"]
+
+
+def test_vp_recipe_exports_with_the_sigma_contract(tmp_path: Path):
+    """A VP recipe (VPPreconditioner + VPNoiseScheduler) builds an ONNX engine that takes σ and
+    matches the eager reference, from σ_max of the schedule down to its smallest σ."""
+    from diffexport.engines import build_engine
+    from diffexport.engines.manifest import read_manifest
+    from diffexport.engines.onnxruntime import OnnxRuntimeEngine
+    from diffexport.engines.torch_engine import TorchEngine
+    from diffexport.recipes import IOSpec
+
+    data = _with(lambda d: (d.update(preconditioner={"class": "VPPreconditioner", "args": {}}, name="tiny-vp"),
+                            d["sampler"].update(scheduler={"class": "VPNoiseScheduler", "args": {}}, num_steps=4),
+                            d["export"].update(targets=["onnx"]), d.update(deploy={})))
+    path = tmp_path / "vp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    engine = build_engine(path, tmp_path / "vp").engine_dir
+    manifest = read_manifest(engine)
+    sampler, io = manifest["sampler"], IOSpec.from_dict(manifest["io"])
+    assert sampler["scheduler"]["args"] == {"beta_min": 0.1, "beta_d": 19.9, "epsilon_s": 1e-3, "t_max": 1.0}
+    ort, ref = OnnxRuntimeEngine(engine / manifest["artifacts"]["onnx"]["file"], io), TorchEngine(engine, io)
+    sigma = torch.tensor([sampler["sigmas"][0], sampler["sigmas"][-2]], dtype=torch.float32)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * sigma.reshape(-1, 1, 1, 1)
+    want = ref(x, sigma)
+    torch.testing.assert_close(ort(x, sigma), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    pre = ref.denoiser.preconditioner  # PhysicsNeMo's API: forward at diffusion time t = sigma_inv(sigma)
+    with torch.no_grad():
+        torch.testing.assert_close(pre(x, pre.sigma_inv(sigma)), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import importlib.util
+import json
 import shutil
 import signal
 import subprocess
@@ -29,10 +32,18 @@ from diffexport.deploy.triton import (
     write_repository,
 )
 from diffexport.deploy.triton.backend import BLSEngine
-from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
+from typer.testing import CliRunner
+
+from diffexport.cli import app
+from diffexport.cli.serve import parse_gpus
+import diffexport.deploy.triton as triton_package
+from diffexport.deploy.triton.backend import SamplerRequest, batched_runs, sample_together
+from diffexport.deploy.triton.repository import verify_repository
+from diffexport.engines.verdict import ALLOW_FLAG, UnverifiedEngine, refusal
+from diffexport.deploy.triton.config import Instances, denoiser_config, sampler_config, to_pbtxt
 from diffexport.deploy.triton.server import free_ports
 from diffexport.engines import load
-from diffexport.engines.manifest import read_manifest
+from diffexport.engines.manifest import mark, read_manifest, write_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime.sampler import sample
 
@@ -67,7 +78,9 @@ def engine(tmp_path_factory, onnx_engine_dir) -> Path:
     the server then proves that the repositories' paths survive a rename."""
     built = tmp_path_factory.mktemp("triton") / "built"
     shutil.copytree(onnx_engine_dir, built, ignore=shutil.ignore_patterns("triton", "triton-python"))
-    triton_stage(built, read_manifest(built))
+    m = read_manifest(built)
+    triton_stage(built, m)  # as the build's deploy:triton stage: the repositories, hashed into the manifest
+    write_manifest(built, m)
     moved = built.with_name("moved")
     built.rename(moved)
     return moved
@@ -90,16 +103,12 @@ def latents_for(manifest: dict, batch: int, seed: int) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal((batch, c, h, w)) * manifest["sampler"]["sigmas"][0]).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def server(engine: Path):
-    """``diffexport serve ENGINE`` on free loopback ports: the one server of this module."""
-    if not _has_tritonserver():
-        pytest.skip("tritonserver binary not found (nvidia-pytriton, the [triton] extra)")
+def _start_serve(engine: Path, *extra: str, tag: str = "serve") -> dict:
     http, grpc, metrics = free_ports(3)
-    log = engine.parent / "serve.log"
+    log = engine.parent / f"{tag}.log"
     cmd = [str(Path(sys.executable).parent / "diffexport"), "serve", str(engine), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log)]
-    out = engine.parent / "serve.out"
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--log-file", str(log), *extra]
+    out = engine.parent / f"{tag}.out"
     with open(out, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -108,10 +117,28 @@ def server(engine: Path):
             proc.kill()
             pytest.fail(f"diffexport serve did not become ready:\n{out.read_text()}\n{log.read_text() if log.exists() else ''}")
         time.sleep(0.5)
-    yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "proc": proc, "out": out}
+    return {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "proc": proc, "out": out, "engine": engine, "log": log}
+
+
+def _stop_serve(running: dict) -> int | None:
+    proc = running["proc"]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        return proc.wait(60)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(engine: Path, tmp_path_factory):
+    """``diffexport serve ENGINE --instances 2`` (2 CPU instances of each model, the repository
+    rewritten and re-hashed) on free loopback ports: the one ``serve`` of this module."""
+    if not _has_tritonserver():
+        pytest.skip("tritonserver binary not found (nvidia-pytriton, the [triton] extra)")
+    served = tmp_path_factory.mktemp("served") / "engine"
+    shutil.copytree(engine, served)
+    running = _start_serve(served, "--instances", "2")
+    yield running
+    _stop_serve(running)
 
 
 def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
@@ -145,6 +172,7 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
     assert sorted(p.name for p in repo.iterdir()) == sorted([denoiser, sampler])
     d = parse((repo / denoiser / "config.pbtxt").read_text())
     assert d.name == denoiser and d.max_batch_size == io["batch"]["max"] and d.HasField("dynamic_batching")
+    assert d.dynamic_batching.max_queue_delay_microseconds == 0  # BLS steps are batched without waiting
     if python_only:
         assert d.backend == "python" and (repo / denoiser / "1" / "model.py").is_file()
     else:
@@ -162,35 +190,49 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
     assert [(g.count, g.kind) for g in d.instance_group] == [(count, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
 
     s = parse((repo / sampler / "config.pbtxt").read_text())
-    assert s.backend == "python" and s.max_batch_size == 0 and s.parameters["denoiser_model"].string_value == denoiser
-    assert s.parameters["engine_dir"].string_value == "../.."
-    x = io["inputs"][0]["shape"]
+    assert s.backend == "python" and s.parameters["denoiser_model"].string_value == denoiser
+    assert s.max_batch_size == io["batch"]["max"]  # concurrent requests are batched, capped at the engine's max
+    assert list(s.dynamic_batching.preferred_batch_size) == sorted({io["batch"]["opt"], io["batch"]["max"]})
+    assert 0 < s.dynamic_batching.max_queue_delay_microseconds <= 10_000
+    assert s.parameters["engine_dir"].string_value == "../.." and s.parameters["allow_unverified"].string_value == "false"
+    x = io["inputs"][0]["shape"][1:]
     assert [(t.name, list(t.dims), t.optional) for t in s.input] == (
-        [("latents", x, False)] + [(c["name"], c["shape"], False) for c in io["inputs"][2:]] + [("seed", [1], True)])
+        [("latents", x, False)] + [(c["name"], c["shape"][1:], False) for c in io["inputs"][2:]] + [("seed", [1], True)])
     assert [(t.name, list(t.dims)) for t in s.output] == [("samples", x)]
+    recorded = manifest["hashes"][repo.name]["files"]  # every file the server loads or executes is hashed
+    assert sorted(recorded) == sorted(p.relative_to(engine).as_posix() for p in repo.rglob("*") if p.is_file())
 
 
-def test_pbtxt_writer_quotes_and_nests():
-    text = to_pbtxt({"name": 'a"b\\', "input": [{"name": "s", "dims": [1], "reshape": {"shape": []}}], "dynamic_batching": {},
-                     "parameters": [{"key": "k", "value": {"string_value": "v"}}]})
-    cfg = parse(text)
-    assert cfg.name == 'a"b\\' and cfg.HasField("dynamic_batching") and cfg.parameters["k"].string_value == "v"
-    assert list(cfg.input[0].dims) == [1] and cfg.input[0].HasField("reshape") and list(cfg.input[0].reshape.shape) == []
+def test_pbtxt_is_tritons_own_message():
+    """Configs are ``model_config_pb2.ModelConfig`` messages; the text round-trips, quoting included."""
+    io = IOSpec([TensorSpec("x", [-1, 2, 8, 8], kind="x"), TensorSpec("sigma", [-1], kind="sigma")],
+                [TensorSpec("denoised", [-1, 2, 8, 8], kind="denoised")], {"max": 4})
+    cfg = denoiser_config('a"b\\', io, parameters={"k": 'v"w'})
+    assert isinstance(cfg, model_config_pb2.ModelConfig)
+    back = parse(to_pbtxt(cfg))
+    assert back == cfg and back.name == 'a"b\\' and back.parameters["k"].string_value == 'v"w'
 
 
-def test_condition_inputs_in_configs():
-    """Conditions of every kind (none in the served engine) keep their dims; index [B] travels as [B, 1]."""
+def test_condition_inputs_and_instance_groups_in_configs():
+    """Conditions of every kind (none in the served engine) keep their dims; index [B] travels as [B, 1];
+    ``--instances``/``--gpus`` become instance groups."""
     io = IOSpec([TensorSpec("x", [-1, 2, 8, 8], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
                  TensorSpec("img", [-1, 3, 8, 8], kind="image"), TensorSpec("labels", [-1, 4], kind="vector"),
                  TensorSpec("lead", [-1], "int64", "index")], [TensorSpec("denoised", [-1, 2, 8, 8], kind="denoised")], {"max": 4})
-    d = parse(to_pbtxt(denoiser_config("m_denoiser", io, platform="tensorrt_plan", instances=2, gpu=True)))
+    d = parse(to_pbtxt(denoiser_config("m_denoiser", io, platform="tensorrt_plan", instances=Instances(2, (0, 1)))))
     assert [(t.name, list(t.dims), list(t.reshape.shape) if t.HasField("reshape") else None) for t in d.input] == [
         ("x", [2, 8, 8], None), ("sigma", [1], []), ("img", [3, 8, 8], None), ("labels", [4], None), ("lead", [1], [])]
     assert d.input[4].data_type == model_config_pb2.TYPE_INT64 and d.platform == "tensorrt_plan"
-    assert [(g.count, g.kind) for g in d.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_GPU)]
-    s = parse(to_pbtxt(sampler_config("m_sampler", io)))
-    assert [(t.name, list(t.dims)) for t in s.input] == [("latents", [-1, 2, 8, 8]), ("img", [-1, 3, 8, 8]), ("labels", [-1, 4]),
-                                                          ("lead", [-1]), ("seed", [1])]
+    assert [(g.count, g.kind, list(g.gpus)) for g in d.instance_group] == [(2, model_config_pb2.ModelInstanceGroup.KIND_GPU, [0, 1])]
+    s = parse(to_pbtxt(sampler_config("m_sampler", io, instances=Instances(3, (0, 1)))))
+    assert [(t.name, list(t.dims)) for t in s.input] == [("latents", [2, 8, 8]), ("img", [3, 8, 8]), ("labels", [4]),
+                                                          ("lead", [1]), ("seed", [1])]
+    assert [(g.count, g.kind) for g in s.instance_group] == [(3, model_config_pb2.ModelInstanceGroup.KIND_CPU)]  # BLS loop: CPU
+    assert not parse(to_pbtxt(sampler_config("m", io, batching=False))).HasField("dynamic_batching")
+    with pytest.raises(ValueError, match="--instances"):
+        Instances(0)
+    with pytest.raises(ValueError, match="--gpus"):
+        parse_gpus("0,x")
 
 
 def test_bls_engine_request_shapes():
@@ -226,6 +268,127 @@ def test_bls_engine_request_shapes():
     assert {k: v.shape for k, v in sent["inputs"].items()} == {"x": (3, 1, 2, 2), "sigma": (3, 1), "lead": (3, 1)}
     with pytest.raises(Exception, match="'lead' must be int64"):
         engine(x, torch.ones(3), lead=torch.ones(3))
+
+
+# --- concurrent requests sampled together ---------------------------------------------------------
+
+
+def _request(latents: np.ndarray, seeds: list[int], num_steps: int | None = None) -> SamplerRequest:
+    return SamplerRequest(torch.from_numpy(latents), {}, seeds, num_steps)
+
+
+def test_batched_runs_split_by_settings_and_max_batch():
+    reqs = [_request(np.zeros((n, 1, 1, 1), np.float32), [0], steps) for n, steps in [(2, None), (3, None), (1, 5), (2, None), (4, None)]]
+    assert batched_runs(reqs, max_rows=7) == [[0, 1, 3], [2], [4]]
+    assert batched_runs([*reqs[:2], ValueError("bad"), reqs[3]], max_rows=4) == [[0], [1], [3]]
+
+
+def test_group_noise_keeps_sample_seeds_reproducible(engine: Path, manifest: dict):
+    """One seed group is today's single generator, bit for bit (``diffexport sample --seed``)."""
+    ort = load(engine, "onnxruntime")
+    spec = {**manifest["sampler"], "solver": "edm_stochastic_euler", "solver_options": {"S_churn": 40.0}, "num_steps": 3}
+    spec.pop("time_steps", None)
+    a = sample(ort, spec, batch=2, seed=3)
+    assert torch.equal(a, sample(ort, spec, batch=2, seed=[3], seed_rows=[2]))
+    assert not torch.allclose(a, sample(ort, spec, batch=2, seed=4))
+
+
+def test_requests_sampled_together_equal_each_alone(engine: Path, manifest: dict):
+    """Merged stochastic requests (one seed per request, or one per sample) give what each gives alone."""
+    ort = load(engine, "onnxruntime")
+    spec = {**manifest["sampler"], "solver": "edm_stochastic_heun", "solver_options": {"S_churn": 40.0}, "num_steps": 4}
+    spec.pop("time_steps", None)
+    run = lambda **kw: sample(ort, spec, **kw)  # noqa: E731
+    lat = latents_for(manifest, 4, seed=5)
+    reqs = [_request(lat[:1], [5]), _request(lat[1:3], [7, 8]), _request(lat[3:], [0])]
+    together = sample_together(reqs, run)
+    for r, got in zip(reqs, together):
+        alone = sample_together([r], run)[0]
+        assert got.shape == r.latents.shape and rel_l2(got.numpy(), alone.numpy()) <= RTOL
+    per_sample = sample_together([_request(lat[1:2], [7])], run)[0]  # sample 0 of request 2, with its own seed
+    assert rel_l2(together[1][:1].numpy(), per_sample.numpy()) <= RTOL
+    reseeded = sample_together([_request(lat[1:3], [7, 9])], run)[0]
+    assert rel_l2(reseeded[1:].numpy(), together[1][1:].numpy()) > 1e-3  # the seed is really used
+
+
+# --- parity verdict, hashes ----------------------------------------------------------------------
+
+
+class _FakeTritonError(Exception):
+    pass
+
+
+def _model_module(name: str, monkeypatch) -> types.ModuleType:
+    """``models/<name>.py`` imported as Triton's stub imports it, with a stand-in ``triton_python_backend_utils``."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.SimpleNamespace(TritonError=_FakeTritonError))
+    spec = importlib.util.spec_from_file_location(f"_triton_{name}", Path(triton_package.__file__).parent / "models" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _initialize_args(repo: Path, model: str) -> dict:
+    cfg = parse((repo / model / "config.pbtxt").read_text())
+    params = {k: {"string_value": v.string_value} for k, v in cfg.parameters.items()}
+    return {"model_config": json.dumps({"parameters": params}), "model_repository": str(repo / model), "model_name": model,
+            "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+
+
+@pytest.fixture
+def failed_engine(engine: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "failed"
+    shutil.copytree(engine, copy)
+    mark(copy, status="failed")
+    return copy
+
+
+@pytest.mark.parametrize("model", ["sampler", "denoiser"])
+def test_models_refuse_an_unverified_engine_at_initialize(failed_engine: Path, manifest: dict, model: str, monkeypatch):
+    """``initialize`` raises the one-line refusal of engines.verdict (so Triton does not serve the model)."""
+    names = dict(zip(("denoiser", "sampler"), model_names(manifest["name"])))
+    module = _model_module(model, monkeypatch)
+    repo = repository_dir(failed_engine, python_only=True)
+    with pytest.raises(UnverifiedEngine) as err:
+        module.TritonPythonModel().initialize(_initialize_args(repo, names[model]))
+    assert str(err.value) == refusal(failed_engine, read_manifest(failed_engine)) and "\n" not in str(err.value)
+    repo = write_repository(failed_engine, python_only=True, allow_unverified=True)  # the opt-in, as a config parameter
+    module.TritonPythonModel().initialize(_initialize_args(repo, names[model]))
+
+
+def test_serve_refuses_unverified_engines_and_bad_flags(failed_engine: Path):
+    cli = CliRunner()
+    result = cli.invoke(app, ["serve", str(failed_engine), "--write-only"])
+    assert result.exit_code == 1 and "is not verified: status failed" in result.output and ALLOW_FLAG in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, "--instances", "2", "--gpus", "0,1"])
+    assert result.exit_code == 0, result.output
+    repo = repository_dir(failed_engine, python_only=python_only_reason(read_manifest(failed_engine), available_backends()) is not None)
+    cfg = parse((repo / model_names(read_manifest(failed_engine)["name"])[0] / "config.pbtxt").read_text())
+    assert [(g.count, list(g.gpus)) for g in cfg.instance_group] == [(2, [0, 1])]
+    for bad, flag in [(["--gpus", "0,a"], "--gpus"), (["--instances", "0"], "--instances")]:
+        result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, *bad])
+        assert result.exit_code == 1 and flag in result.output and "Traceback" not in result.output
+
+
+def test_serve_refuses_an_edited_repository(engine: Path, tmp_path: Path):
+    """Issue 13 item 4: ``model.py`` is executed by the server, so every repository file is hashed and checked."""
+    copy = tmp_path / "e"
+    shutil.copytree(engine, copy)
+    cli = CliRunner()
+    repo = repository_dir(copy, python_only=True)
+    first = cli.invoke(app, ["serve", str(copy), "--write-only", "--python-only"])
+    assert first.exit_code == 0, first.output
+    model_py = next(repo.glob("*_sampler/1/model.py"))
+    original = model_py.read_text()
+    model_py.write_text(original + "\nprint('edited')\n")
+    result = cli.invoke(app, ["serve", str(copy), "--write-only", "--python-only"])
+    assert result.exit_code == 1 and "sha256 does not match" in result.output and str(model_py) in result.output
+    model_py.write_text(original)
+    (model_py.parent / "extra.py").write_text("")
+    result = cli.invoke(app, ["serve", str(copy), "--write-only", "--python-only"])
+    assert result.exit_code == 1 and "extra.py" in result.output
+    assert cli.invoke(app, ["serve", str(copy), "--write-only", "--python-only", "--rewrite"]).exit_code == 0
+    verify_repository(copy, read_manifest(copy), repo.name)
 
 
 def test_write_repository_replaces_atomically(engine: Path, manifest: dict, tmp_path: Path):
@@ -309,6 +472,12 @@ def test_concurrent_clients(server, manifest, reference):
     with ThreadPoolExecutor(8) as pool:
         errors = [e for errs in pool.map(client, range(8)) for e in errs]
     assert len(errors) == 32 and max(errors) <= RTOL
+    stats = tritonclient_http.InferenceServerClient(server["http"])
+    try:
+        s = stats.get_inference_statistics(sampler)["model_stats"][0]
+    finally:
+        stats.close()
+    assert s["execution_count"] < s["inference_count"]  # concurrent requests were sampled together
 
 
 @needs_server
@@ -340,11 +509,83 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server, manifest, refe
     for what, inputs in bad.items():
         with pytest.raises(InferenceServerException) as err:
             if not inputs:  # tritonclient needs one input: send only the optional seed
-                inputs = {"seed": np.zeros(1, np.int64)}
+                inputs = {"seed": np.zeros((1, 1), np.int64)}
             infer("http", server["http"], sampler, inputs, "samples")
         assert err.value.message(), what
+        if what == "missing input":
+            assert "'latents' is missing" in err.value.message() and "KeyError" not in err.value.message()
     got = infer("http", server["http"], sampler, {"latents": good}, "samples")
     assert rel_l2(got, reference(good)) <= RTOL
+
+
+@needs_server
+def test_two_cpu_instances_are_served(server, manifest):
+    client = tritonclient_grpc.InferenceServerClient(server["grpc"])
+    try:
+        for model in model_names(manifest["name"]):
+            groups = client.get_model_config(model, as_json=True)["config"]["instance_group"]
+            assert [(int(g["count"]), g["kind"]) for g in groups] == [(2, "KIND_CPU")]
+    finally:
+        client.close()
+
+
+@needs_server
+def test_denoiser_refuses_bad_sigma(server, manifest):
+    """Issue 13 item 5: σ <= 0 or NaN is a clean error, not NaN samples; good requests still pass."""
+    denoiser, _ = model_names(manifest["name"])
+    x = latents_for(manifest, 1, seed=6)
+    for sigma in (0.0, -1.0, float("nan")):
+        with pytest.raises(InferenceServerException, match="'sigma' must be finite and > 0"):
+            infer("grpc", server["grpc"], denoiser, {"x": x, "sigma": np.array([[sigma]], np.float32)}, "denoised")
+    assert np.isfinite(infer("grpc", server["grpc"], denoiser, {"x": x, "sigma": np.array([[1.0]], np.float32)}, "denoised")).all()
+
+
+@needs_server
+def test_two_servers_one_client_identical_results(server, manifest, reference):
+    """Scale-out from the same repository: a second server on other ports, one client spreading requests."""
+    _, sampler = model_names(manifest["name"])
+    second = _start_serve(server["engine"], tag="second")  # verifies the hashes the first serve recorded
+    try:
+        urls = [server["http"], second["http"]]
+        latents = latents_for(manifest, 4, seed=7)
+        rows = [infer("http", urls[i % 2], sampler, {"latents": latents[i : i + 1]}, "samples") for i in range(4)]
+        again = [infer("http", urls[(i + 1) % 2], sampler, {"latents": latents[i : i + 1]}, "samples") for i in range(4)]
+    finally:
+        assert _stop_serve(second) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again))  # the same request gives the same bits on either server
+    assert rel_l2(np.concatenate(rows), reference(latents)) <= RTOL
+
+
+@needs_server
+def test_oversized_json_request_does_not_take_the_service_down(server, manifest, reference):
+    """Issue 13 item 2: this JSON request aborts tritonserver 2.51 itself (std::bad_alloc, no server flag
+    limits it); ``serve`` then restarts the server on the same ports, says so, and it answers again."""
+    _, sampler = model_names(manifest["name"])
+    body = json.dumps({"inputs": [{"name": "latents", "shape": [1000000000, 3, 16, 16], "datatype": "FP32", "data": [1.0]}]})
+    host, port = server["http"].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", f"/v2/models/{sampler}/infer", body, {"Content-Type": "application/json"})
+        status = conn.getresponse().status
+    except (OSError, http.client.HTTPException):  # the server died under the request
+        status = None
+    finally:
+        conn.close()
+    assert status is None or 400 <= status < 500
+    good = latents_for(manifest, 1, seed=8)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            got = infer("http", server["http"], sampler, {"latents": good}, "samples")
+            break
+        except Exception:
+            if time.monotonic() > deadline or server["proc"].poll() is not None:
+                pytest.fail(f"the service did not come back:\n{server['out'].read_text()}")
+            time.sleep(1)
+    assert rel_l2(got, reference(good)) <= RTOL
+    if status is None:
+        out = server["out"].read_text()
+        assert "tritonserver exited unexpectedly" in out and "restarting it" in out and "ready again after restart" in out
 
 
 @needs_server

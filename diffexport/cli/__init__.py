@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .app import app
+from .app import app, main
 
 # Each module registers its commands on ``app`` when imported (one line per module).
 from . import serve  # noqa: F401,E402
@@ -10,6 +10,4 @@ from . import cpp  # noqa: F401,E402
 from . import build  # noqa: F401,E402
 from . import run  # noqa: F401,E402
 
-
-def main() -> None:
-    app()
+__all__ = ["app", "main"]

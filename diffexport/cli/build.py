@@ -14,9 +14,11 @@ from diffexport.deploy.cpp import CppBuildError, cpp_stage
 from diffexport.deploy.triton import TritonError, triton_stage
 from diffexport.engines import EngineError, build_engine, read_manifest
 from diffexport.engines.build import Finalize
+from diffexport.engines.manifest import engine_problems, hash_records
 from diffexport.export import TargetUnavailable
 from diffexport.parity import parity_stage
 from diffexport.recipes import Recipe, RecipeError, load_recipe
+from diffexport.runtime.bench import rank_stage
 
 STATUS_STYLE = {"ok": "green", "failed": "red", "unchecked": "yellow"}
 KNOWN_ERRORS = (RecipeError, EngineError, TargetUnavailable, TritonError, CppBuildError)  # their messages say it all
@@ -56,10 +58,13 @@ class Progress:
 
 def finalize_stages(recipe: Recipe) -> list[tuple[str, Finalize]]:
     """The build stages after export that ``recipe`` asks for, in order: parity (when
-    ``parity.enabled``; ``--no-parity`` turns it off), deploy.triton, deploy.cpp."""
+    ``parity.enabled``; ``--no-parity`` turns it off), rank (``export.targets: auto``: the fastest
+    verified backend becomes the default), deploy.triton, deploy.cpp."""
     stages: list[tuple[str, Finalize]] = []
     if recipe.parity.enabled:
         stages.append(("parity", parity_stage))
+    if recipe.export.auto:
+        stages.append(("rank", rank_stage))
     if recipe.deploy.triton:
         stages.append(("deploy:triton", triton_stage))
     if recipe.deploy.cpp:
@@ -124,11 +129,22 @@ def summary(engine_dir: Path, manifest: dict) -> None:
 
 @app.command()
 def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made by `diffexport build`.")) -> None:
-    """Print ENGINE_DIR's manifest in human form."""
+    """Print ENGINE_DIR's manifest in human form and verify every hashed file; exit 1 when one is wrong."""
     try:
         m = read_manifest(engine_dir)
+        problems = engine_problems(engine_dir, m)
     except EngineError as e:
         raise fail(str(e)) from None
+    _show(engine_dir, m)
+    if problems:
+        for line in problems[1:]:
+            console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True)
+        raise fail(f"{len(problems)} problem(s): {problems[0]}")
+    console.print(f"[green]✓[/] {len(hash_records(m))} hashed file record(s) verified", soft_wrap=True)
+
+
+def _show(engine_dir: Path, m: dict) -> None:
+    """The manifest in human form (stdout)."""
     out = Console(highlight=False, soft_wrap=True)
     status = m.get("status", "?")
     out.print(f"[bold]{m['name']}[/]  status [{STATUS_STYLE.get(status, 'white')}]{status}[/]  built {m.get('created', '?')}  ({m['format']})")
@@ -144,10 +160,10 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
     out.print(table)
 
     s = m["sampler"]
-    args = escape(", ".join(f"{k}={v}" for k, v in s["scheduler"]["args"].items()))
+    args = escape(", ".join(f"{k}={v}" for k, v in (s["scheduler"].get("args") or {}).items()))
     nonzero = [x for x in s["sigmas"] if x > 0]
-    out.print(f"[bold]sampler[/] {s['scheduler']['class']}({args}), {s['solver']} x {s['num_steps']} steps"
-              f"{' ' + escape(str(s['solver_options'])) if s['solver_options'] else ''}, sigma {max(nonzero):g} -> {min(nonzero):g} -> 0")
+    out.print(f"[bold]sampler[/] {s['scheduler'].get('class')}({args}), {s['solver']} x {s.get('num_steps')} steps"
+              f"{' ' + escape(str(s['solver_options'])) if s.get('solver_options') else ''}, sigma {max(nonzero, default=0):g} -> {min(nonzero, default=0):g} -> 0")
     if s.get("patching"):
         out.print(f"  patching {escape(str(s['patching']))}")
 
@@ -155,22 +171,41 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
     for column in ("target", "file", "size", "sha256", "details"):
         table.add_column(column, justify="right" if column == "size" else "left", overflow="fold")
     w = m["weights"]
-    w_path = Path(engine_dir) / w["file"]
-    table.add_row("weights", w["file"], size(w_path.stat().st_size) if w_path.is_file() else "[red]missing[/]", w["sha256"][:12], "")
+    w_path = Path(engine_dir) / str(w.get("file"))
+    table.add_row("weights", escape(str(w.get("file"))), size(w_path.stat().st_size) if w_path.is_file() else "[red]missing[/]", str(w.get("sha256"))[:12], "")
     skip = {"file", "files", "sha256", "bytes"}
     for target, art in m["artifacts"].items():
         details = ", ".join(f"{k}={v}" for k, v in art.items() if k not in skip and not isinstance(v, dict))
-        table.add_row(target, ", ".join(art.get("files", [art["file"]])), size(art["bytes"]), art["sha256"][:12], escape(details))
+        table.add_row(target, escape(", ".join(map(str, art.get("files") or [art.get("file")]))), size(int(art.get("bytes") or 0)),
+                      str(art.get("sha256"))[:12], escape(details))
     for target, why in m.get("skipped", {}).items():
         table.add_row(target, "[yellow]skipped[/]", "", "", escape(why))
     out.print(table)
 
-    out.print("[bold]versions[/] " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
-    d = m["device"]
-    out.print(f"[bold]device[/] {d['type']}: {escape(str(d['name']))}" + (f" (compute capability {d['compute_capability']})" if d.get("compute_capability") else ""))
+    out.print("[bold]versions[/] " + escape(", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)))
+    d = m.get("device") or {}
+    out.print(f"[bold]device[/] {d.get('type')}: {escape(str(d.get('name')))}" + (f" (compute capability {d['compute_capability']})" if d.get("compute_capability") else ""))
     out.print("[bold]stages[/] " + ", ".join(f"{k} {v:.1f} s" for k, v in m.get("stages", {}).items()))
     if m.get("parity"):
         parity(out, m["parity"])
+    if m.get("ranking"):
+        ranking(out, m["ranking"], m.get("default_backend"))
+
+
+def ranking(out: Console, r: dict, default: str | None) -> None:
+    """The ``targets: auto`` ranking: per-call ms of each verified candidate at each batch, fastest first."""
+    table = Table(title=f"ranking (per-call median of {r.get('repeats', '?')}, load average {r.get('load_average', '?')}; "
+                        f"default backend: {default or 'none'})", title_justify="left")
+    batches = [str(b) for b in r.get("batches", [])]
+    for column in ("#", "backend", "precision", *(f"ms @ batch {b}" for b in batches), "score"):
+        table.add_column(column, justify="left" if column in ("backend", "precision") else "right")
+    for i, name in enumerate(r.get("order", []), 1):
+        c = r["candidates"][name]
+        table.add_row(str(i), name + (" (default)" if name == default else ""), c["precision"],
+                      *(f"{c['call_ms'][b]:.2f}" for b in batches), f"{c['score']:.2f}x")
+    for name in r.get("failed", []):
+        table.add_row("-", f"[red]{name}[/]", "", *("" for _ in batches), "[red]failed parity[/]")
+    out.print(table)
 
 
 def _fmt(value) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -14,40 +15,76 @@ from rich.table import Table
 
 from diffexport.cli.app import app, console, fail
 from diffexport.engines.base import EngineError
-from diffexport.engines.load import BACKENDS, load
+from diffexport.engines.load import BACKENDS, check_device, default_backend, load
+from diffexport.engines.verdict import ALLOW_FLAG, require_verified
 from diffexport.engines.manifest import read_manifest
-from diffexport.parity.harness import default_backends, run_parity
+from diffexport.parity.harness import run_parity
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
 from diffexport.fileio import write_atomic
 from diffexport.runtime.images import save_png_grid
-from diffexport.runtime.sampler import sample as run_sampler
+from diffexport.runtime.inputs import condition_specs
+from diffexport.runtime.sampler import one_hot_condition, sample as run_sampler
 
 ENGINE_DIR = typer.Argument(..., help="Engine directory made by `diffexport build`.")
 BACKEND_HELP = f"Backend: {', '.join(BACKENDS)}."
 
 
-def _load_npy(path: Path, what: str) -> np.ndarray:
-    """A .npy array; a ``fail`` naming ``path`` when it is missing or not one numeric array."""
+MAX_SAMPLE_BYTES = 2 << 30  # float32 state of one `sample` run (the solvers hold a few copies of it)
+MAX_STEPS = 10_000
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
+ALLOW_HELP = "Use an engine whose parity verdict is not ok (failed or unchecked), for debugging."
+
+
+def _load_npy(path: Path, what: str, integer_ok: bool = False) -> np.ndarray:
+    """A finite, non-empty, real .npy array in native byte order (floats; integers when ``integer_ok``);
+    a ``fail`` naming ``path`` and what is wrong otherwise. Big-endian files are byte-swapped, never cast."""
+    if path.is_dir():
+        raise fail(f"{path}: {what} must be a .npy file, got a folder")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # mapped: a huge array is refused before it is read
     except FileNotFoundError:
         raise fail(f"{path}: {what} file not found") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise fail(f"{path}: cannot read {what} as a .npy array ({e})") from None
-    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise fail(f"{path}: {what} must be one numeric .npy array, got {type(array).__name__} {getattr(array, 'dtype', '')}")
+    allowed = "float16/32/64" + (" or integer" if integer_ok else "")
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.floating) or (integer_ok and np.issubdtype(array.dtype, np.integer))):
+        raise fail(f"{path}: {what} must be one real {allowed} array, got {getattr(array, 'dtype', type(array).__name__)}")
+    if array.size == 0:
+        raise fail(f"{path}: {what} is empty (shape {list(array.shape)})")
+    if array.size * 4 > MAX_SAMPLE_BYTES:
+        raise fail(f"{path}: {what} has {array.size} values ({array.size * 4 / 1e9:.1f} GB as float32), over the "
+                   f"limit of {MAX_SAMPLE_BYTES / 1e9:.1f} GB per run")
+    array = np.array(array, dtype=array.dtype.newbyteorder("="))  # read, in native byte order
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise fail(f"{path}: {what} holds {int((~np.isfinite(array)).sum())} NaN/Inf values")
     return array
 
 
-def _parse_conditions(items: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``NAME=FILE.npy`` items -> tensors and file names by condition name."""
+def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``NAME=FILE.npy`` items -> tensors and file names by condition name; ``NAME=3`` / ``NAME=0,1,2``
+    (no such file) is one-hot class labels of that vector condition, cycled over ``batch``."""
     tensors, files = {}, {}
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
-            raise fail(f"--condition expects NAME=FILE.npy, got {item!r}")
-        tensors[name], files[name] = torch.from_numpy(_load_npy(Path(file), f"condition '{name}'")), file
+            raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
+        if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
+            try:
+                tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
+            except ValueError as e:
+                raise fail(f"--condition {item}: {e}") from None
+            files[name] = f"--condition {item}"
+            continue
+        array = _load_npy(Path(file), f"condition '{name}'", integer_ok=True)
+        vector = engine is not None and any(c.name == name and c.kind == "vector" for c in condition_specs(engine))
+        if vector and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):  # class indices
+            try:
+                tensors[name], files[name] = one_hot_condition(engine, array.tolist(), batch, name)[1], file
+            except ValueError as e:
+                raise fail(f"{file}: {e}") from None
+            continue
+        tensors[name], files[name] = torch.from_numpy(array), file
     return tensors, files
 
 
@@ -59,50 +96,87 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _default_backend(manifest: dict, engine_dir: Path) -> str:
-    backends = default_backends(manifest)
-    if not backends:
+    backend = default_backend(manifest)  # the ranking's winner of a ``targets: auto`` build, else the first built
+    if backend is None:
         raise fail(f"{engine_dir}: no artifact was built; use --backend torch for the eager reference")
-    return backends[0]
+    return backend
+
+
+def _outputs(out: Path, channels: int, overwrite: bool) -> list[Path]:
+    """The files ``sample`` writes for ``out`` (the .npy, and the .png grid for 1 or 3 channels),
+    checked before any work: ``out`` ends in .npy, and nothing there is replaced without ``overwrite``."""
+    if out.suffix != ".npy":
+        raise fail(f"--out {out}: must name a .npy file (the PNG grid is written beside it)")
+    paths = [out] + ([out.with_suffix(".png")] if channels in (1, 3) else [])
+    for path in paths:
+        if path.is_dir() or path.is_symlink():
+            raise fail(f"--out {out}: {path} is a {'folder' if path.is_dir() else 'symlink'}; refusing to replace it")
+        if path.exists() and not overwrite:
+            raise fail(f"--out {out}: {path} already exists; pass --overwrite to replace it, or choose another --out")
+    return paths
+
+
+def _check_batch(batch: int | None, image: tuple[int, int, int]) -> None:
+    """``fail`` when ``batch`` samples of ``image`` (C, H, W) exceed :data:`MAX_SAMPLE_BYTES`."""
+    per_sample = 4 * image[0] * image[1] * image[2]
+    if batch is not None and batch * per_sample > MAX_SAMPLE_BYTES:
+        raise fail(f"--batch {batch}: {batch} samples of {list(image)} float32 need {batch * per_sample / 1e9:.1f} GB, over the "
+                   f"limit of {MAX_SAMPLE_BYTES / 1e9:.1f} GB per run (at most {MAX_SAMPLE_BYTES // per_sample}); sample in several runs")
 
 
 @app.command()
 def sample(
     engine_dir: Path = ENGINE_DIR,
     out: Path = typer.Option(..., "--out", "-o", help="Output .npy: float32 samples [N, C, H, W] (+ a .png grid for 1 or 3 channels)."),
-    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the first built artifact."),
+    backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the engine's default backend (fastest verified of a targets: auto build), else the first built."),
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise and of the per-step noise."),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the initial noise and of the per-step noise."),
     latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
-    condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable)."),
-    steps: int = typer.Option(None, "--steps", min=1, help="Number of sampler steps (default: the recipe's)."),
-    device: str = typer.Option(None, "--device", help="torch device to run on (default: where the artifact runs)."),
+    condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
+                                        "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
+    label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
+    steps: int = typer.Option(None, "--steps", min=1, max=MAX_STEPS, help="Number of sampler steps (default: the recipe's)."),
+    device: str = typer.Option(None, "--device", help="torch device to run on: cpu, cuda, cuda:N (default: where the artifact runs)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay engine calls from CUDA graphs (CUDA engines)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files (.npy, .png)."),
+    allow_unverified: bool = typer.Option(False, ALLOW_FLAG, help=ALLOW_HELP),
 ) -> None:
     """Sample from ENGINE_DIR with the sampler of its recipe; write the samples to --out."""
     try:
         manifest = read_manifest(engine_dir)
         backend = backend or _default_backend(manifest, engine_dir)
-        engine = load(engine_dir, backend, device=device)
+        image = tuple(manifest["io"]["inputs"][0]["shape"][1:])
+        if (manifest["sampler"].get("patching") or {}).get("img_shape"):
+            image = (image[0], *manifest["sampler"]["patching"]["img_shape"])
+        written = _outputs(out, image[0], overwrite)
+        _check_batch(batch, image)
+        engine = load(engine_dir, backend, device=device, allow_unverified=allow_unverified)
     except EngineError as e:
         raise fail(str(e)) from None
     x_n = torch.from_numpy(_load_npy(latents, "latents")).float() if latents is not None else None
-    conditions, files = _parse_conditions(condition)
-    if x_n is not None and x_n.ndim != 4:
-        raise fail(f"{latents}: latents must be [N, C, H, W], got shape {list(x_n.shape)}")
+    if label is not None:
+        if not re.fullmatch(r"\d+(,\d+)*", label):
+            raise fail(f"--label expects an integer or a comma-separated list of them, got {label!r}")
+        try:
+            condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
+        except ValueError as e:
+            raise fail(f"--label: {e}") from None
+    conditions, files = _parse_conditions(condition, engine, batch)
+    if x_n is not None and (x_n.ndim != 4 or tuple(x_n.shape[1:]) != image):
+        raise fail(f"{latents}: latents must be [N, {', '.join(map(str, image))}], got shape {list(x_n.shape)}")
     start = time.perf_counter()
     try:
         x = run_sampler(engine, manifest["sampler"], batch=batch, seed=seed, latents=x_n, conditions=conditions,
                         num_steps=steps, cuda_graph=cuda_graph, condition_sources=files)
-    except SamplingError as e:
+    except (SamplingError, EngineError) as e:
         raise fail(str(e)) from None
     except ValueError as e:
         raise fail(f"{latents}: {e}" if str(e).startswith("latents") else str(e)) from None
     seconds = time.perf_counter() - start
     samples = x.float().cpu().numpy()
     _save_npy(out, samples)
-    written = [out]
-    if samples.shape[1] in (1, 3):
-        written.append(save_png_grid(samples, out.with_suffix(".png")))
+    if len(written) > 1:
+        save_png_grid(samples, written[1])
     console.print(f"{samples.shape[0]} sample(s) {list(samples.shape[1:])} with {backend} in {seconds:.2f} s -> "
                   + ", ".join(map(str, written)), soft_wrap=True)
 
@@ -115,10 +189,14 @@ def parity(
     per_call_rtol: float = typer.Option(None, help="Override the per-call relative L2 tolerance."),
     final_rtol: float = typer.Option(None, help="Override the final-sample relative L2 tolerance."),
     device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
-    mark: bool = typer.Option(False, "--mark", help="Record the result (status ok | failed, summary) in the manifest."),
+    mark: bool = typer.Option(False, "--mark", help="Record the result (status ok | failed, summary) in the manifest: "
+                              "how a --no-parity build is verified."),
 ) -> None:
-    """Check ENGINE_DIR's backends against the torch reference; exit 1 when any check fails."""
+    """Check ENGINE_DIR's backends against the torch reference; exit 1 when any check fails.
+
+    Checking an unchecked or failed engine is always allowed (that is what verifies it)."""
     try:
+        check_device(device)
         result = run_parity(engine_dir, backend or None, report, update_manifest=mark, per_call_rtol=per_call_rtol,
                             final_rtol=final_rtol, device=device)
     except EngineError as e:
@@ -151,34 +229,58 @@ def _g(v: float | None) -> str:
 def bench(
     engine_dir: Path = ENGINE_DIR,
     backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact. torch always runs."),
-    batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: the engine's opt)."),
+    batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: 1 and 8, clamped to the engine's range)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
     repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch (median reported)."),
     warmup: int = typer.Option(2, min=0, help="Untimed calls first."),
     sample_repeats: int = typer.Option(1, min=1, help="Timed full samples per backend and batch."),
     no_sample: bool = typer.Option(False, "--no-sample", help="Time single calls only."),
     device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
+    allow_unverified: bool = typer.Option(False, ALLOW_FLAG, help=ALLOW_HELP),
 ) -> None:
-    """Time one call and one whole sample of each backend beside the torch reference."""
+    """Time one call and one whole sample of each backend beside the torch reference, interleaved.
+
+    Run it with OMP_WAIT_POLICY=PASSIVE in the environment (torch's spinning OpenMP threads slow the
+    runner after them otherwise); on a loaded machine compare the ratios, not the times.
+    """
     try:
+        _check_bench(engine_dir, backend, batch, allow_unverified)
         with console.status("benchmarking") as status:
             result = bench_engine(engine_dir, backend or None, batch or None, repeats=repeats, warmup=warmup,
-                                  sample_repeats=sample_repeats, full_sample=not no_sample, device=device,
-                                  progress=lambda message: status.update(message))
+                                  sample_repeats=sample_repeats, full_sample=not no_sample, device=check_device(device),
+                                  progress=lambda message: status.update(message), allow_unverified=allow_unverified)
     except EngineError as e:
         raise fail(str(e)) from None
-    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; "
-                        f"{sample_repeats} sample(s) of {result['solver']} x {result['num_steps']})", title_justify="left")
-    for column in ("backend", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "sample s", "vs torch", "NFE"):
-        table.add_column(column, justify="left" if column == "backend" else "right")
+    peak = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items()) or "-"
+    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; {sample_repeats} sample(s) of "
+                        f"{result['solver']} x {result['num_steps']}); matmul peak GFLOP/s {peak}; load average "
+                        f"{result['load_average']} on {result['cores']} cores", title_justify="left")
+    columns = ("backend", "precision", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "% peak", "sample s", "vs torch", "NFE", "loop")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("backend", "precision") else "right")
     for r in result["rows"]:
-        table.add_row(r["backend"], str(r["batch"]), f"{r['call_ms']:.2f}", _ratio(r["call_vs_torch"]), f"{r['gflop_per_call']:.3f}",
-                      _num(r["gflops"]), _num(r.get("sample_s"), ".2f"), _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")))
+        overhead = r.get("loop_overhead")
+        table.add_row(r["backend"], r["precision"], str(r["batch"]), f"{r['call_ms']:.2f}", _ratio(r["call_vs_torch"]),
+                      f"{r['gflop_per_call']:.3f}", _num(r["gflops"]), _num(r.get("pct_peak"), ".0f"), _num(r.get("sample_s"), ".2f"),
+                      _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")), "-" if overhead is None else f"{100 * overhead:.1f}%")
     console.print(table)
+    console.print("[dim]loop: share of the sample time outside the NFE engine calls (sampler work, copies)[/]")
+    if result["warning"]:
+        console.print(f"[yellow]warning[/]: {result['warning']}", soft_wrap=True)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(json_out, (json.dumps(result, indent=2) + "\n").encode())
         console.print(f"wrote {json_out}")
+
+
+def _check_bench(engine_dir: Path, backends: list[str], batches: list[int], allow_unverified: bool) -> None:
+    """Refuse, before any work, an unverified engine and batch sizes outside its range (never clamped)."""
+    manifest = read_manifest(engine_dir)
+    for name in backends or [None]:
+        require_verified(engine_dir, manifest, name, allow_unverified)
+    lo, hi = int(manifest["io"]["batch"].get("min", 1)), int(manifest["io"]["batch"].get("max", 1))
+    if bad := [b for b in batches if not lo <= b <= hi]:
+        raise EngineError(f"--batch {bad[0]}: outside the engine's batch range [{lo}, {hi}] (inputs.batch of its recipe)")
 
 
 def _ratio(v: float | None) -> str:

@@ -1,4 +1,10 @@
-"""``diffexport serve ENGINE_DIR``: Triton Inference Server on an engine's model repository."""
+"""``diffexport serve ENGINE_DIR``: Triton Inference Server on an engine's model repository.
+
+Before anything runs: the engine's parity verdict (refused unless ``--allow-unverified``), and the
+repository's files against their hashes in ``manifest.json`` (the models' ``model.py`` is
+executed by the server). The server is supervised: if it dies, it is restarted on the same ports
+and the log says so.
+"""
 
 from __future__ import annotations
 
@@ -18,12 +24,44 @@ from diffexport.deploy.triton import (
     repository_dir,
     write_repository,
 )
+from diffexport.deploy.triton.config import Instances
+from diffexport.deploy.triton.repository import recipe_instances, verify_repository
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import read_manifest
+from diffexport.engines.verdict import ALLOW_FLAG, require_verified
+
+RESTART_WINDOW_S = 60.0  # restarts older than this are forgotten when counting --max-restarts
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def parse_gpus(text: str | None) -> tuple[int, ...]:
+    """``--gpus 0,1`` -> (0, 1); ``ValueError`` naming the flag otherwise."""
+    if not text:
+        return ()
+    try:
+        ids = tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise ValueError(f"--gpus: expected comma-separated device ids such as 0,1, got {text!r}") from None
+    if any(g < 0 for g in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus: device ids must be distinct and >= 0, got {text!r}")
+    return ids
+
+
+def _repository(engine_dir: Path, manifest: dict, python_only: bool, instances: Instances | None,
+                allow_unverified: bool, rewrite: bool) -> Path:
+    """The repository to serve: (re)written when missing, unhashed, or when options ask for other
+    configs; otherwise verified against its hashes."""
+    repo = repository_dir(engine_dir, python_only)
+    recorded = (manifest.get("hashes") or {}).get(repo.name)
+    if rewrite or instances is not None or allow_unverified or not repo.is_dir() or not recorded:
+        repo = write_repository(engine_dir, python_only=python_only, instances=instances, allow_unverified=allow_unverified)
+        typer.echo(f"wrote {repo}")
+        manifest = read_manifest(engine_dir)
+    verify_repository(engine_dir, manifest, repo.name)
+    return repo
 
 
 @app.command()
@@ -33,27 +71,40 @@ def serve(
     grpc_port: int = typer.Option(0, help="gRPC port (0: a free one)."),
     metrics_port: int = typer.Option(0, help="Metrics port (0: a free one)."),
     python_only: bool = typer.Option(False, "--python-only", help="Serve the self-contained repository (Python backend only; the denoiser runs in-process)."),
+    instances: int = typer.Option(None, "--instances", help="Instances of each model (per GPU with --gpus); default: the recipe's deploy.triton_instances."),
+    gpus: str = typer.Option(None, "--gpus", help="Comma-separated GPU ids for the denoiser, e.g. 0,1 (Triton instance_group KIND_GPU)."),
+    allow_unverified: bool = typer.Option(False, ALLOW_FLAG, help="Serve an engine whose parity verdict is not ok (debugging)."),
+    rewrite: bool = typer.Option(False, "--rewrite", help="Rewrite the repository (and its hashes) from the engine before serving."),
+    write_only: bool = typer.Option(False, "--write-only", help="Write (and verify) the repository, print its path and exit: for your own tritonserver, KServe, ..."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     log_file: Path = typer.Option(None, help="Server log (default: a temporary file, printed)."),
     timeout: float = typer.Option(300.0, help="Seconds to wait for the models to load."),
+    max_restarts: int = typer.Option(5, help=f"Restarts of a server that died within {RESTART_WINDOW_S:.0f} s before giving up."),
 ) -> None:
     """Serve ENGINE_DIR with Triton: `<name>_sampler` (full sampling) and `<name>_denoiser` (one step)."""
     try:
+        if instances is not None and instances < 1:
+            raise ValueError(f"--instances: must be at least 1, got {instances}")
+        ids = parse_gpus(gpus)
         manifest = read_manifest(engine_dir)
+        require_verified(engine_dir, manifest, allow_unverified=allow_unverified)
         backends = available_backends()
-    except (EngineError, TritonError) as e:
+    except (EngineError, TritonError, ValueError) as e:
         raise fail(str(e)) from None
     reason = python_only_reason(manifest, backends, forced=python_only)
     if reason:
         typer.echo(f"serving the self-contained Python repository: {reason}")
-    repo = repository_dir(engine_dir, python_only=reason is not None)
+    wanted = None
+    if instances is not None or ids:
+        wanted = Instances(instances or recipe_instances(manifest).count, ids)
     try:
-        if not repo.is_dir():
-            repo = write_repository(engine_dir, python_only=reason is not None, manifest=manifest)
-            typer.echo(f"wrote {repo}")
+        repo = _repository(engine_dir, manifest, reason is not None, wanted, allow_unverified, rewrite)
+        if write_only:
+            typer.echo(repo)
+            return
         server = TritonServer(repo, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
                               metrics_port=metrics_port or None, log_file=log_file)
-    except (EngineError, TritonError, OSError) as e:
+    except (EngineError, TritonError, OSError, ImportError) as e:
         raise fail(str(e)) from None
 
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}  # also when SIGINT was ignored
@@ -62,10 +113,22 @@ def serve(
         server.start(timeout)
         denoiser, sampler = model_names(manifest["name"])
         typer.echo(f"HTTP    {server.http_url}\ngRPC    {server.grpc_url}\nmetrics {server.metrics_url}")
-        typer.echo(f"models  {sampler} (latents -> samples), {denoiser} (one denoiser call)\nready; Ctrl-C to stop")
-        while server.running:
-            time.sleep(0.5)
-        raise fail(f"tritonserver exited unexpectedly (code {server.stop()}); log {server.log_file}:\n{server.log_tail()}")
+        typer.echo(f"models  {sampler} (latents -> samples), {denoiser} (one denoiser call)\nready; Ctrl-C to stop", )
+        restarts: list[float] = []
+        while True:
+            while server.running:
+                time.sleep(0.5)
+            code = server.stop()
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+            if len(restarts) >= max_restarts:
+                raise fail(f"tritonserver exited unexpectedly (code {code}) {len(restarts) + 1} times within "
+                           f"{RESTART_WINDOW_S:.0f} s; giving up; log {server.log_file}:\n{server.log_tail()}")
+            restarts.append(now)
+            typer.echo(f"tritonserver exited unexpectedly (code {code}); restarting it (restart {len(restarts)} "
+                       f"of at most {max_restarts} within {RESTART_WINDOW_S:.0f} s); log {server.log_file}", err=True)
+            server.start(timeout)
+            typer.echo("ready again after restart")
     except TritonError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:

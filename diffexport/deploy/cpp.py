@@ -1,28 +1,41 @@
 """Build the embedded C++ runner ``diffexport-sample`` (sources in ``cpp/``) for an engine.
 
 The CMake project is configured against libtorch from the installed torch wheel and built once
-per (sources, torch, compiler, generator) in a shared cache, ``~/.cache/diffexport/cpp-<key>``
-(``$DIFFEXPORT_CACHE`` or ``$XDG_CACHE_HOME`` move it); engines get a copy of the binary in
-``ENGINE_DIR/cpp/``. The binary finds libtorch through an RPATH to the wheel's ``lib`` folder and
-takes the engine directory on its command line, so it survives the engine directory's rename.
+per (sources, torch, compiler, generator, system libraries) in a shared cache,
+``~/.cache/diffexport/cpp-<key>`` (``$DIFFEXPORT_CACHE`` or ``$XDG_CACHE_HOME`` move it); engines get
+a copy of the binary in ``ENGINE_DIR/cpp/`` with ``build.json``, the sha256 of every build input.
+
+The binary carries no absolute path: its RUNPATH is ``$ORIGIN/lib``. It finds libtorch either on
+``LD_LIBRARY_PATH`` (the wheel's ``torch/lib``, :func:`runner_env`) or in ``lib/`` next to it, which
+:func:`bundle` fills with copies of the libtorch libraries it needs (a self-contained folder).
+The system libraries come from Debian packages (:data:`PACKAGES`).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from diffexport.engines import manifest as manifest_io
 from diffexport.engines.manifest import read_manifest
+from diffexport.fileio import write_atomic
 
 SOURCE_DIR = Path(__file__).with_name("cpp")
 SOURCE_FOLDERS = ("include", "src", "examples")  # with CMakeLists.txt: what a build depends on
 BINARY = "diffexport-sample"
+BUILD_INPUTS = "build.json"
 Progress = Callable[[str], None] | None
+
+# The Debian 12 packages of the system libraries (CMakeLists.txt looks for them; setup.sh --dev installs them).
+PACKAGES = ("nlohmann-json3-dev", "libssl-dev", "libcli11-dev")
 
 
 class CppBuildError(RuntimeError):
@@ -53,18 +66,57 @@ def _toolchain() -> dict[str, str]:
     return {"cmake": cmake, "cxx": cxx, "generator": generator, "torch_prefix": torch.utils.cmake_prefix_path}
 
 
-def build_key(tools: dict[str, str]) -> str:
-    """Hash of everything the build depends on: every source file, torch, compiler, generator."""
+def source_files() -> dict[str, str]:
+    """sha256 of every build input (CMakeLists.txt, headers, sources, examples) by path under ``cpp/``."""
+    paths = [SOURCE_DIR / "CMakeLists.txt", *(p for d in SOURCE_FOLDERS for p in (SOURCE_DIR / d).rglob("*") if p.is_file())]
+    return {str(p.relative_to(SOURCE_DIR)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of :data:`PACKAGES` (``dpkg-query``; empty where dpkg is absent)."""
+    if shutil.which("dpkg-query") is None:
+        return {}
+    done = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\n", *PACKAGES], capture_output=True, text=True)
+    return dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+
+
+def build_inputs(tools: dict[str, str]) -> dict:
+    """Everything the build depends on: every source file's sha256, torch, compiler, generator, packages."""
     import torch
 
-    h = hashlib.sha256()
-    sources = [SOURCE_DIR / "CMakeLists.txt", *(p for d in SOURCE_FOLDERS for p in (SOURCE_DIR / d).rglob("*") if p.is_file())]
-    for path in sorted(sources):
-        h.update(str(path.relative_to(SOURCE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
     version = subprocess.run([tools["cxx"], "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    for part in (torch.__version__, tools["torch_prefix"], tools["cxx"], version, tools["generator"]):
-        h.update(part.encode() + b"\0")
-    return h.hexdigest()[:16]
+    return {"sources": source_files(), "torch": torch.__version__, "torch_prefix": tools["torch_prefix"], "compiler": tools["cxx"],
+            "compiler_version": version, "generator": tools["generator"], "packages": package_versions(), "cmake_args": cmake_args()}
+
+
+def build_key(tools: dict[str, str]) -> str:
+    """Hash of :func:`build_inputs`: the shared cache folder's name."""
+    return hashlib.sha256(json.dumps(build_inputs(tools), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def missing_packages(log_text: str) -> list[str]:
+    """The Debian packages that a failed configure reported missing (CMakeLists.txt names them)."""
+    found = re.findall(r"diffexport-missing-packages: ([a-z0-9.+\- ]+)", log_text)
+    return found[-1].split() if found else []
+
+
+def cmake_args() -> list[str]:
+    """Extra CMake arguments from ``$DIFFEXPORT_CMAKE_ARGS`` (e.g. ``-DDIFFEXPORT_WITH_TENSORRT=ON``)."""
+    return shlex.split(os.environ.get("DIFFEXPORT_CMAKE_ARGS", ""))
+
+
+def torch_lib_dir() -> Path:
+    """The torch wheel's ``lib`` folder (libtorch, libc10, its libgomp)."""
+    import torch
+
+    return Path(torch.__file__).parent / "lib"
+
+
+def runner_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default ``os.environ``) with the torch wheel's ``lib`` first on ``LD_LIBRARY_PATH``."""
+    env = dict(os.environ if env is None else env)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(torch_lib_dir()), env.get("LD_LIBRARY_PATH", "")) if p)
+    return env
 
 
 def _run(cmd: list[str], log: Path, what: str) -> None:
@@ -98,12 +150,19 @@ def build_tree(*, jobs: int = 2, progress: Progress = None, targets: tuple[str, 
         log = tree / "build.log"
         if not (tree / ".configured").exists():
             say(f"configuring the C++ runner in {tree}")
-            _run([tools["cmake"], "-S", str(SOURCE_DIR), "-B", str(tree), "-G", tools["generator"],
-                  "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={tools['torch_prefix']}",
-                  f"-DCMAKE_CXX_COMPILER={tools['cxx']}"], log, "cmake configure")
+            try:
+                _run([tools["cmake"], "-S", str(SOURCE_DIR), "-B", str(tree), "-G", tools["generator"],
+                      "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={tools['torch_prefix']}",
+                      f"-DCMAKE_CXX_COMPILER={tools['cxx']}", *cmake_args()], log, "cmake configure")
+            except CppBuildError:
+                if missing := missing_packages(log.read_text(errors="replace")):
+                    raise CppBuildError(f"the C++ runner needs the Debian package{'s' * (len(missing) > 1)} {', '.join(missing)}: "
+                                        f"apt-get install -y {' '.join(missing)} (or ./setup.sh --dev); log: {log}") from None
+                raise
             (tree / ".configured").touch()
         say(f"building {', '.join(todo)} (about 30 s on 2 cores)")
         _run([tools["cmake"], "--build", str(tree), "--parallel", str(jobs), "--target", *todo], log, "C++ build")
+        write_atomic(tree / BUILD_INPUTS, json.dumps(build_inputs(tools), indent=2).encode())
         for t in todo:
             (tree / f".built-{t}").touch()
     return tree
@@ -115,26 +174,49 @@ def _check_engine(engine_dir: Path, manifest: dict) -> None:
         raise CppBuildError(f"{engine_dir}: the C++ runner needs an 'aoti' artifact (built: {built}); add aoti to export.targets")
 
 
-def install_binary(tree: Path, engine_dir: Path) -> Path:
-    """Copy the built runner to ``ENGINE_DIR/cpp/diffexport-sample`` (temp file, then rename)."""
-    out = engine_dir / "cpp"
-    out.mkdir(exist_ok=True)
+def install_binary(tree: Path, out: Path) -> Path:
+    """Copy the built runner to ``OUT/diffexport-sample`` (temp file, then rename) with ``OUT/build.json``."""
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{BINARY}.{os.getpid()}.tmp"
     shutil.copy2(tree / BINARY, tmp)
     os.replace(tmp, out / BINARY)
+    write_atomic(out / BUILD_INPUTS, (json.dumps(json.loads((tree / BUILD_INPUTS).read_text()), indent=2) + "\n").encode())
     return out / BINARY
 
 
-def build_cpp(engine_dir: str | Path, *, jobs: int = 2, progress: Progress = None) -> Path:
-    """Build (or reuse) the C++ runner and install it in ``ENGINE_DIR/cpp/``; returns the binary's path."""
+def bundle(tree: Path, dest: str | Path) -> Path:
+    """A self-contained runner folder: ``DEST/diffexport-sample`` and, in ``DEST/lib``, copies of the
+    libtorch libraries it loads (found with ``ldd``); it then runs without ``LD_LIBRARY_PATH``."""
+    dest = Path(dest)
+    binary = install_binary(tree, dest)
+    done = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=runner_env())
+    torch_lib = torch_lib_dir().resolve()
+    libs = [Path(m) for m in re.findall(r"=> (\S+) \(", done.stdout) if Path(m).resolve().parent == torch_lib]
+    if done.returncode or not libs:
+        raise CppBuildError(f"{binary}: cannot list the libtorch libraries it needs (ldd: {done.stderr.strip() or done.stdout.strip()})")
+    (dest / "lib").mkdir(exist_ok=True)
+    for lib in libs:
+        tmp = dest / "lib" / f".{lib.name}.tmp"
+        shutil.copy2(lib, tmp)
+        os.replace(tmp, dest / "lib" / lib.name)
+    return binary
+
+
+def build_cpp(engine_dir: str | Path, *, jobs: int = 2, progress: Progress = None, bundle_dir: str | Path | None = None) -> Path:
+    """Build (or reuse) the C++ runner and install it in ``ENGINE_DIR/cpp/`` (or, with ``bundle_dir``,
+    as a self-contained :func:`bundle` there); returns the binary's path."""
     engine_dir = Path(engine_dir)
     _check_engine(engine_dir, read_manifest(engine_dir))
-    return install_binary(build_tree(jobs=jobs, progress=progress), engine_dir)
+    tree = build_tree(jobs=jobs, progress=progress)
+    return bundle(tree, bundle_dir) if bundle_dir is not None else install_binary(tree, engine_dir / "cpp")
 
 
 def cpp_stage(engine_dir: Path, manifest: dict) -> None:
     """``build_engine`` finalize stage for ``deploy: {cpp: true}``: installs the runner in the
     temporary engine directory (the binary takes the engine path at run time, so the rename after
-    the build does not matter)."""
+    the build does not matter) and records the sha256 of ``cpp/`` (binary and build.json) in the
+    manifest when the manifest hashing helper is available."""
     _check_engine(engine_dir, manifest)
-    install_binary(build_tree(), engine_dir)
+    install_binary(build_tree(), engine_dir / "cpp")
+    if (record_tree := getattr(manifest_io, "record_tree", None)) is not None:
+        record_tree(engine_dir, manifest, "cpp")

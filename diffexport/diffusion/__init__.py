@@ -53,6 +53,7 @@ from diffexport.diffusion.samplers import (
     HeunSolver,
     Solver,
     check_finite,
+    ddpm_sample,
     sample,
 )
 from diffexport.diffusion.utils import ConcatConditionWrapper, edm_x0_predictor
@@ -92,6 +93,7 @@ __all__ = [
     "VPNoiseScheduler",
     "VPPreconditioner",
     "check_finite",
+    "ddpm_sample",
     "edm_x0_predictor",
     "sample",
 ]

@@ -76,6 +76,20 @@ def check_batch(name: str, v: Tensor | TensorDict | None, batch_size: int, *, ex
         raise ValueError(f"{name} has batch size {tuple(v.shape)[:1]}, expected {batch_size} (the batch of x)")
 
 
+class ArgumentError(ValueError):
+    """A constructor argument out of its range; ``name`` is the argument (recipes name it as a field)."""
+
+    def __init__(self, name: str, requirement: str, value: Any) -> None:
+        super().__init__(f"{name} must be {requirement}, got {value!r}")
+        self.name, self.requirement, self.value = name, requirement, value
+
+
+def require(ok: bool, name: str, requirement: str, value: Any) -> None:
+    """Raise :class:`ArgumentError` (``name must be requirement, got value``) unless ``ok``."""
+    if not ok:
+        raise ArgumentError(name, requirement, value)
+
+
 GeneratorLike = torch.Generator | int | None
 
 

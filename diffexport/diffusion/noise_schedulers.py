@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -28,12 +27,17 @@ from diffexport.diffusion.base import (
     Predictor,
     PredictorType,
     batch_view,
+    require,
 )
 
 
 def check_num_steps(num_steps: int) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    require(isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1, "num_steps", "an int >= 1", num_steps)
+
+
+def _check_sigma_range(sigma_min: float, sigma_max: float) -> None:
+    require(sigma_min > 0, "sigma_min", "> 0", sigma_min)
+    require(sigma_max > sigma_min, "sigma_max", f"> sigma_min = {sigma_min}", sigma_max)
 
 
 def _append_zero(t: Tensor, device, dtype) -> Tensor:
@@ -236,6 +240,10 @@ class EDMNoiseScheduler(_VarianceExploding):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  sigma_data: float = 0.5, P_mean: float = -1.2, P_std: float = 1.2) -> None:
+        _check_sigma_range(sigma_min, sigma_max)
+        require(rho > 0, "rho", "> 0", rho)
+        require(sigma_data > 0, "sigma_data", "> 0", sigma_data)
+        require(P_std > 0, "P_std", "> 0", P_std)
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
 
@@ -257,6 +265,7 @@ class VENoiseScheduler(LinearGaussianNoiseScheduler):
     """Variance exploding (Song et al.): t = sigma^2, geometric steps in sigma^2."""
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0) -> None:
+        _check_sigma_range(sigma_min, sigma_max)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def alpha(self, t: Tensor) -> Tensor:
@@ -293,13 +302,19 @@ class VPNoiseScheduler(LinearGaussianNoiseScheduler):
     alpha = exp(-a/2), sigma = sqrt(1 - alpha^2); EDM sigma = sqrt(e^a - 1). Steps t: t_max -> epsilon_s."""
 
     def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, epsilon_s: float = 1e-3, t_max: float = 1.0) -> None:
+        require(beta_min > 0, "beta_min", "> 0", beta_min)
+        require(beta_d > 0, "beta_d", "> 0", beta_d)
+        require(t_max > 0, "t_max", "> 0", t_max)
+        require(0 < epsilon_s < t_max, "epsilon_s", f"in (0, t_max = {t_max})", epsilon_s)
         self.beta_min, self.beta_d, self.epsilon_s, self.t_max = beta_min, beta_d, epsilon_s, t_max
 
     def _a(self, t: Tensor) -> Tensor:
         return 0.5 * self.beta_d * t**2 + self.beta_min * t
 
     def _t_of_a(self, a: Tensor) -> Tensor:
-        return ((self.beta_min**2 + 2 * self.beta_d * a).sqrt() - self.beta_min) / self.beta_d
+        """The root t >= 0 of ``beta_d t^2 / 2 + beta_min t = a``, as ``2a / (sqrt(beta_min^2 + 2 beta_d a) + beta_min)``
+        (no cancellation at small a)."""
+        return 2 * a / ((self.beta_min**2 + 2 * self.beta_d * a).sqrt() + self.beta_min)
 
     def alpha(self, t: Tensor) -> Tensor:
         return (-0.5 * self._a(t)).exp()
@@ -350,9 +365,14 @@ class IDDPMNoiseScheduler(_VarianceExploding):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 81.0, C_1: float = 0.001, C_2: float = 0.008,
                  M: int = 1000) -> None:
+        _check_sigma_range(sigma_min, sigma_max)
+        require(0 < C_1 < 1, "C_1", "in (0, 1)", C_1)
+        require(C_2 > 0, "C_2", "> 0", C_2)
+        require(M >= 1, "M", ">= 1", M)
         self.sigma_min, self.sigma_max, self.C_1, self.C_2, self.M = sigma_min, sigma_max, C_1, C_2, M
         u = iddpm_sigma_table(C_1, C_2, M)
         self.u = u[(u >= sigma_min) & (u <= sigma_max)]  # decreasing
+        require(len(self.u) > 0, "sigma_min", f"<= sigma_max with an iDDPM level in between (levels {u[-2]:.4g}..{u[0]:.4g})", sigma_min)
 
     def timesteps(self, num_steps: int, *, device=None, dtype=None) -> Tensor:
         """N entries of the in-range table at evenly spaced (rounded) indices, then 0."""
@@ -373,10 +393,14 @@ class DDPMScheduler(GaussianScheduler):
 
     ``alpha(t) = sqrt(abar_t)``, ``sigma(t) = sqrt(1 - abar_t)``; ``t = -1`` denotes clean data
     (abar = 1), used as the trailing entry of :meth:`timesteps`. :meth:`step` is the DDIM update
-    (Song et al. 2021) whose ``eta = 1`` over consecutive timesteps is DDPM ancestral sampling.
+    (Song et al. 2021) whose ``eta = 1`` over consecutive timesteps is DDPM ancestral sampling
+    (the loop: :func:`diffexport.diffusion.samplers.ddpm_sample`).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        require(num_train_timesteps >= 1, "num_train_timesteps", ">= 1", num_train_timesteps)
+        require(0 < beta_start < 1, "beta_start", "in (0, 1)", beta_start)
+        require(beta_start <= beta_end < 1, "beta_end", f"in [beta_start = {beta_start}, 1)", beta_end)
         self.T = num_train_timesteps
         self.betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
@@ -395,8 +419,7 @@ class DDPMScheduler(GaussianScheduler):
         """``num_steps`` (default T) evenly spaced integers from T-1 down to 0, then -1 (int64)."""
         num_steps = self.T if num_steps is None else num_steps
         check_num_steps(num_steps)
-        if num_steps > self.T:
-            raise ValueError(f"num_steps must be <= num_train_timesteps={self.T}, got {num_steps}")
+        require(num_steps <= self.T, "num_steps", f"<= num_train_timesteps = {self.T}", num_steps)
         t = torch.linspace(self.T - 1, 0, num_steps, dtype=torch.float64).round().long()
         return torch.cat([t, torch.tensor([-1])]).to(device)
 
@@ -442,20 +465,3 @@ class DDPMScheduler(GaussianScheduler):
         if eta == 0:
             return x_prev
         return x_prev + s.to(x.dtype) * NoiseSource.of(generator).randn_like(x)
-
-    def sample(self, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...], num_steps: int | None = None,
-               *, eta: float = 1.0, generator: GeneratorLike = None, device=None, dtype=torch.float32,
-               on_step=None) -> Tensor:
-        """Sample ``shape = (B, *)`` with an epsilon-predicting ``model(x, t_int [B])``.
-
-        ``num_steps=None, eta=1``: DDPM ancestral sampling over all T steps; ``eta=0``: DDIM.
-        ``generator`` (Generator or int seed) drives x_T and the per-step noise.
-        """
-        from diffexport.diffusion.samplers import DDIMSolver, sample
-
-        noise = NoiseSource(generator)
-        x_T = noise.randn_like(torch.empty(shape, device=device, dtype=dtype))
-        ts = self.timesteps(num_steps, device=x_T.device)
-        denoiser = self.get_denoiser(epsilon_predictor=model)
-        solver = DDIMSolver(denoiser, self, eta=eta, generator=noise)
-        return sample(denoiser, x_T, self, len(ts) - 1, solver=solver, time_steps=ts, on_step=on_step)

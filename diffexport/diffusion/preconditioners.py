@@ -1,11 +1,13 @@
 """Preconditioners (Karras et al. 2022, Table 1): ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)``.
 
-All built-in preconditioners take the EDM noise level ``sigma`` [B] and an unscaled input
-``x = x0 + sigma n`` -- exactly the contract of exported engines
-(:class:`~diffexport.diffusion.base.EDMDenoiserFn`). Use
-:func:`~diffexport.diffusion.utils.edm_x0_predictor` to drive them on a schedule with
-``alpha(t) != 1`` (VP). A subclass may override :meth:`BaseAffinePreconditioner.sigma` to take a
-diffusion time ``t`` instead.
+As in PhysicsNeMo, ``forward(x, t)`` takes the diffusion time ``t`` [B] and an unscaled input
+``x = x0 + sigma(t) n``; :meth:`BaseAffinePreconditioner.sigma` maps t to the EDM noise level
+(identity for EDM / VE / iDDPM / DDPM, where t is sigma; :class:`VPPreconditioner` overrides it
+with ``sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``) and ``sigma_inv`` maps back.
+Exported engines keep the contract ``D(x, sigma)``
+(:class:`~diffexport.diffusion.base.EDMDenoiserFn`): the exported graph calls
+:meth:`BaseAffinePreconditioner.denoise` with sigma, where VP maps sigma to time itself
+(``c_noise = (M - 1) sigma_inv(sigma)``).
 
 Export-friendly: no Python branching on tensor values in ``forward``; constant tables are
 buffers; input checks are skipped while tracing (``torch.compiler.is_compiling()``).
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffexport.diffusion.base import Condition, batch_view, check_batch
+from diffexport.diffusion.base import Condition, batch_view, check_batch, require
 from diffexport.diffusion.noise_schedulers import VPNoiseScheduler, iddpm_sigma_table
 
 Coefficients = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -45,22 +47,42 @@ class BaseAffinePreconditioner(nn.Module, ABC):
         """``(c_in, c_noise, c_out, c_skip)`` for sigma of shape (B, 1, ..., 1)."""
 
     def sigma(self, t: Tensor) -> Tensor:
-        """Noise level for the forward's ``t`` (identity: ``t`` is sigma)."""
+        """Noise level for the forward's diffusion time ``t`` (identity: ``t`` is sigma)."""
         return t
 
+    def sigma_inv(self, sigma: Tensor) -> Tensor:
+        """The diffusion time whose noise level is ``sigma`` (inverse of :meth:`sigma`)."""
+        return sigma
+
+    def round_sigma(self, sigma: Tensor) -> Tensor:
+        """The noise level the model is conditioned on nearest to ``sigma`` (identity: continuous)."""
+        return sigma
+
     def forward(self, x: Tensor, t: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
+        """``D(x, t)`` at diffusion time ``t`` [B] (PhysicsNeMo's API): :meth:`denoise` at ``sigma(t)``."""
+        if not torch.compiler.is_compiling():
+            check_batch("t", t, x.shape[0], exact_1d=True)
+        return self.denoise(x, self.sigma(t), condition, **model_kwargs)
+
+    def denoise(self, x: Tensor, sigma: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
+        """``D(x; sigma)`` at EDM noise level ``sigma`` [B]: the engine contract. Exported graphs call
+        this, so a VP engine maps sigma to time only where c_noise needs it (no sigma -> t -> sigma)."""
         eager = not torch.compiler.is_compiling()
         if eager:
-            check_batch("t", t, x.shape[0], exact_1d=True)
+            check_batch("sigma", sigma, x.shape[0], exact_1d=True)
             check_batch("condition", condition, x.shape[0])
-        sigma = batch_view(self.sigma(t), x)
+        sigma = batch_view(sigma, x)
         if eager and self.positive_sigma and bool((sigma <= 0).any()):
             raise ValueError(f"t (noise level sigma) must be > 0 for {type(self).__name__}, got min {sigma.min().item():g}")
         c_in, c_noise, c_out, c_skip = self.compute_coefficients(sigma)
         if condition is not None:
             model_kwargs["condition"] = condition
-        F_x = self.model(c_in * x, c_noise.reshape(-1), **model_kwargs)
+        F_x = self.model_output(self.model(c_in * x, c_noise.reshape(-1), **model_kwargs), x)
         return c_skip * x + c_out * F_x
+
+    def model_output(self, F_x: Tensor, x: Tensor) -> Tensor:
+        """The part of the model's output that is ``F`` (all of it, unless a subclass says otherwise)."""
+        return F_x
 
 
 class EDMPreconditioner(BaseAffinePreconditioner):
@@ -70,6 +92,7 @@ class EDMPreconditioner(BaseAffinePreconditioner):
     positive_sigma = True
 
     def __init__(self, model: nn.Module, sigma_data: float = 0.5) -> None:
+        require(sigma_data > 0, "sigma_data", "> 0", sigma_data)
         super().__init__(model)
         self.sigma_data = sigma_data
 
@@ -92,24 +115,40 @@ class VEPreconditioner(BaseAffinePreconditioner):
 
 
 class VPPreconditioner(BaseAffinePreconditioner):
-    """VP: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) t(s)`` with t(s)
-    the inverse of the VP schedule ``s(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``."""
+    """VP: ``forward(x, t)`` takes the diffusion time t, ``sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)``;
+    ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = (M-1) sigma_inv(s)``.
+
+    ``sigma`` and ``sigma_inv`` are :class:`VPNoiseScheduler`'s ``edm_sigma`` / ``edm_sigma_inv``
+    (written with expm1 / log1p, so small noise levels keep their precision in float32)."""
 
     def __init__(self, model: nn.Module, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000) -> None:
+        require(M >= 1, "M", ">= 1", M)
         super().__init__(model)
         self.schedule = VPNoiseScheduler(beta_min=beta_min, beta_d=beta_d)
         self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
 
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.schedule.edm_sigma(t)
+
+    def sigma_inv(self, sigma: Tensor) -> Tensor:
+        return self.schedule.edm_sigma_inv(sigma)
+
     def compute_coefficients(self, sigma: Tensor) -> Coefficients:
         c_in = 1 / (sigma**2 + 1).sqrt()
-        return c_in, (self.M - 1) * self.schedule.edm_sigma_inv(sigma), -sigma, torch.ones_like(sigma)
+        return c_in, (self.M - 1) * self.sigma_inv(sigma), -sigma, torch.ones_like(sigma)
 
 
 class IDDPMPreconditioner(BaseAffinePreconditioner):
     """iDDPM: ``c_skip = 1``, ``c_out = -s``, ``c_in = 1/sqrt(s^2+1)``,
-    ``c_noise = M - 1 - argmin_j |s - u_j|`` over the buffer ``u`` of iDDPM noise levels."""
+    ``c_noise = M - 1 - argmin_j |s - u_j|`` over the buffer ``u`` of iDDPM noise levels.
+
+    A model with twice the channels of ``x`` (ADM's learned variance, e.g. an iDDPM / ADM
+    checkpoint) has only its first C output channels used, as EDM's ``iDDPMPrecond`` does."""
 
     def __init__(self, model: nn.Module, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> None:
+        require(0 < C_1 < 1, "C_1", "in (0, 1)", C_1)
+        require(C_2 > 0, "C_2", "> 0", C_2)
+        require(M >= 1, "M", ">= 1", M)
         super().__init__(model)
         self.C_1, self.C_2, self.M = C_1, C_2, M
         self.register_buffer("u", iddpm_sigma_table(C_1, C_2, M).float())
@@ -123,6 +162,9 @@ class IDDPMPreconditioner(BaseAffinePreconditioner):
         c_noise = (self.M - 1 - self.round_sigma(sigma, return_index=True)).to(sigma.dtype)
         return 1 / (sigma**2 + 1).sqrt(), c_noise, -sigma, torch.ones_like(sigma)
 
+    def model_output(self, F_x: Tensor, x: Tensor) -> Tensor:
+        return F_x[:, : x.shape[1]] if F_x.ndim > 1 and F_x.shape[1] == 2 * x.shape[1] else F_x
+
 
 class DDPMPreconditioner(BaseAffinePreconditioner):
     """A discrete DDPM epsilon-predictor ``eps(x_t, t_int)`` as an EDM denoiser.
@@ -133,6 +175,8 @@ class DDPMPreconditioner(BaseAffinePreconditioner):
     """
 
     def __init__(self, model: nn.Module, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        require(num_train_timesteps >= 1, "num_train_timesteps", ">= 1", num_train_timesteps)
+        require(0 < beta_start <= beta_end < 1, "beta_start", f"in (0, beta_end = {beta_end}] with beta_end < 1", beta_start)
         super().__init__(model)
         abar = torch.cumprod(1 - torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64), 0)
         self.register_buffer("s", ((1 - abar) / abar).sqrt().float())

@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from diffexport.diffusion.base import Denoiser, GeneratorLike, NoiseSource, batch_view, check_batch
+from diffexport.diffusion.base import Denoiser, GeneratorLike, NoiseSource, batch_view, check_batch, require
 from diffexport.diffusion.noise_schedulers import (
     DDPMScheduler,
     LinearGaussianNoiseScheduler,
@@ -46,6 +46,8 @@ def _check_times(x: Tensor, t_cur: Tensor, t_next: Tensor) -> None:
 class EulerSolver:
     """First order: ``x_next = x + (t_next - t_cur) d(x, t_cur)``. One evaluation per step."""
 
+    scheduler_type = LinearGaussianNoiseScheduler  # integrates a continuous-time ODE right-hand side
+
     def __init__(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
 
@@ -64,9 +66,10 @@ class HeunSolver:
     evaluations.
     """
 
+    scheduler_type = LinearGaussianNoiseScheduler
+
     def __init__(self, denoiser: Denoiser, alpha: float = 1.0) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        require(0 < alpha <= 1, "alpha", "in (0, 1]", alpha)
         self.denoiser, self.alpha = denoiser, alpha
 
     def step(self, x: Tensor, t_cur: Tensor, t_next: Tensor) -> Tensor:
@@ -103,8 +106,10 @@ class _EDMChurnSolver:
     def __init__(self, ode: Solver, S_churn: float, S_min: float, S_max: float, S_noise: float, num_steps: int,
                  generator: GeneratorLike | NoiseSource, noise_scheduler: LinearGaussianNoiseScheduler | None) -> None:
         check_num_steps(num_steps)
-        if S_churn < 0:
-            raise ValueError(f"S_churn must be >= 0, got {S_churn}")
+        require(S_churn >= 0, "S_churn", ">= 0", S_churn)
+        require(S_min >= 0, "S_min", ">= 0", S_min)
+        require(S_max >= S_min, "S_max", f">= S_min = {S_min}", S_max)
+        require(S_noise >= 0, "S_noise", ">= 0", S_noise)
         self.ode, self.noise_scheduler, self.noise = ode, noise_scheduler, NoiseSource.of(generator)
         self.S_churn, self.S_min, self.S_max, self.S_noise, self.num_steps = S_churn, S_min, S_max, S_noise, num_steps
         self.gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
@@ -154,6 +159,7 @@ class DDIMSolver:
 
     def __init__(self, denoiser: Denoiser, noise_scheduler: DDPMScheduler, eta: float = 0.0,
                  generator: GeneratorLike | NoiseSource = None) -> None:
+        require(0 <= eta <= 1, "eta", "in [0, 1]", eta)
         self.denoiser, self.noise_scheduler, self.eta = denoiser, noise_scheduler, eta
         self.noise = NoiseSource.of(generator)
 
@@ -172,6 +178,25 @@ SOLVERS: dict[str, type] = {
 }
 
 
+#: solver constructor arguments the sampling loop supplies (never a recipe's ``solver_options``)
+SUPPLIED = ("denoiser", "noise_scheduler", "num_steps", "generator")
+
+
+def solvers_for(scheduler: type | object) -> list[str]:
+    """Names of the solvers that can integrate ``scheduler`` (a class or an instance)."""
+    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
+    return [name for name, solver in SOLVERS.items() if issubclass(cls, solver.scheduler_type)]
+
+
+def check_fit(solver: str, scheduler: type | object) -> None:
+    """``ValueError`` unless ``solver`` (a key of :data:`SOLVERS`) can integrate ``scheduler``."""
+    cls = scheduler if isinstance(scheduler, type) else type(scheduler)
+    if solver in SOLVERS and not issubclass(cls, SOLVERS[solver].scheduler_type):
+        need = SOLVERS[solver].scheduler_type.__name__
+        raise ValueError(f"solver {solver!r} needs a {need} and {cls.__name__} is not one; "
+                         f"for {cls.__name__} use one of: {', '.join(solvers_for(cls)) or '(none)'}")
+
+
 def _make_solver(solver: str | Solver, denoiser: Denoiser, options: dict[str, Any] | None,
                  noise_scheduler: NoiseScheduler, num_steps: int) -> Solver:
     if not isinstance(solver, str):
@@ -182,6 +207,7 @@ def _make_solver(solver: str | Solver, denoiser: Denoiser, options: dict[str, An
         return solver
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)} or pass a Solver")
+    check_fit(solver, noise_scheduler)
     cls, opts = SOLVERS[solver], dict(options or {})
     params = inspect.signature(cls).parameters
     if "num_steps" in params:  # churn is scaled by the actual number of steps
@@ -243,3 +269,116 @@ def check_finite(i: int, t_cur: Tensor, t_next: Tensor, x: Tensor) -> None:
     """An ``on_step`` hook raising ``FloatingPointError`` as soon as x holds NaN or Inf."""
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"non-finite values in x after step {i} (t {float(t_cur):g} -> {float(t_next):g})")
+
+
+def ddpm_sample(scheduler: DDPMScheduler, model: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...],
+                num_steps: int | None = None, *, eta: float = 1.0, generator: GeneratorLike = None, device=None,
+                dtype=torch.float32, on_step: StepHook | None = None) -> Tensor:
+    """Sample ``shape = (B, *)`` from ``scheduler``'s chain with an epsilon-predicting ``model(x, t_int [B])``.
+
+    ``num_steps=None, eta=1``: DDPM ancestral sampling over all T steps; ``eta=0``: DDIM.
+    ``generator`` (Generator or int seed) drives x_T and the per-step noise.
+    """
+    noise = NoiseSource(generator)
+    x_T = noise.randn_like(torch.empty(shape, device=device, dtype=dtype))
+    ts = scheduler.timesteps(num_steps, device=x_T.device)
+    denoiser = scheduler.get_denoiser(epsilon_predictor=model)
+    solver = DDIMSolver(denoiser, scheduler, eta=eta, generator=noise)
+    return sample(denoiser, x_T, scheduler, len(ts) - 1, solver=solver, time_steps=ts, on_step=on_step)
+
+
+def _at(fn: Callable[[Tensor], Tensor], t: float) -> float:
+    return float(fn(torch.tensor([t], dtype=torch.float64))[0])
+
+
+def _ode_eval(scheduler: LinearGaussianNoiseScheduler, t: float) -> dict[str, float]:
+    """The ODE slope at ``t`` as ``c_x x + c_d D(in_scale x, sigma)``: with ``f = alpha'/alpha``,
+    ``g^2 = 2 sigma' sigma - 2 f sigma^2`` and ``c = g^2 / (2 sigma^2)``, ``c_x = f + c``, ``c_d = -c alpha``."""
+    a, s = _at(scheduler.alpha, t), _at(scheduler.sigma, t)
+    f, s_dot = _at(scheduler.alpha_dot, t) / a, _at(scheduler.sigma_dot, t)
+    c = (2 * s_dot * s - 2 * f * s**2) / (2 * s**2)
+    return {"t": t, "sigma": _at(scheduler.edm_sigma, t), "in_scale": 1 / a, "c_x": f + c, "c_d": -c * a}
+
+
+def _churn(solver: _EDMChurnSolver, scheduler: LinearGaussianNoiseScheduler, t: float) -> dict[str, float] | None:
+    s = _at(scheduler.edm_sigma, t)
+    if not (solver.gamma > 0 and solver.S_min <= s <= solver.S_max):
+        return None
+    s_hat = s * (1 + solver.gamma)
+    t_hat = _at(scheduler.edm_sigma_inv, s_hat)
+    a, a_hat = _at(scheduler.alpha, t), _at(scheduler.alpha, t_hat)
+    return {"t_hat": t_hat, "x_scale": a_hat / a, "noise_scale": a_hat * math.sqrt(s_hat**2 - s**2) * solver.S_noise}
+
+
+def step_table(scheduler: NoiseScheduler, solver: str, time_steps: Tensor, options: dict[str, Any] | None = None) -> list[dict]:
+    """Every step of :func:`sample` with solver ``solver`` as plain numbers, for runtimes without
+    this package (the C++ runner); the format is ``sampler.steps`` of ``docs/ENGINE_FORMAT.md``.
+
+    ODE solvers: ``{"t_cur", "t_next", "churn", "h", "evals", ["a21"], "b"}``, each eval a slope
+    ``c_x x + c_d D(in_scale x, sigma)``; ``x_next = x_0 + h sum_k b_k d_k``. ``ddim``:
+    ``{"t_cur", "t_next", "evals", "ddim": {"c_x", "c_x0", "c_noise"}}``, ``x_next = c_x x + c_x0 x0 + c_noise z``.
+    """
+    check_fit(solver, scheduler)
+    n = len(time_steps) - 1
+    ts = time_steps.tolist()
+    noise_scheduler = {"noise_scheduler": scheduler} if "noise_scheduler" in inspect.signature(SOLVERS[solver]).parameters else {}
+    steps = {"num_steps": n} if "num_steps" in inspect.signature(SOLVERS[solver]).parameters else {}
+    obj = SOLVERS[solver](lambda x, t: x, **dict(options or {}), **noise_scheduler, **steps)
+    table = []
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        if isinstance(obj, DDIMSolver):
+            table.append(_ddim_step(obj, t_cur, t_next))
+            continue
+        churn = _churn(obj, scheduler, t_cur) if isinstance(obj, _EDMChurnSolver) else None
+        t0 = churn["t_hat"] if churn else t_cur
+        h = t_next - t0
+        heun = obj.ode if isinstance(obj, _EDMChurnSolver) else obj
+        step = {"t_cur": t_cur, "t_next": t_next, "churn": churn, "h": h, "evals": [_ode_eval(scheduler, t0)]}
+        if isinstance(heun, HeunSolver) and t_next != 0:
+            w = 1 / (2 * heun.alpha)
+            step.update(a21=heun.alpha, b=[1 - w, w])
+            step["evals"].append(_ode_eval(scheduler, t0 + heun.alpha * h))
+        else:
+            step["b"] = [1.0]
+        table.append(step)
+    return table
+
+
+def _ddim_step(solver: DDIMSolver, t_cur: int, t_next: int) -> dict:
+    ns = solver.noise_scheduler
+    ab_t, ab_p = (float(ns.alpha_bar(torch.tensor([t]))[0]) for t in (t_cur, t_next))
+    s = solver.eta * math.sqrt((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))
+    k = math.sqrt(max(1 - ab_p - s**2, 0.0))
+    a_t, s_t = math.sqrt(ab_t), math.sqrt(1 - ab_t)
+    evals = [{"t": t_cur, "sigma": s_t / a_t, "in_scale": 1 / a_t}]
+    return {"t_cur": t_cur, "t_next": t_next, "evals": evals,
+            "ddim": {"c_x": k / s_t, "c_x0": math.sqrt(ab_p) - k * a_t / s_t, "c_noise": s if solver.eta else 0.0}}
+
+
+def sample_step_table(denoiser_fn: Callable[[Tensor, Tensor], Tensor], xN: Tensor, steps: list[dict],
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Run a :func:`step_table` with an EDM denoiser ``D(x, sigma [B])`` (an engine): the reference
+    for runtimes that read ``manifest["sampler"]["steps"]``. Noise is drawn as :func:`sample`
+    draws it (one ``randn`` per step of a churning or ``eta > 0`` solver), so with the same
+    ``generator`` the two agree to float rounding."""
+    x, B = xN, xN.shape[0]
+    stochastic = any(s.get("churn") for s in steps) or any(s.get("ddim", {}).get("c_noise") for s in steps)
+
+    def D(x: Tensor, e: dict) -> Tensor:
+        return denoiser_fn(e["in_scale"] * x, torch.full((B,), e["sigma"], dtype=x.dtype, device=x.device))
+
+    for step in steps:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if stochastic else None
+        if "ddim" in step:
+            c = step["ddim"]
+            x = c["c_x"] * x + c["c_x0"] * D(x, step["evals"][0]) + (c["c_noise"] * z if c["c_noise"] else 0)
+            continue
+        if step["churn"]:
+            x = step["churn"]["x_scale"] * x + step["churn"]["noise_scale"] * z
+        slopes, x_k = [], x
+        for k, e in enumerate(step["evals"]):
+            if k:
+                x_k = x + step["a21"] * step["h"] * slopes[0]
+            slopes.append(e["c_x"] * x_k + e["c_d"] * D(x_k, e))
+        x = x + step["h"] * sum(b * d for b, d in zip(step["b"], slopes))
+    return x

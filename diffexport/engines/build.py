@@ -9,6 +9,8 @@ temporary sibling directory replaces the engine directory only when every stage 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import re
 import shutil
@@ -25,13 +27,16 @@ import torch
 import yaml
 from torch.export import ExportedProgram
 
-from diffexport.diffusion import noise_schedulers
+from diffexport.diffusion import samplers
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
-    FORMAT, MANIFEST, content_key, device_info, file_record, read_manifest, sha256_file, verify_files, versions, write_manifest,
+    FORMAT, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
+    write_manifest,
 )  # fmt: skip
+from diffexport.fileio import write_atomic
 from diffexport.engines.torch_engine import backbone
 from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
+from diffexport.export.validate import resolved_args, scheduler_of
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
 
 Progress = Callable[[str, str, float, str], None]  # (stage, "start" | "done" | "skip", seconds, detail)
@@ -104,29 +109,82 @@ def engine_dir_for(recipe: Recipe, out_dir: str | Path | None = None) -> Path:
     return (Path("engines") / recipe.name).absolute()
 
 
+def _json_number(v):
+    """``v`` for strict JSON: non-finite floats as the strings ``"inf"`` / ``"-inf"`` / ``"nan"``."""
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def sampler_schedule(recipe: Recipe) -> dict:
-    """The manifest's ``sampler``: the recipe's sampler plus its discretisation ``time_steps``
-    (N + 1, trailing end time), the EDM ``sigmas`` σ(t)/α(t) the engine receives, and ``alphas``."""
+    """The manifest's ``sampler`` (``docs/ENGINE_FORMAT.md``): the scheduler with every argument
+    resolved (defaults included), the solver and its resolved ``solver_args``, the discretisation
+    ``time_steps`` (N + 1, trailing end time), the EDM ``sigmas`` σ(t)/α(t) the engine receives,
+    ``alphas``, and ``steps``: every solver step as plain coefficients (what the C++ runner reads)."""
     s = recipe.sampler
-    cls = getattr(noise_schedulers, s.scheduler.class_name, None)
-    if cls is None:
-        raise RecipeError(f"{_source(recipe)}: sampler.scheduler.class: {s.scheduler.class_name!r} is not in diffexport.diffusion.noise_schedulers")
+    scheduler = scheduler_of(recipe)
+    cls, solver = type(scheduler), samplers.SOLVERS[s.solver]
     try:
-        scheduler = cls(**s.scheduler.args)
         t = scheduler.timesteps(s.num_steps)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"{_source(recipe)}: sampler.scheduler: {s.scheduler.class_name}: {e}") from None
-    alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t)
+        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options)
+    except (TypeError, ValueError) as e:  # check_recipe refuses these first
+        raise RecipeError(f"{_source(recipe)}: sampler: {s.scheduler.class_name} with {s.solver}: {e}") from None
+    alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t if not t.is_floating_point() else t.double())
+    solver_args = resolved_args(solver, s.solver_options, skip=1, supplied=samplers.SUPPLIED)
     return {
-        "scheduler": {"class": s.scheduler.class_name, "args": dict(s.scheduler.args)},
+        "scheduler": {"class": s.scheduler.class_name, "args": resolved_args(cls, s.scheduler.args)},
         "solver": s.solver, "num_steps": s.num_steps, "solver_options": dict(s.solver_options),
+        "solver_args": {k: _json_number(v) for k, v in solver_args.items()},
+        "discrete": not t.is_floating_point(),
         "time_steps": t.tolist(), "sigmas": sigmas.double().tolist(), "alphas": alphas.tolist(),
         "patching": s.patching.model_dump() if s.patching else None,
+        "steps": steps,
+        **({"guidance": s.guidance.model_dump()} if s.guidance else {}),
+        **({"clip": list(s.clip)} if s.clip else {}),
     }  # fmt: skip
 
 
+AUTO_TARGETS = ("onnx", "aoti", "tensorrt", "openvino")  # ``targets: auto``: each one available here
+LOW_PRECISION_TARGETS = ("aoti", "openvino")  # those that run bf16 on CPU; ``precision: auto`` adds them as <target>-bf16
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One artifact of a build: manifest key ``key`` (``aoti-bf16``), export ``target``, ``precision``."""
+
+    key: str
+    target: str
+    precision: str
+
+
+def candidates(recipe: Recipe) -> list[Candidate]:
+    """The artifacts ``recipe`` asks for, ONNX first (OpenVINO and TensorRT build from it).
+
+    ``targets: auto`` means every target of :data:`AUTO_TARGETS`; ``precision: auto`` builds them
+    in fp32 and adds a bf16 candidate of each of :data:`LOW_PRECISION_TARGETS`.
+    """
+    e = recipe.export
+    targets = sorted(AUTO_TARGETS if e.auto else e.targets, key=list(FILENAMES).index)
+    primary = "fp32" if e.precision == "auto" else e.precision
+    out = [Candidate(t, t, primary) for t in targets]
+    if e.precision == "auto":
+        out += [Candidate(f"{t}-bf16", t, "bf16") for t in targets if t in LOW_PRECISION_TARGETS]
+    return out
+
+
+def _filename(c: Candidate) -> str:
+    """The artifact's file: the target's, with ``-bf16`` before the suffix for a variant (``denoiser.bf16.pt2``)."""
+    name = FILENAMES[c.target]
+    return name if c.key == c.target else name.replace("denoiser.", f"denoiser.{c.precision}.", 1)
+
+
 def unavailable(target: str) -> str | None:
-    """Why ``target`` cannot be built here (``None`` when it can): TensorRT needs its package and a GPU."""
+    """Why ``target`` cannot be built here (``None`` when it can): TensorRT needs its package and a
+    GPU, OpenVINO its package."""
+    if target == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            return f"the openvino package is not installed ({e}); pip install openvino"
+        return None
     if target != "tensorrt":
         return None
     try:
@@ -150,26 +208,109 @@ def _up_to_date(engine_dir: Path, key: str) -> dict | None:
     and its files are intact (a failed engine is always rebuilt)."""
     try:
         manifest = read_manifest(engine_dir)
-        if manifest.get("content_key") != key or manifest.get("status") == "failed":
+        if manifest.get("content_key") != key or manifest.get("status") == "failed" or engine_problems(engine_dir, manifest):
             return None
-        for record in (manifest["weights"], *manifest["artifacts"].values()):
-            verify_files(engine_dir, record)
     except (EngineError, KeyError):
         return None
     return manifest
 
 
+# What a build writes besides the hashed files (docs/ENGINE_FORMAT.md): only folders holding nothing
+# else may be replaced or cleaned up (with the files listed in their manifest's hash records).
+GENERATED_FILES = frozenset({MANIFEST, "recipe.yaml", "weights.pt", "parity.json", "parity.md", "parity.png", *FILENAMES.values()})
+GENERATED_DIRS = frozenset({"triton", "triton-python", "cpp", ".cache"})  # .cache: parity reference cache
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _foreign_files(folder: Path, manifest: dict | None) -> list[str]:
+    """Files (and links) in ``folder`` that a build does not write: neither a generated name (``GENERATED_*``,
+    ``denoiser.*``, temporary ``.*.tmp`` of an atomic write) nor listed in ``manifest``'s hash records."""
+    listed: set[str] = set()
+    for record in (manifest and _records(manifest) or {}).values():
+        files = record.get("files") if isinstance(record, dict) else None
+        listed |= set(files) if isinstance(files, dict) else {record.get("file")} if isinstance(record, dict) else set()
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_dir() and not path.is_symlink():
+            continue
+        top = rel.parts[0]
+        generated = (len(rel.parts) == 1 and (top in GENERATED_FILES or top.startswith("denoiser.") or top.endswith(".tmp"))) or top in GENERATED_DIRS
+        if not generated and rel.as_posix() not in listed:
+            foreign.append(rel.as_posix())
+    return foreign
+
+
+def _records(manifest: dict) -> dict:
+    try:
+        return hash_records(manifest)
+    except EngineError:
+        return {}
+
+
 def _check_replaceable(engine_dir: Path) -> None:
-    if engine_dir.exists() and not (engine_dir / MANIFEST).is_file() and (not engine_dir.is_dir() or any(engine_dir.iterdir())):
-        raise EngineError(f"{engine_dir}: exists and is not an engine directory (no {MANIFEST}); refusing to replace it")
+    """``EngineError`` unless ``engine_dir`` is absent, an empty folder, or an engine this tool wrote:
+    a valid manifest with a content key, and no file a build does not write (a user's folder that
+    happens to hold a ``manifest.json`` is never replaced)."""
+    if engine_dir.is_symlink() or (engine_dir.exists() and not engine_dir.is_dir()):
+        raise EngineError(f"{engine_dir}: exists and is not a folder; refusing to replace it (choose another --out)")
+    if not engine_dir.exists() or not any(engine_dir.iterdir()):
+        return
+    try:
+        manifest = read_manifest(engine_dir)
+    except EngineError as e:
+        raise EngineError(f"{engine_dir}: exists and is not an engine directory built by diffexport ({e}); "
+                          "refusing to replace it (choose another --out)") from None
+    if not isinstance(manifest.get("content_key"), str) or not _KEY.fullmatch(manifest["content_key"]):
+        raise EngineError(f"{engine_dir}: its {MANIFEST} has no content key, so diffexport did not write it; refusing to replace it")
+    if foreign := _foreign_files(engine_dir, manifest):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise EngineError(f"{engine_dir}: holds files diffexport did not write ({shown}); refusing to replace it "
+                          "(move them, or choose another --out)")
 
 
-def _remove_stale(engine_dir: Path) -> None:
-    """Remove leftovers of builds of ``engine_dir`` whose process is gone (killed with SIGKILL)."""
-    pattern = re.compile(rf"\.{re.escape(engine_dir.name)}\.(\d+)\..*(building|old)$")
+def _leftovers(engine_dir: Path) -> Iterator[tuple[Path, str, int]]:
+    """``(path, "building" | "old", pid)`` of the temporary and moved-aside folders of ``engine_dir``'s builds."""
+    pattern = re.compile(rf"\.{re.escape(engine_dir.name)}\.(\d+)\.(?:.*\.(building)|(old))")
     for path in engine_dir.parent.iterdir():
-        if (m := pattern.fullmatch(path.name)) and not _alive(int(m.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+        if (m := pattern.fullmatch(path.name)) and path.is_dir() and not path.is_symlink():
+            yield path, m.group(2) or m.group(3), int(m.group(1))
+
+
+def recover(engine_dir: Path) -> list[str]:
+    """Repair after builds of ``engine_dir`` killed by SIGKILL (their process is gone): a moved-aside
+    previous engine (``.NAME.<pid>.old``) is renamed back when ``engine_dir`` is missing (a crash
+    between the two renames of the swap), else removed; a temporary ``.building`` folder is removed.
+    Only folders holding nothing but what a build writes are removed. Returns what was done."""
+    done = []
+    for path, kind, pid in sorted(_leftovers(engine_dir), key=lambda item: item[1] != "old"):  # restore first
+        if _alive(pid):
+            continue
+        if kind == "old" and not engine_dir.exists():
+            os.rename(path, engine_dir)
+            done.append(f"restored the previous engine {engine_dir} from {path.name} (an earlier build was interrupted during the swap)")
+            continue
+        try:
+            manifest = read_manifest_unchecked(path)
+        except EngineError:
+            manifest = None
+        if _foreign_files(path, manifest):
+            done.append(f"left {path} in place: it holds files a build does not write")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path.name}, left by an interrupted build")
+    return done
+
+
+def read_manifest_unchecked(folder: Path) -> dict | None:
+    """The JSON of ``folder/manifest.json`` (no checks; ``None`` when absent), for cleaning up leftovers."""
+    try:
+        value = json.loads((folder / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{folder / MANIFEST}: {e}") from None
+    return value if isinstance(value, dict) else None
 
 
 def _alive(pid: int) -> bool:
@@ -183,7 +324,9 @@ def _alive(pid: int) -> bool:
 
 
 def _replace(tmp: Path, engine_dir: Path) -> None:
-    """Rename ``tmp`` to ``engine_dir``, the old directory (if any) moved aside first, then deleted."""
+    """Rename ``tmp`` to ``engine_dir``, the old directory (if any) moved aside first, then deleted.
+    Killed between the two renames, the previous engine waits in ``.NAME.<pid>.old`` and the next
+    build (:func:`recover`) renames it back."""
     if not engine_dir.exists():
         os.rename(tmp, engine_dir)
         return
@@ -236,15 +379,19 @@ def build_engine(
     recipe = check_recipe(resolve_recipe(load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe, targets))
     engine_dir = engine_dir_for(recipe, out_dir)
     _check_replaceable(engine_dir)
-    stages, targets = _Stages(progress), sorted(recipe.export.targets, key=list(FILENAMES).index)  # onnx first
-    skipped = {t: why for t in targets if (why := unavailable(t))}
-    if len(skipped) == len(targets):
+    stages, todo = _Stages(progress), candidates(recipe)
+    skipped = {c.key: why for c in todo if (why := unavailable(c.target))}
+    if len(skipped) == len(todo):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)
     device, tools = device_info(recipe.export.device), versions()  # (fails early when CUDA is asked for and absent)
-    gpu = device_info("cuda") if "tensorrt" in set(targets) - set(skipped) else None
+    gpu = device_info("cuda") if any(c.target == "tensorrt" and c.key not in skipped for c in todo) else None
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(engine_dir)
+    for line in recover(engine_dir):
+        stages.skip("recover", line)
+        if progress is None:
+            warnings.warn(line, stacklevel=2)
+    _check_replaceable(engine_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{engine_dir.name}.{os.getpid()}.", suffix=".building", dir=engine_dir.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would become the engine directory's mode
@@ -259,22 +406,23 @@ def build_engine(
             message = f"{engine_dir} is up to date (same weights, recipe, tools and device); nothing to do (force rebuilds)"
             stages.skip("build", message)
             return BuildResult(engine_dir, existing, False, message)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_atomic(tmp / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
         manifest = {
             "format": FORMAT, "name": recipe.name, "status": "unchecked", "content_key": key,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "recipe": resolved,
-            "io": io.to_dict(), "sampler": schedule, "weights": weights, "artifacts": {}, "versions": tools,
+            "recipe_file": file_record(tmp, ["recipe.yaml"]), "io": io.to_dict(), "sampler": schedule, "weights": weights, "artifacts": {}, "versions": tools,
             "device": device, "stages": stages.times, "skipped": skipped,
         }  # fmt: skip
-        with stages("export", f"torch.export, {recipe.export.precision}"):
-            program = export_program(denoiser, io, recipe.export.precision)
-        for target in targets:  # ``skipped`` is ``manifest["skipped"]``; ``_export`` may add to it
-            if target not in skipped:
-                _export(target, program, io, recipe, tmp, manifest, stages)
-            if target in skipped:
-                stages.skip(f"export:{target}", skipped[target])
-                if progress is None:
-                    warnings.warn(f"{recipe.name}: target {target} skipped: {skipped[target]}", stacklevel=2)
+        programs = _Programs(denoiser, io, stages)
+        for precision in _precisions([c for c in todo if c.key not in skipped]):
+            programs(precision)
+        for c in todo:  # ``skipped`` is ``manifest["skipped"]``; ``_export`` may add to it
+            if c.key not in skipped:
+                _export(c, programs, io, recipe, tmp, manifest, stages)
+            if c.key in skipped:
+                stages.skip(f"export:{c.key}", skipped[c.key])
+                if progress is None and not recipe.export.auto:
+                    warnings.warn(f"{recipe.name}: target {c.key} skipped: {skipped[c.key]}", stacklevel=2)
         if not manifest["artifacts"]:
             raise TargetUnavailable("nothing was built: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
         write_manifest(tmp, manifest)
@@ -288,14 +436,49 @@ def build_engine(
     return BuildResult(engine_dir, manifest, True, f"built {engine_dir} ({', '.join(manifest['artifacts'])}) in {total:.1f} s")
 
 
-def _export(target: str, program: ExportedProgram, io: IOSpec, recipe: Recipe, tmp: Path, manifest: dict, stages: _Stages) -> None:
-    """Lower ``program`` to ``target`` in ``tmp`` and record it, or record why it was skipped."""
-    onnx = tmp / FILENAMES["onnx"] if "onnx" in manifest["artifacts"] else None
+def _precisions(todo: list[Candidate]) -> list[str]:
+    """The programs the candidates lower, the build's precision first (OpenVINO's is fp32 when no fp32 ONNX is built)."""
+    fp32_onnx = any(c.target == "onnx" and c.precision == "fp32" for c in todo)
+    needed = ["fp32" if c.target == "openvino" and not fp32_onnx else c.precision for c in todo if c.target != "openvino" or not fp32_onnx]
+    return list(dict.fromkeys(needed))
+
+
+class _Programs:
+    """The one ``torch.export`` per precision: stage ``export`` for the first, ``export (bf16)`` for others
+    (traced inside a target's stage when that needs one that was not planned)."""
+
+    def __init__(self, denoiser: Denoiser, io: IOSpec, stages: _Stages):
+        self.denoiser, self.io, self.stages, self.done = denoiser, io, stages, {}
+
+    def __call__(self, precision: str) -> ExportedProgram:
+        if precision not in self.done:
+            with self.stages("export" if not self.done else f"export ({precision})", f"torch.export, {precision}"):
+                self.done[precision] = export_program(self.denoiser, self.io, precision)
+        return self.done[precision]
+
+
+def _export(c: Candidate, programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path, manifest: dict, stages: _Stages) -> None:
+    """Lower the program to candidate ``c`` in ``tmp`` and record it, or record why it was skipped.
+
+    OpenVINO compiles an fp32 graph (its precision is a compile hint): the build's ONNX when that
+    is fp32, else an fp32 program. With ``targets: auto`` a target whose export fails is skipped
+    with the reason (the others still make an engine); named targets fail the build.
+    """
+    onnx = manifest["artifacts"].get("onnx")
     e = recipe.export
+    fp32_graph = c.target == "openvino"
+    onnx_path = tmp / onnx["file"] if onnx and (not fp32_graph or onnx["precision"] == "fp32") else None
     try:
-        with stages(f"export:{target}", FILENAMES[target]):
-            fields = export_target(target, program, io, tmp, precision=e.precision, opset=e.opset, device=e.device, onnx_path=onnx)
+        with stages(f"export:{c.key}", _filename(c)):
+            program = programs("fp32" if fp32_graph else c.precision)
+            fields = export_target(c.target, program, io, tmp, precision=c.precision, opset=e.opset, device=e.device,
+                                   onnx_path=onnx_path, filename=_filename(c))
     except TargetUnavailable as err:
-        manifest["skipped"][target] = str(err)
+        manifest["skipped"][c.key] = str(err)
         return
-    manifest["artifacts"][target] = {**fields, **file_record(tmp, list(fields["files"]))}
+    except Exception as err:  # noqa: BLE001 -- auto: one failing target does not sink the others
+        if not e.auto:
+            raise
+        manifest["skipped"][c.key] = f"export failed: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        return
+    manifest["artifacts"][c.key] = {**fields, **file_record(tmp, list(fields["files"]))}

@@ -1,4 +1,4 @@
-"""Torch backend: the reference ``Denoiser`` rebuilt in eager PyTorch from ``recipe.yaml`` + ``weights.pt``.
+"""Torch backend: the reference ``Denoiser`` rebuilt in eager PyTorch from ``manifest["recipe"]`` + ``weights.pt``.
 
 Every other backend is compared with this one: same recipe, same weights, fp32, no export.
 """
@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from diffexport.engines.base import EngineError, check_inputs
+from diffexport.engines.manifest import MANIFEST, read_manifest
 from diffexport.export import Denoiser, build_denoiser
-from diffexport.recipes import IOSpec, Recipe, RecipeError, load_recipe
+from diffexport.recipes import IOSpec, Recipe, RecipeError, parse_recipe
 
 
 def backbone(denoiser: Denoiser) -> nn.Module:
@@ -36,6 +37,17 @@ def reference_denoiser(recipe: Recipe, weights: str | Path) -> Denoiser:
     return denoiser.eval()
 
 
+def engine_recipe(engine_dir: str | Path) -> Recipe:
+    """The recipe an engine was built from: ``manifest["recipe"]``, the resolved recipe its content
+    key hashes (``recipe.yaml`` is a copy for people to read)."""
+    manifest = read_manifest(engine_dir)
+    source = f"{Path(engine_dir) / MANIFEST}: recipe"
+    try:
+        return parse_recipe(manifest.get("recipe"), source)
+    except RecipeError as e:
+        raise EngineError(str(e)) from None
+
+
 class TorchEngine:
     """The eager reference for an engine directory; ``device`` defaults to CPU."""
 
@@ -44,10 +56,7 @@ class TorchEngine:
     def __init__(self, engine_dir: str | Path, io: IOSpec, device: str | torch.device | None = None):
         engine_dir = Path(engine_dir)
         self.io, self.device = io, torch.device(device if device is not None else "cpu")
-        try:
-            recipe = load_recipe(engine_dir / "recipe.yaml")
-        except RecipeError as e:
-            raise EngineError(str(e)) from None
+        recipe = engine_recipe(engine_dir)
         self.denoiser = reference_denoiser(recipe, engine_dir / "weights.pt").to(self.device)
 
     @torch.no_grad()

@@ -31,7 +31,8 @@ _LAZY = {
     "dtype_of": "precision", "mixed_precision": "precision",
     "export_program": "program",
     "TargetUnavailable": "tensorrt", "build_tensorrt": "tensorrt", "export_torch_tensorrt": "tensorrt", "require": "tensorrt",
-    "check_recipe": "validate",
+    "check_recipe": "validate", "validate_recipe": "validate",
+    "export_openvino": "openvino",
 }  # fmt: skip
 GROUP_NORM_OPSET = 21  # first ONNX opset whose GroupNormalization matches torch's group_norm
 
@@ -46,19 +47,19 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan"}
+FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan", "openvino": "denoiser.openvino.blob"}
 
 
-def _onnx(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, **_) -> dict:
+def _onnx(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, filename: str, **_) -> dict:
     from diffexport.export.onnx import export_onnx
 
-    return export_onnx(program, io, out_dir / FILENAMES["onnx"], precision=precision, opset=opset)
+    return export_onnx(program, io, out_dir / filename, precision=precision, opset=opset)
 
 
-def _aoti(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, device: str, **_) -> dict:
+def _aoti(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, device: str, filename: str, **_) -> dict:
     from diffexport.export.aoti import export_aoti
 
-    return export_aoti(program, io, out_dir / FILENAMES["aoti"], precision=precision, device=device)
+    return export_aoti(program, io, out_dir / filename, precision=precision, device=device)
 
 
 def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None, **_) -> dict:
@@ -74,19 +75,35 @@ def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision:
         return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
 
 
-TARGETS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "aoti": _aoti, "tensorrt": _tensorrt}
+def _openvino(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None,
+              filename: str, **_) -> dict:
+    from diffexport.export.onnx import export_onnx
+    from diffexport.export.openvino import export_openvino
+
+    if onnx_path is not None:  # the build's fp32 ONNX: the loader may recompile it
+        return export_openvino(onnx_path, io, out_dir / filename, precision=precision, source=onnx_path.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / FILENAMES["onnx"]
+        export_onnx(program, io, onnx_path, precision="fp32", opset=opset)
+        return export_openvino(onnx_path, io, out_dir / filename, precision=precision)
+
+
+TARGETS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "aoti": _aoti, "tensorrt": _tensorrt, "openvino": _openvino}
 
 
 def export_target(
     name: str, program: ExportedProgram, io: IOSpec, out_dir: str | Path, *, precision: str = "fp32",
-    opset: int = GROUP_NORM_OPSET, device: str = "cpu", onnx_path: str | Path | None = None,
+    opset: int = GROUP_NORM_OPSET, device: str = "cpu", onnx_path: str | Path | None = None, filename: str | None = None,
 ) -> dict:
-    """Write target ``name``'s artifact into ``out_dir`` (file name from :data:`FILENAMES`).
+    """Write target ``name``'s artifact into ``out_dir`` (file name ``filename``, default from :data:`FILENAMES`).
 
     ``tensorrt`` builds from ``onnx_path`` when given (the ONNX target of the same build), else
     from an ONNX lowered to a temporary file; it raises ``TargetUnavailable`` without TensorRT.
+    ``openvino`` compiles the fp32 ``onnx_path`` (else an fp32 ONNX lowered from ``program``, which
+    must then be an fp32 program) with ``precision`` as its inference-precision hint.
     """
     if name not in TARGETS:
         raise ValueError(f"unknown export target {name!r}; expected one of {', '.join(TARGETS)}")
-    options = dict(precision=precision, opset=opset, device=device, onnx_path=Path(onnx_path) if onnx_path else None)
+    options = dict(precision=precision, opset=opset, device=device, onnx_path=Path(onnx_path) if onnx_path else None,
+                   filename=filename or FILENAMES[name])
     return TARGETS[name](program, io, Path(out_dir), **options)

@@ -38,8 +38,9 @@ class Denoiser(nn.Module):
     ``conditions`` are the engine inputs after ``x`` and ``sigma`` (their ``name`` and ``kind``).
     The preconditioner gets them as its ``condition``: the image conditions concatenated, or, with a
     vector or index condition, a TensorDict of ``cond_concat`` (images), ``cond_vec`` (the vector)
-    and each index condition under its name (``ConcatConditionWrapper``'s keys). The output is
-    float32 whatever precision runs inside.
+    and each index condition under its name (``ConcatConditionWrapper``'s keys). Preconditioners'
+    ``forward`` takes diffusion time (PhysicsNeMo's API); the engine takes sigma, so this calls their
+    ``denoise(x, sigma, condition)`` (a VP graph maps sigma to time itself, for c_noise). The output is float32 whatever precision runs inside.
     """
 
     def __init__(self, preconditioner: nn.Module, conditions: Sequence[TensorSpec] = (), index_high: int = 1):
@@ -60,7 +61,8 @@ class Denoiser(nn.Module):
         condition = torch.cat(images, dim=1) if len(images) > 1 else images[0] if images else None
         if named:  # labels and indices travel with the image in one TensorDict
             condition = TensorDict({**named, **({"cond_concat": condition} if images else {})}, batch_size=x.shape[:1])
-        return self.preconditioner(x, sigma, condition).float()
+        denoise = getattr(self.preconditioner, "denoise", self.preconditioner)  # D(x; sigma); forward takes time t
+        return denoise(x, sigma, condition).float()
 
 
 def build_denoiser(recipe: Recipe) -> Denoiser:

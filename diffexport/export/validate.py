@@ -1,42 +1,259 @@
-"""Check a recipe against the code it names, before any work: model, preconditioner, scheduler."""
+"""The one recipe validation: a recipe checked whole against the code it names, before any work.
+
+``validate_recipe(path)`` = ``check_recipe(load_recipe(path))``; every build runs it first. What is
+checked, each failure one line ``<file>: <field path>: <what is allowed>``:
+
+* model: the class exists, takes ``model.args`` (names, types), and its constructor plus one
+  shape-only forward (meta device, the recipe's engine inputs) accept them;
+* preconditioner and ``sampler.scheduler``: names, types and ranges of their args (the classes'
+  own checks, :class:`~diffexport.diffusion.base.ArgumentError`), and a finite, decreasing schedule;
+* solver and scheduler fit (:func:`~diffexport.diffusion.samplers.check_fit`, from each solver's
+  ``scheduler_type``); ``sampler.solver_options`` against the solver's signature and ranges;
+* patching: the grid the runtime will cut (:class:`~diffexport.diffusion.multi_diffusion.GridPatching2D`);
+* non-finite numbers anywhere (``S_max``'s default +inf is had by leaving it out).
+
+Types and ranges of the schema's own fields (batch sizes, opset, ...) are checked when loading
+(:mod:`diffexport.recipes.schema`).
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any, Callable
 
-from diffexport.diffusion import noise_schedulers, preconditioners
+import torch
+from pydantic import TypeAdapter, ValidationError
+from torch import nn
+
+from diffexport.diffusion import noise_schedulers, preconditioners, samplers
+from diffexport.diffusion.base import ArgumentError
+from diffexport.diffusion.multi_diffusion import GridPatching2D
 from diffexport.models import get_model_class, model_names
-from diffexport.recipes import Recipe, RecipeError
+from diffexport.recipes import Recipe, RecipeError, image_shape, io_spec, load_recipe, parse_recipe, resolve_path
+
+__all__ = ["check_recipe", "validate_recipe", "resolved_args", "scheduler_of"]
 
 
-def _call_problems(field: str, target: Callable, args: dict, skip: int = 0) -> list[str]:
-    """Arguments of ``args`` that ``target`` does not take, or required ones it lacks."""
-    params = list(inspect.signature(target).parameters.values())[skip:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+def validate_recipe(source: str | Path | dict) -> Recipe:
+    """A recipe file (or mapping) loaded and checked whole; ``RecipeError`` with one line per problem."""
+    recipe = parse_recipe(source) if isinstance(source, dict) else load_recipe(source)
+    return check_recipe(recipe)
+
+
+def _params(target: Callable, skip: int) -> list[inspect.Parameter]:
+    return list(inspect.signature(target).parameters.values())[skip:]
+
+
+def resolved_args(target: Callable, args: dict, skip: int = 0, supplied: tuple[str, ...] = ()) -> dict:
+    """``args`` with every other keyword default of ``target`` filled in (minus ``supplied`` ones)."""
+    out = {}
+    for p in _params(target, skip):
+        if p.name in args:
+            out[p.name] = args[p.name]
+        elif p.default is not p.empty and p.name not in supplied and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[p.name] = p.default
+    return out
+
+
+def _hints(target: Callable) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # unresolvable annotations: names are still checked
+        return {}
+
+
+def _type_problem(field: str, name: str, hint: Any, value: Any) -> str | None:
+    try:
+        TypeAdapter(hint).validate_python(value, strict=True)
+    except ValidationError as e:
+        return f"{field}.{name}: must be {getattr(hint, '__name__', hint)}, got {value!r} ({e.errors()[0]['msg']})"
+    except Exception:  # a hint pydantic cannot check (a tensor, a callable): leave it to the constructor
+        return None
+    return None
+
+
+def _finite_problems(field: str, value: Any, default: Any) -> list[str]:
+    """NaN or inf anywhere (saying so when the parameter's default is the infinity asked for)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return [f"{field}: must be a number, got nan"]
+        if math.isinf(value):  # (the manifest is strict JSON; an infinite default is had by leaving the key out)
+            hint = f"; leave it out for its default ({default})" if isinstance(default, float) and math.isinf(default) else ""
+            return [f"{field}: must be finite, got {value}{hint}"]
         return []
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _finite_problems(f"{field}.{k}", v, None)]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _finite_problems(f"{field}[{i}]", v, None)]
+    return []
+
+
+def _call_problems(field: str, target: Callable, args: dict, skip: int = 0, supplied: dict[str, str] | None = None) -> list[str]:
+    """Arguments of ``args`` that ``target`` does not take, lacks, or takes with another type."""
+    supplied = supplied or {}
+    params = _params(target, skip)
     name = getattr(target, "__name__", str(target))
+    problems = [f"{field}.{k}: {why}" for k, why in supplied.items() if k in args]
+    args = {k: v for k, v in args.items() if k not in supplied}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return problems
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in supplied]
     unknown = sorted(set(args) - set(names))
-    missing = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and p.name not in args]
-    problems = [f"{field}: unknown argument(s) {', '.join(unknown)} for {name}; expected some of: {', '.join(names)}"] if unknown else []
-    return problems + ([f"{field}: {name} needs {', '.join(missing)}"] if missing else [])
+    missing = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL and p.name not in args and p.name not in supplied]
+    if unknown:
+        problems.append(f"{field}: unknown argument(s) {', '.join(unknown)} for {name}; expected some of: {', '.join(names)}")
+    if missing:
+        problems.append(f"{field}: {name} needs {', '.join(missing)}")
+    hints, defaults = _hints(target), {p.name: p.default for p in params}
+    for k, v in args.items():
+        if k in defaults and not (bad := _finite_problems(f"{field}.{k}", v, defaults[k])):
+            bad = [p] if k in hints and (p := _type_problem(field, k, hints[k], v)) else []
+        problems += bad if k in defaults else []
+    return problems
+
+
+def _construct(field: str, what: str, make: Callable[[], Any], names: Any = ()) -> tuple[Any, list[str]]:
+    """``make()`` and no problems, or ``None`` and the one line saying why it refused (naming the
+    argument when the message starts with one of ``names``)."""
+    try:
+        return make(), []
+    except ArgumentError as e:
+        return None, [f"{field}.{e.name}: {what}: must be {e.requirement}, got {e.value!r}"]
+    except Exception as e:  # a constructor's own refusal, whatever its type
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if (m := re.match(r"(\w+): (.+)", msg)) and m[1] in names:  # "<argument>: <why>"
+            return None, [f"{field}.{m[1]}: {what}: {m[2]}"]
+        return None, [f"{field}: {what} rejects these arguments: {msg}"]
+
+
+class _Backbone(nn.Module):
+    """The wrapped model where the preconditioner would be: ``(x, sigma, condition) -> F``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, condition: Any = None) -> torch.Tensor:
+        return self.model(x, sigma, condition)
+
+
+def _model_problems(recipe: Recipe) -> list[str]:
+    m = recipe.model
+    if m.class_name not in model_names():
+        return [f"model.class: unknown model class {m.class_name!r}; expected one of {', '.join(model_names())}"]
+    if m.checkpoint is not None and not (path := resolve_path(recipe, m.checkpoint)).is_file():
+        return [f"model.checkpoint: {path} is not a file; expected a .mdlus / .pt checkpoint"]
+    cls = get_model_class(m.class_name)
+    if problems := _call_problems("model.args", cls, m.args):
+        return problems
+    try:
+        image_shape(recipe)
+    except ValueError:
+        return []  # reported by parse_recipe already
+    from diffexport.diffusion.utils import ConcatConditionWrapper
+    from diffexport.export.denoiser import Denoiser
+
+    with torch.device("meta"):
+        model, problems = _construct("model.args", m.class_name, lambda: cls(**m.args), m.args)
+    if problems or m.class_name == "UNet":  # UNet: refused by build_denoiser with its own message
+        return problems
+    model, io = model.to("meta"), io_spec(recipe)  # (buffers some constructors build on the CPU)
+    conditions = io.inputs[2:]
+    wrapped = ConcatConditionWrapper(model, kwarg_keys=[c.name for c in conditions if c.kind in ("index", "global_index")])
+    shaped = Denoiser(_Backbone(wrapped), conditions, getattr(model, "lead_time_steps", 1))
+    inputs = [torch.zeros([2, *s.shape[1:]], dtype=getattr(torch, s.dtype), device="meta") for s in io.inputs]
+    try:
+        with torch.device("meta"):  # tensors the forward creates are shape-only too
+            out = shaped(*inputs)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return [f"model.args: {m.class_name} cannot run on the engine's inputs {[s.shape for s in io.inputs]}: {msg}"]
+    if list(out.shape[1:]) != io.outputs[0].shape[1:]:
+        return [f"model.args: {m.class_name} returns {list(out.shape[1:])} per sample, the engine needs {io.outputs[0].shape[1:]} (out_channels)"]
+    return []
+
+
+def _preconditioner_problems(recipe: Recipe) -> list[str]:
+    spec = recipe.preconditioner
+    if (cls := getattr(preconditioners, spec.class_name, None)) is None:
+        return [f"preconditioner.class: {spec.class_name!r} is not in diffexport.diffusion.preconditioners"]
+    return _call_problems("preconditioner.args", cls, spec.args, skip=1) or \
+        _construct("preconditioner.args", spec.class_name, lambda: cls(nn.Identity(), **spec.args))[1]
+
+
+def _scheduler(recipe: Recipe) -> tuple[Any, list[str]]:
+    s = recipe.sampler.scheduler
+    if (cls := getattr(noise_schedulers, s.class_name, None)) is None:
+        return None, [f"sampler.scheduler.class: {s.class_name!r} is not in diffexport.diffusion.noise_schedulers"]
+    if problems := _call_problems("sampler.scheduler.args", cls, s.args):
+        return None, problems
+    return _construct("sampler.scheduler.args", s.class_name, lambda: cls(**s.args))
+
+
+def scheduler_of(recipe: Recipe) -> Any:
+    """The recipe's noise scheduler, constructed (``RecipeError`` naming the field when it cannot be)."""
+    scheduler, problems = _scheduler(recipe)
+    if problems:
+        _raise(recipe, problems)
+    return scheduler
+
+
+def _schedule_problems(recipe: Recipe, scheduler: Any) -> list[str]:
+    n = recipe.sampler.num_steps
+    t, problems = _construct("sampler", type(scheduler).__name__, lambda: scheduler.timesteps(n))
+    if problems:
+        return problems
+    sigmas = scheduler.edm_sigma(t if not t.is_floating_point() else t.double()).double()
+    if not bool(torch.isfinite(sigmas).all()) or not bool((sigmas[:-1] > 0).all()) or not bool((sigmas[1:] < sigmas[:-1]).all()):
+        head = ", ".join(f"{v:.4g}" for v in sigmas[:4].tolist())
+        return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels that are not finite, positive and "
+                f"decreasing over {n} steps ({head}, ...); check its range"]
+    return []
+
+
+def _solver_problems(recipe: Recipe, scheduler: Any) -> list[str]:
+    s = recipe.sampler
+    try:
+        samplers.check_fit(s.solver, scheduler)
+    except ValueError as e:
+        return [f"sampler.solver: {e}"]
+    cls = samplers.SOLVERS[s.solver]
+    supplied = {k: why for k, why in (("num_steps", "set by sampler.num_steps"), ("generator", "set by the sampler's seed"),
+                                      ("noise_scheduler", "set by sampler.scheduler"), ("denoiser", "set by the engine"))}
+    if problems := _call_problems("sampler.solver_options", cls, s.solver_options, skip=1, supplied=supplied):
+        return problems
+    extra = {k: v for k, v in (("num_steps", s.num_steps), ("noise_scheduler", scheduler)) if k in inspect.signature(cls).parameters}
+    return _construct("sampler.solver_options", cls.__name__, lambda: cls(lambda x, t: x, **s.solver_options, **extra))[1]
+
+
+def _patching_problems(recipe: Recipe) -> list[str]:
+    p = recipe.sampler.patching
+    if p is None:
+        return []
+    try:
+        _, h, w = image_shape(recipe)
+    except ValueError:
+        return []
+    return _construct("sampler.patching", "GridPatching2D",
+                      lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
+
+
+def _raise(recipe: Recipe, problems: list[str]) -> None:
+    source = recipe._source or "<recipe>"
+    raise RecipeError("invalid recipe\n  " + "\n  ".join(f"{source}: {msg}" for msg in problems))
 
 
 def check_recipe(recipe: Recipe) -> Recipe:
-    """``recipe`` when its classes exist and take its args; else ``RecipeError`` naming file and field."""
-    m = recipe.model
-    if m.class_name in model_names():
-        problems = _call_problems("model.args", get_model_class(m.class_name), m.args)
-    else:
-        problems = [f"model.class: unknown model class {m.class_name!r}; expected one of {', '.join(model_names())}"]
-    for field, spec, module, skip in (("preconditioner", recipe.preconditioner, preconditioners, 1),
-                                      ("sampler.scheduler", recipe.sampler.scheduler, noise_schedulers, 0)):
-        if (cls := getattr(module, spec.class_name, None)) is None:
-            problems.append(f"{field}.class: {spec.class_name!r} is not in {module.__name__}")
-        else:
-            problems += _call_problems(f"{field}.args", cls, spec.args, skip=skip)
+    """``recipe`` when everything it names exists, fits together and takes its args; else
+    ``RecipeError`` with one line per problem, each naming the file, the field and what is allowed."""
+    scheduler, problems = _scheduler(recipe)
+    if scheduler is not None:
+        problems += _schedule_problems(recipe, scheduler) + _solver_problems(recipe, scheduler)
+    problems = _model_problems(recipe) + _preconditioner_problems(recipe) + _patching_problems(recipe) + problems
     if problems:
-        source = recipe._source or "<recipe>"
-        raise RecipeError("invalid recipe\n  " + "\n  ".join(f"{source}: {msg}" for msg in problems))
+        _raise(recipe, problems)
     return recipe

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Module
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_resolution, drop_labels
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_resolution, check_unet_args, drop_labels
 
 __all__ = ["DhariwalUNet"]
 
@@ -38,6 +38,8 @@ class DhariwalUNet(Module):
         dropout: float = 0.10,
         label_dropout: float = 0.0,
     ):
+        check_unet_args(channel_mult, in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                        channel_mult_emb=channel_mult_emb)
         super().__init__()
         check_resolution("img_resolution", (img_resolution, img_resolution), len(channel_mult))
         self.img_resolution, self.label_dropout, self._num_levels = img_resolution, label_dropout, len(channel_mult)

@@ -80,6 +80,16 @@ def check_resolution(name: str, shape: Sequence[int], num_levels: int) -> None:
         )
 
 
+def check_unet_args(channel_mult: Sequence[int], **positive: int) -> None:
+    """``ValueError`` naming the first U-Net size argument out of range: ``channel_mult`` must be a
+    non-empty list of ints >= 1, each of ``positive`` (e.g. ``in_channels=3``) an int >= 1."""
+    if not channel_mult or any(not isinstance(m, int) or m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult: must be a non-empty list of ints >= 1, got {list(channel_mult)}")
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+
+
 def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
     """``t`` in ``x``'s dtype (weights follow the activations, as PhysicsNeMo does without AMP)."""
     return None if t is None else t.to(x.dtype)
@@ -333,6 +343,9 @@ class PositionalEmbedding(torch.nn.Module):
     """Transformer-style sinusoidal embedding of the noise level: ``[cos(σ·ω), sin(σ·ω)]`` with
     ``ω_i = max_positions^(-i / (N/2 - endpoint))``. ``freqs`` is a persistent buffer (as in
     PhysicsNeMo 2.x); checkpoints without it (1.x, EDM) get it filled in on load."""
+
+    #: buffers computed from the constructor's arguments alone (a checkpoint may lack them)
+    derived_buffers = ("freqs",)
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()

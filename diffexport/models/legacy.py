@@ -61,12 +61,10 @@ def upgrade_legacy_state_dict(
     sd = dict(state_dict)
     rename_attention_keys(sd)
     if model is not None:
-        from .layers import PositionalEmbedding  # layers imports this module
-
         expected = model.state_dict()
         for key, value in expected.items():
             owner, _, name = key.rpartition(".")
-            if key not in sd and name == "freqs" and isinstance(model.get_submodule(owner), PositionalEmbedding):
+            if key not in sd and name in getattr(model.get_submodule(owner), "derived_buffers", ()):
                 sd[key] = value.detach().clone()
         for key in [k for k in sd if k not in expected and k.rsplit(".", 1)[-1] == "pos_embd"]:
             del sd[key]

@@ -24,6 +24,7 @@ from .layers import (
     UNetBlock,
     activation,
     check_resolution,
+    check_unet_args,
     drop_labels,
 )
 
@@ -88,6 +89,8 @@ class SongUNet(Module):
         profile_mode: bool = False,
         amp_mode: bool = False,
     ):
+        check_unet_args(channel_mult, in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
+                        channel_mult_emb=channel_mult_emb, channel_mult_noise=channel_mult_noise)
         _check_choice("embedding_type", embedding_type, ("fourier", "positional", "zero"))
         _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
         _check_choice("decoder_type", decoder_type, ("standard", "skip"))

@@ -1,7 +1,9 @@
 """The two parity checks of an engine against the torch reference: per call, and along a trajectory.
 
 Each check is split into seeded inputs, runs (one per engine: the reference's can be reused for
-every backend) and a comparison.
+every backend) and a comparison. Per call, the error is measured on the denoiser output D and on
+the network's prediction F = (D - c_skip x) / c_out, with c_skip and c_out from the reference's
+preconditioner at that σ.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from diffexport.engines.base import Engine
-from diffexport.parity.metrics import errors
+from diffexport.parity.metrics import call_errors, errors
+from diffexport.runtime.batching import BatchedEngine
 from diffexport.runtime.inputs import random_call, random_conditions
 from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
 
@@ -33,13 +36,41 @@ def call_inputs(engine: Engine, sigmas: list[float], batch: int, seed: int, inde
 
 @torch.no_grad()
 def call_outputs(engine: Engine, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """``engine`` on each input set, outputs on CPU."""
-    return [engine(**{k: v.to(engine.device) for k, v in i.items()}).cpu() for i in inputs]
+    """``engine`` on each input set, outputs on CPU.
+
+    The sets are stacked into one batch and run in chunks of the engine's ``batch.max``
+    (:class:`~diffexport.runtime.batching.BatchedEngine`; rows never interact), so a sweep of
+    8 σ at batch 2 is one call of 16 rows where the engine allows it, not 8 calls.
+    """
+    if not inputs:
+        return []
+    stacked = {k: torch.cat([i[k] for i in inputs]).to(engine.device) for k in inputs[0]}
+    out = BatchedEngine(engine)(**stacked).cpu()
+    return list(out.split([i["x"].shape[0] for i in inputs]))
 
 
-def compare_calls(sigmas: list[float], refs: list[torch.Tensor], outs: list[torch.Tensor]) -> list[dict]:
-    """``[{"sigma", "max_abs", "rel_l2"}]``."""
-    return [{"sigma": s, **errors(r, o)} for s, r, o in zip(sigmas, refs, outs)]
+@torch.no_grad()
+def coefficients(reference: Engine, inputs: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per input set, ``(c_skip, c_out)`` of the reference's preconditioner at its σ (engine contract
+    D(x, σ)), shaped [B, 1, ..., 1] like ``x``, on CPU.
+
+    Every built-in preconditioner (EDM, VE, VP, iDDPM, DDPM) gives them from σ through
+    ``compute_coefficients``, whatever its ``forward`` takes (σ or a diffusion time).
+    """
+    pre = reference.denoiser.preconditioner
+    out = []
+    for i in inputs:
+        sigma = i["sigma"].reshape(-1, *[1] * (i["x"].ndim - 1)).to(reference.device, torch.float32)
+        _, _, c_out, c_skip = pre.compute_coefficients(sigma)
+        out.append((c_skip.expand_as(sigma).cpu(), c_out.expand_as(sigma).cpu()))
+    return out
+
+
+def compare_calls(sigmas: list[float], refs: list[torch.Tensor], outs: list[torch.Tensor],
+                  inputs: list[dict[str, torch.Tensor]], coefs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """``[{"sigma", "max_abs", "rel_l2", "f_max_abs", "f_rel_l2"}]``: per σ, the errors of D and of F."""
+    return [{"sigma": s, **call_errors(r, o, i["x"], c_skip, c_out)}
+            for s, r, o, i, (c_skip, c_out) in zip(sigmas, refs, outs, inputs, coefs)]
 
 
 @dataclass(frozen=True)

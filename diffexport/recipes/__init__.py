@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from .schema import Condition, Recipe
+from .yaml_io import YAMLInputError, parse_yaml, read_yaml
 
-__all__ = ["Recipe", "RecipeError", "TensorSpec", "IOSpec", "load_recipe", "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
+__all__ = ["Recipe", "RecipeError", "YAMLInputError", "parse_yaml", "read_yaml", "TensorSpec", "IOSpec", "load_recipe", "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
 
 
 GLOBAL_INDEX_MODELS = ("SongUNetPosEmbd", "SongUNetPosLtEmbd")
@@ -81,16 +81,14 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate ``path``; relative paths inside it are resolved against its folder."""
+    """Read (:func:`~diffexport.recipes.yaml_io.read_yaml`: size-bounded UTF-8, no alias bombs or
+    duplicate keys) and validate ``path``; relative paths inside it are resolved against its folder.
+    The whole check against the code is :func:`diffexport.export.validate_recipe`."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path)
+    except YAMLInputError as e:
+        raise RecipeError(str(e)) from None
     recipe = parse_recipe(data, str(path))
     recipe._source = path.resolve()
     return recipe
@@ -143,8 +141,20 @@ class _ModelArgs(dict):
         raise ValueError(f"model.args: {self.cls} needs {key!r}")
 
 
-def _resolution(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+MAX_SIDE, MAX_CHANNELS = 8192, 4096  # engine image sizes beyond these are typos (and memory bombs)
+
+
+def _resolution(v: Any, key: str = "img_resolution") -> tuple[int, int]:
+    ok = isinstance(v, int) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(s, int) for s in v))
+    if not ok or isinstance(v, bool):
+        raise ValueError(f"model.args.{key}: must be an int or [H, W] of ints, got {v!r}")
+    return (v, v) if isinstance(v, int) else (v[0], v[1])
+
+
+def _check_size(field: str, value: Any, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+        raise ValueError(f"{field}: must be an int in [1, {high}], got {value!r}")
+    return value
 
 
 def image_shape(recipe: Recipe) -> tuple[int, int, int]:
@@ -152,12 +162,12 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
     model's args, checking the conditions add up to its input channels."""
     cls = recipe.model.class_name
     a = _ModelArgs(recipe.model.args, cls=cls)
-    if cls == "DiffusionModel":
-        c, (h, w), c_in = a["channels"], _resolution(a["image_size"]), a["channels"]
-    elif cls == "UNet":
-        c, (h, w), c_in = a["img_out_channels"], _resolution(a["img_resolution"]), a["img_in_channels"]
-    else:
-        c, (h, w), c_in = a["out_channels"], _resolution(a["img_resolution"]), a["in_channels"]
+    keys = {"DiffusionModel": ("channels", "image_size", "channels"), "UNet": ("img_out_channels", "img_resolution", "img_in_channels")}
+    k_out, k_res, k_in = keys.get(cls, ("out_channels", "img_resolution", "in_channels"))
+    c, (h, w), c_in = a[k_out], _resolution(a[k_res], k_res), a[k_in]
+    for key, value, high in ((k_out, c, MAX_CHANNELS), (k_in, c_in, MAX_CHANNELS), (k_res, h, MAX_SIDE), (k_res, w, MAX_SIDE)):
+        _check_size(f"model.args.{key}", value, high)
+    if cls != "DiffusionModel" and cls != "UNet":
         if cls in ("SongUNetPosEmbd", "SongUNetPosLtEmbd"):
             c_in -= a.get("N_grid_channels", 4) if a.get("gridtype", "sinusoidal") != "test" else 2
         if cls == "SongUNetPosLtEmbd":

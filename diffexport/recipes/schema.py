@@ -18,16 +18,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-Target = Literal["onnx", "aoti", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16"]
+Target = Literal["onnx", "aoti", "tensorrt", "openvino", "auto"]  # auto: every target available, ranked
+Precision = Literal["fp32", "fp16", "bf16", "auto"]  # auto: fp32, plus bf16 candidates (export.targets: auto)
 PRECONDITIONERS = ("EDMPreconditioner", "VEPreconditioner", "VPPreconditioner", "IDDPMPreconditioner", "DDPMPreconditioner")
 SCHEDULERS = ("EDMNoiseScheduler", "VENoiseScheduler", "VPNoiseScheduler", "IDDPMNoiseScheduler", "DDPMScheduler")
 SOLVERS = ("euler", "heun", "edm_stochastic_euler", "edm_stochastic_heun", "ddim")  # ddim with eta=1 over all T steps is DDPM
 RESERVED_INPUTS = ("x", "sigma", "denoised", "latents", "samples", "seed")
+MAX_BATCH = 4096  # engine batch sizes (inputs.batch, parity.batch): beyond this a recipe is a typo, not a plan
+MAX_STEPS = 10_000  # sampler steps (DDPM's full chain is 1000)
+OPSETS = (18, 23)  # ONNX opsets the exporter writes (torch.onnx's dynamo exporter supports up to 23)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True, allow_inf_nan=False)
 
 
 class Init(Strict):
@@ -101,9 +104,9 @@ class Condition(Strict):
 
 
 class BatchRange(Strict):
-    min: int = Field(1, ge=1)
-    opt: int = Field(1, ge=1)
-    max: int = Field(8, ge=1)
+    min: int = Field(1, ge=1, le=MAX_BATCH)
+    opt: int = Field(1, ge=1, le=MAX_BATCH)
+    max: int = Field(8, ge=1, le=MAX_BATCH)
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchRange:
@@ -139,12 +142,29 @@ class Patching(Strict):
         return self
 
 
+class Guidance(Strict):
+    """Classifier-free guidance (``diffexport.diffusion.guidance.ClassifierFreeGuidance``):
+    ``uncond + cfg (cond - uncond)``, the unconditional call with the vector condition zeroed (as
+    label dropout trains it); ``cfg: 1`` is plain conditional sampling."""
+
+    cfg: float = Field(ge=0)
+
+
 class Sampler(Strict):
     scheduler: SchedulerSpec
     solver: str = "heun"
-    num_steps: int = Field(18, ge=1)
+    num_steps: int = Field(18, ge=1, le=MAX_STEPS)
     solver_options: dict[str, Any] = Field(default_factory=dict)
     patching: Patching | None = None
+    guidance: Guidance | None = None
+    clip: list[float] | None = Field(None, min_length=2, max_length=2)  # [lo, hi]: the data range final samples are clamped to
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered_clip(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"clip must be [lo, hi] with lo < hi, got {v}")
+        return v
 
     @field_validator("solver")
     @classmethod
@@ -153,34 +173,74 @@ class Sampler(Strict):
 
 
 class Export(Strict):
-    targets: list[Target] = Field(default_factory=lambda: ["onnx", "aoti"], min_length=1)
+    """``targets: auto`` builds every target available here, checks each, benchmarks those that pass
+    and makes the fastest the engine's default backend (``precision: auto`` adds bf16 candidates)."""
+
+    targets: list[Target] = Field(default_factory=lambda: ["auto"])
     precision: Precision = "fp32"
-    opset: int = Field(21, ge=18)  # 21: GroupNormalization as one op (18: InstanceNormalization form)
+    opset: int = Field(21, ge=OPSETS[0], le=OPSETS[1])  # 21: GroupNormalization as one op (18: InstanceNormalization form)
     device: Literal["cpu", "cuda"] = "cpu"
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        return ["auto"] if v == "auto" else v  # ``targets: auto`` in YAML
 
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one target, or auto")
         if len(set(v)) != len(v):
             raise ValueError(f"targets repeat: {v}")
+        if "auto" in v and len(v) > 1:
+            raise ValueError(f"auto stands alone (it means every available target), got {v}")
         return v
+
+    @property
+    def auto(self) -> bool:
+        """``targets: auto``: build every available target and rank those that pass parity."""
+        return self.targets == ["auto"]
+
+    @model_validator(mode="after")
+    def _auto_precision(self) -> Export:
+        if self.precision == "auto" and not self.auto:
+            raise ValueError("precision: auto needs targets: auto (it adds bf16 candidates to the ranking)")
+        return self
+
+
+class Judge(Strict):
+    """Task-level parity (``diffexport.parity.task``): ``name`` is ``digits`` (the shipped digits
+    classifier) or ``module:callable`` (samples [N, C, H, W] -> labels [N] or (labels, features)).
+    ``samples`` seeded samples per backend, requested classes cycling 0..K-1; gates: class agreement
+    with the reference, Fréchet distance of the judge's features to the reference's, and the share
+    of samples the judge classifies as requested."""
+
+    name: str
+    samples: int = Field(100, ge=2)
+    seed: int = 0
+    min_agreement: float = Field(0.97, ge=0, le=1)
+    max_frechet: float | None = Field(None, ge=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
 
 
 class Parity(Strict):
     """Parity checks run as the last build stage. Tolerances default to the precision's preset."""
 
     enabled: bool = True
-    num_sigmas: int = Field(8, ge=2)
-    batch: int = Field(2, ge=1)
+    num_sigmas: int = Field(8, ge=2, le=1000)
+    batch: int = Field(2, ge=1, le=MAX_BATCH)
     seed: int = 0
     per_call_rtol: float | None = Field(None, gt=0)
+    per_call_f_rtol: float | None = Field(None, gt=0)  # of the network's prediction F = (D - c_skip x) / c_out
     final_rtol: float | None = Field(None, gt=0)
+    judge: Judge | None = None
 
 
 class Deploy(Strict):
     triton: bool = False
     triton_python_only: bool = False
-    triton_instances: int = Field(1, ge=1)
+    triton_instances: int = Field(1, ge=1, le=64)
     cpp: bool = False
 
 
@@ -212,4 +272,6 @@ class Recipe(Strict):
             raise ValueError(f"conditions: duplicate name(s) {', '.join(dup)}")
         if sum(c.kind == "vector" for c in self.conditions) > 1:
             raise ValueError("conditions: at most one vector condition (it feeds the model's class labels)")
+        if self.sampler.guidance is not None and not any(c.kind == "vector" for c in self.conditions):
+            raise ValueError("sampler.guidance: classifier-free guidance needs a vector condition (the class labels it zeroes)")
         return self

@@ -1,14 +1,21 @@
-"""Latency of each backend beside the torch reference: one call, and one whole sample.
+"""Latency of each backend beside the torch reference, and the ranking of a ``targets: auto`` build.
 
-Backends are timed round-robin (one call of each in turn, repeated), so drifts in machine load
-hit them alike; medians over ``repeats`` after ``warmup`` untimed rounds. ``vs_torch`` is a time
-over the torch reference's at the same batch (below 1: faster). FLOPs are counted once per batch
-on the reference with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers,
-attention products; not normalisations or pointwise ops), so GFLOP/s is the achieved rate of those.
+Backends are timed round-robin (one call of each in turn, repeated, with a pause between runners
+so that one runtime's spinning threads do not slow the next), so drifts in machine load hit them
+alike; medians over ``repeats`` after ``warmup`` untimed rounds. ``vs_torch`` is a time over the
+torch reference's in the same run (below 1: faster). FLOPs are counted once per batch on the
+reference with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers, attention
+products; not normalisations or pointwise ops); ``pct_peak`` compares the achieved rate with a
+dense matmul of the backend's precision measured on the spot (:func:`peak_gflops`).
+
+Benchmark processes should run with ``OMP_WAIT_POLICY=PASSIVE`` (read when OpenMP starts, so it
+must be in the environment before Python starts); the result says whether it was.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import statistics
 import time
@@ -26,6 +33,9 @@ from diffexport.runtime.inputs import index_high, random_call
 from diffexport.runtime.sampler import SamplerSpec, sample
 
 REFERENCE = "torch"
+BATCHES = (1, 8)
+PAUSE_S = 0.3  # between runners: lets OpenMP workers of the previous one go to sleep
+LOADED = 0.5  # 1-minute load average per core above which timings are flagged as noisy
 
 
 def _sync(devices: set[torch.device]) -> None:
@@ -34,21 +44,53 @@ def _sync(devices: set[torch.device]) -> None:
             torch.cuda.synchronize(device)
 
 
-def round_robin(fns: dict[str, Callable[[], object]], devices: set[torch.device], repeats: int, warmup: int) -> dict[str, float]:
+def round_robin(fns: dict[str, Callable[[], object]], devices: set[torch.device], repeats: int, warmup: int,
+                pause: float = PAUSE_S) -> dict[str, float]:
     """Median wall seconds of each ``fns[name]()``, run in turn ``warmup`` untimed then ``repeats`` timed
-    rounds; CUDA ``devices`` are synchronised around each timing."""
+    rounds, ``pause`` seconds of sleep before each runner; CUDA ``devices`` synchronised around timings."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if pause and len(fns) > 1:
+                time.sleep(pause)
             _sync(devices)
             start = time.perf_counter()
             fn()
             _sync(devices)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def machine_load() -> dict:
+    """``{"load_average", "cores", "warning"}``: the 1-minute load average, the CPUs this process may
+    use, and a warning line when the load is above :data:`LOADED` per core (``None`` otherwise)."""
+    load1, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    warning = None
+    if load1 > LOADED * cores:
+        warning = f"the machine is loaded (load average {load1:.2f} on {cores} cores): timings are noisy; compare ratios, not times"
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        note = "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads may slow the runner after it"
+        warning = f"{warning}; {note}" if warning else note
+    return {"load_average": round(load1, 2), "cores": cores, "warning": warning}
+
+
+def peak_gflops(n: int = 1024, seconds: float = 0.3) -> dict[str, float]:
+    """The best GFLOP/s of a dense ``n``×``n`` torch matmul in fp32 and bf16 (CPU, this process's
+    threads), each repeated for about ``seconds``: the peak that ``pct_peak`` refers to."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best, end = math.inf, time.perf_counter() + seconds
+        while time.perf_counter() < end or best == math.inf:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        out[name] = 2 * n**3 / best / 1e9
+    return out
 
 
 @torch.no_grad()
@@ -71,6 +113,56 @@ class _Counting:
         return self.engine(x, sigma, **conditions)
 
 
+class _Null:
+    """An engine of ``like``'s I/O whose call costs nothing (returns ``x`` scaled): timing a sample
+    with it measures the sampler's own work (solver math, guards, chunking, Python)."""
+
+    backend = "null"
+
+    def __init__(self, like: Engine):
+        self.io, self.device = like.io, like.device
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3) -> float:
+    """Median seconds of one whole sample at ``batch`` with a zero-cost engine (:class:`_Null`)."""
+    null = _Null(like)
+    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0)}, {like.device}, repeats, 1, pause=0)["null"]
+
+
+def _load(engine_dir: Path, backend: str, device=None, *, allow_unverified: bool = False) -> Engine:
+    """``engines.load``, passing ``allow_unverified`` where this ``load`` has that switch."""
+    extra = {"allow_unverified": True} if allow_unverified and "allow_unverified" in inspect.signature(load).parameters else {}
+    return load(engine_dir, backend, device=device, **extra)
+
+
+def precision_of(manifest: dict, backend: str) -> str:
+    """The precision ``backend`` runs at (``fp32`` for the torch reference)."""
+    target = BACKENDS.get(backend)
+    return manifest.get("artifacts", {}).get(target, {}).get("precision", "fp32") if target else "fp32"
+
+
+def built_backends(manifest: dict) -> list[str]:
+    """The backends of the artifacts ``manifest`` lists, in :data:`BACKENDS` order."""
+    return [b for b, t in BACKENDS.items() if t is not None and t in manifest.get("artifacts", {})]
+
+
+def _call_inputs(reference: Engine, batch: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    high = index_high(getattr(reference, "engine", reference))
+    return {k: v.to(reference.device) for k, v in random_call(reference, 1.0, batch, g, high).items()}
+
+
+def time_calls(engines: dict[str, Engine], inputs: dict[str, torch.Tensor], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of one call of each engine on ``inputs``, round-robin (:func:`round_robin`)."""
+    devices = {e.device for e in engines.values()}
+    with torch.no_grad():
+        return round_robin({n: (lambda e=e: e(**{k: v.to(e.device) for k, v in inputs.items()})) for n, e in engines.items()},
+                           devices, repeats, warmup)
+
+
 def bench_engine(
     engine_dir: str | Path,
     backends: list[str] | None = None,
@@ -82,44 +174,57 @@ def bench_engine(
     full_sample: bool = True,
     device: str | torch.device | None = None,
     progress: Callable[[str], None] | None = None,
+    allow_unverified: bool = False,
 ) -> dict:
-    """Per backend (the torch reference first) and batch: ``call_ms``, ``call_vs_torch``, ``gflops``
-    (achieved), and with ``full_sample`` ``sample_s``, ``sample_vs_torch``, ``nfe`` (evaluations
-    per sample), ``sample_gflops``. ``backends`` default to every built artifact, ``batches`` to
-    the engine's ``opt``; every engine runs on ``device`` (default: where its artifact runs)."""
+    """Per backend (the torch reference first) and batch: ``precision``, ``call_ms``, ``call_vs_torch``,
+    ``gflops`` (achieved) and ``pct_peak``; with ``full_sample`` also ``sample_s``, ``sample_vs_torch``,
+    ``nfe`` (evaluations per sample), ``sample_gflops``, ``loop_overhead`` (the share of the sample
+    time not spent in the NFE engine calls: sampler work, copies, thread wake-ups, noise) and
+    ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
+    ``backends`` default to every built artifact, ``batches`` to 1 and 8 (clamped to the engine's
+    range); every engine runs on ``device`` (default: where its artifact runs). The result also holds
+    the machine's load (:func:`machine_load`) and the measured ``peak_gflops``."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    built = [b for b, t in BACKENDS.items() if t in manifest.get("artifacts", {})]
-    names = [REFERENCE] + [b for b in (backends or built) if b != REFERENCE]
-    engines = {name: _Counting(load(engine_dir, name, device=device)) for name in names}
-    reference, devices = engines[REFERENCE], {e.device for e in engines.values()}
+    before = machine_load()
+    names = [REFERENCE] + [b for b in (backends or built_backends(manifest)) if b != REFERENCE]
+    engines = {name: _Counting(_load(engine_dir, name, device, allow_unverified=allow_unverified)) for name in names}
+    reference = engines[REFERENCE]
     spec = SamplerSpec.from_manifest(manifest["sampler"])
     say = progress or (lambda message: None)
+    cpu = all(e.device.type == "cpu" for e in engines.values())
+    say("measuring the matmul peak")
+    peak = peak_gflops() if cpu else {}
     rows: list[dict] = []
-    for requested in batches or [int(manifest["io"]["batch"].get("opt", 1))]:
-        batch = clamp_batch(reference, requested)
-        g = torch.Generator().manual_seed(0)
-        inputs = {k: v.to(reference.device) for k, v in random_call(reference, 1.0, batch, g, index_high(reference.engine)).items()}
+    for batch in dict.fromkeys(clamp_batch(reference, b) for b in (batches or BATCHES)):
+        inputs = _call_inputs(reference, batch)
         flops = count_flops(reference, inputs)
         say(f"batch {batch}: one call of {', '.join(names)}")
-        with torch.no_grad():
-            calls = round_robin({n: (lambda e=e: e(**{k: v.to(e.device) for k, v in inputs.items()})) for n, e in engines.items()},
-                                devices, repeats, warmup)
-        rows += [{"backend": n, "batch": batch, "call_ms": calls[n] * 1e3, "gflop_per_call": flops / 1e9,
-                  "gflops": flops / calls[n] / 1e9} for n in names]
+        calls = time_calls(engines, inputs, repeats, warmup)
+        for n in names:
+            precision = precision_of(manifest, n)
+            gflops = flops / calls[n] / 1e9
+            rows.append({"backend": n, "precision": precision, "batch": batch, "call_ms": calls[n] * 1e3, "gflop_per_call": flops / 1e9,
+                         "gflops": gflops, "pct_peak": 100 * gflops / peak[precision] if precision in peak else None})
         if full_sample:
             say(f"batch {batch}: full samples ({spec.solver}, {spec.num_steps} steps) of {', '.join(names)}")
             for e in engines.values():
                 e.rows = 0
             runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0)) for n, e in engines.items()},
-                               devices, sample_repeats, 0)
+                               {e.device for e in engines.values()}, sample_repeats, 0)
+            alone = sampler_only(reference, spec, batch)
             for row in rows[-len(names):]:
-                nfe = engines[row["backend"]].rows // (batch * sample_repeats)
-                row.update(sample_s=runs[row["backend"]], nfe=nfe, sample_gflops=flops * nfe / runs[row["backend"]] / 1e9)
+                n = row["backend"]
+                nfe = engines[n].rows // (batch * sample_repeats)
+                row.update(sample_s=runs[n], nfe=nfe, sample_gflops=flops * nfe / runs[n] / 1e9,
+                           loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
     _ratios(rows)
+    after = machine_load()
     return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
-            "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps,
-            "load_average": os.getloadavg()[0], "rows": rows}
+            "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
+            "load_average": before["load_average"], "load_average_after": after["load_average"], "cores": before["cores"],
+            "warning": before["warning"] or after["warning"], "peak_gflops": peak, "rows": rows}
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -130,3 +235,54 @@ def _ratios(rows: list[dict]) -> None:
         r["call_vs_torch"] = r["call_ms"] / base["call_ms"] if base else None
         if "sample_s" in r:
             r["sample_vs_torch"] = r["sample_s"] / base["sample_s"] if base and base.get("sample_s") else None
+
+
+def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int], *, repeats: int = 3, warmup: int = 1) -> dict:
+    """Time one call of each of ``backends`` at each of ``batches`` (round-robin) and rank them by
+    the geometric mean over batches of time / the fastest time at that batch (1.0: fastest everywhere).
+
+    Returns ``{"batches", "repeats", "load_average", "warning", "order", "candidates": {backend:
+    {"precision", "call_ms": {batch: ms}, "score"}}}``, ``order`` fastest first.
+    """
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    load_info = machine_load()
+    engines = {b: _load(engine_dir, b, allow_unverified=True) for b in backends}
+    first = next(iter(engines.values()))
+    times: dict[str, dict[int, float]] = {b: {} for b in backends}
+    for batch in dict.fromkeys(clamp_batch(first, b) for b in batches):
+        for b, seconds in time_calls(engines, _call_inputs(first, batch), repeats, warmup).items():
+            times[b][batch] = seconds
+    best = {batch: min(t[batch] for t in times.values()) for batch in next(iter(times.values()))}
+    score = {b: math.exp(statistics.fmean(math.log(t[k] / best[k]) for k in t)) for b, t in times.items()}
+    order = sorted(backends, key=score.__getitem__)
+    candidates = {b: {"precision": precision_of(manifest, b), "call_ms": {str(k): round(v * 1e3, 3) for k, v in times[b].items()},
+                      "score": round(score[b], 4)} for b in order}
+    return {"batches": list(best), "repeats": repeats, "load_average": load_info["load_average"], "warning": load_info["warning"],
+            "order": order, "candidates": candidates}
+
+
+def rank_stage(tmp_engine_dir: Path, manifest: dict) -> None:
+    """``build_engine`` finalize stage of ``targets: auto`` (after parity): rank the backends that
+    passed parity (all built ones when parity is off) at ``inputs.batch.opt`` and ``max``; record
+    ``ranking`` and ``default_backend`` (the fastest) in ``manifest``.
+
+    Candidates that failed parity are listed under ``ranking.failed`` and stay refused; the engine's
+    ``status`` is ``ok`` when at least one candidate passed (its default backend is verified).
+    """
+    if manifest["recipe"].get("export", {}).get("targets") != ["auto"]:
+        return
+    built = built_backends(manifest)
+    parity = (manifest.get("parity") or {}).get("backends")
+    passed = [b for b in built if parity is None or parity.get(b, {}).get("passed")]
+    ranking: dict = {"failed": [b for b in built if b not in passed]}
+    if passed:
+        batch = manifest["io"]["batch"]
+        ranking.update(rank_backends(tmp_engine_dir, passed, [batch.get("opt", 1), batch.get("max", 1)]))
+        manifest["default_backend"] = ranking["order"][0]
+        if parity is not None:
+            manifest["status"] = "ok"
+    manifest["ranking"] = ranking
+
+
+rank_stage.stage = "rank"

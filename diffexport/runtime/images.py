@@ -1,10 +1,9 @@
-"""Samples to a PNG grid with a small dependency-free PNG writer (8-bit grey or RGB)."""
+"""Samples to a PNG grid (8-bit grey or RGB), encoded by Pillow."""
 
 from __future__ import annotations
 
+import io
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,13 @@ def to_grid(samples: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0),
     return grid
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def png_bytes(image: np.ndarray) -> bytes:
-    """An 8-bit PNG of ``image`` [H, W, 1 | 3] uint8."""
-    h, w, c = image.shape
-    color = {1: 0, 3: 2}[c]  # grey, truecolour
-    raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 on every row
-    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
+    """An 8-bit PNG (grey or RGB, written by Pillow) of ``image`` [H, W, 1 | 3] uint8."""
+    from PIL import Image  # matplotlib's own image dependency
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def save_png_grid(samples: np.ndarray, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:

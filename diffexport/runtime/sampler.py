@@ -8,7 +8,8 @@ arguments from ``manifest["sampler"]`` and turns the engine into the solver's de
 
 Randomness comes from one seeded ``torch.Generator`` on the engine's device: it draws the initial
 latents (unless given) and then every per-step noise of a stochastic solver, so a seed fixes the
-samples bit for bit on a given device.
+samples bit for bit on a given device. With a list of seeds (:class:`GroupNoise`), each group of
+rows has its own generator, so a sample does not depend on what it was batched with (Triton).
 
 Patching and positional embeddings: PhysicsNeMo's patch-trained ``SongUNetPosEmbd`` spans the
 global grid and takes each patch's ``global_index`` (the coordinates of its pixels in the full
@@ -22,13 +23,15 @@ on whole images of the engine's size).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from diffexport.diffusion import noise_schedulers, samplers
+from diffexport.diffusion.base import NoiseSource
+from diffexport.diffusion.guidance import ClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines.base import Engine
 from diffexport.runtime.batching import BatchedEngine
@@ -57,6 +60,8 @@ class SamplerSpec:
     time_steps: torch.Tensor  # [N + 1], decreasing, last 0
     solver_options: dict = field(default_factory=dict)
     patching: dict | None = None
+    guidance: float | None = None  # classifier-free guidance scale (manifest sampler.guidance.cfg)
+    clip: tuple[float, float] | None = None  # the data range the final samples are clamped to
 
     @property
     def num_steps(self) -> int:
@@ -70,7 +75,8 @@ class SamplerSpec:
             times = torch.tensor(ts, dtype=torch.int64 if all(isinstance(t, int) for t in ts) else torch.float64)
         else:
             times = scheduler.timesteps(int(sampler["num_steps"]))
-        return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"))
+        return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
+                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None)
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
         """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
@@ -123,6 +129,21 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
     return out
 
 
+def one_hot_condition(engine: Engine, labels: list[int], batch: int | None = None, name: str | None = None) -> tuple[str, torch.Tensor]:
+    """``(name, one-hot [batch, K])``: class ``labels`` for the engine's vector condition (or the one
+    called ``name``), cycled over ``batch`` rows (default: one row per label). ``ValueError`` when the
+    engine has no such vector condition or a label is outside 0..K-1."""
+    vectors = [s for s in condition_specs(engine) if s.kind == "vector" and (name is None or s.name == name)]
+    if not vectors:
+        raise ValueError(f"class labels need a vector condition{f' named {name!r}' if name else ''}; the engine takes "
+                         f"{[f'{s.name} ({s.kind})' for s in condition_specs(engine)] or 'none'}")
+    spec, k = vectors[0], vectors[0].shape[-1]
+    if not labels or any(not 0 <= v < k for v in labels):
+        raise ValueError(f"condition '{spec.name}': class labels must be integers in 0..{k - 1}, got {labels}")
+    rows = torch.tensor(labels).repeat(-(-(batch or len(labels)) // len(labels)))[: batch or len(labels)]
+    return spec.name, torch.nn.functional.one_hot(rows, k).float()
+
+
 def _condition_batch(engine: Engine, conditions: dict[str, torch.Tensor] | None) -> int:
     """The batch of the first condition given with its batch axis (1 when none is)."""
     for spec in condition_specs(engine):
@@ -132,13 +153,37 @@ def _condition_batch(engine: Engine, conditions: dict[str, torch.Tensor] | None)
     return 1
 
 
-def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """``scheduler.init_latents`` at the first time step: noise scaled to σ_max, [B, C, H, W] float32."""
+class GroupNoise(NoiseSource):
+    """Noise for a batch whose consecutive row groups each draw from their own seeded generator:
+    group k (``rows[k]`` rows) from ``seeds[k]``, exactly as if it were sampled alone with that
+    seed. One group is the plain single-generator stream of ``sample(seed=...)``."""
+
+    def __init__(self, seeds: Sequence[int], rows: Sequence[int], device: torch.device) -> None:
+        if len(seeds) != len(rows) or any(n < 1 for n in rows):
+            raise ValueError(f"seeds: {len(seeds)} seeds for row groups {list(rows)}; need one seed per group of >= 1 rows")
+        super().__init__(None)
+        self.rows = list(rows)
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.generator = self.generators[0]
+
+    def _draw(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 0 or x.shape[0] != sum(self.rows):
+            raise ValueError(f"seeds: noise for a batch of {list(x.shape)[:1]} rows, the seed groups cover {sum(self.rows)}")
+        if len(self.generators) == 1:
+            return fn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return torch.cat([fn((n, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype) for g, n in zip(self.generators, self.rows)])
+
+
+def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator | GroupNoise, device: torch.device) -> torch.Tensor:
+    """``scheduler.init_latents`` at the first time step: noise scaled to σ_max, [B, C, H, W] float32
+    (each row group from its own generator with :class:`GroupNoise`)."""
+    if isinstance(generator, GroupNoise):
+        return torch.cat([initial_latents(spec, (n, *shape[1:]), g, device) for g, n in zip(generator.generators, generator.rows)])
     t0 = spec.time_steps[0].to(device).expand(shape[0])
     return spec.scheduler.init_latents(tuple(shape[1:]), t0, generator, device=device, dtype=torch.float32)
 
 
-def _solver_options(spec: SamplerSpec, generator: torch.Generator) -> dict:
+def _solver_options(spec: SamplerSpec, generator: torch.Generator | GroupNoise) -> dict:
     """The recipe's solver options, plus the generator when the solver draws noise and none is set."""
     opts = dict(spec.solver_options)
     cls = samplers.SOLVERS.get(spec.solver)
@@ -164,7 +209,14 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
     if not spec.patching:
         if gi_spec is not None:
             raise ValueError(f"engine input '{gi_spec.name}' needs patch-wise sampling, but the sampler has no patching")
-        return edm_x0_predictor(d, spec.scheduler, **conditions), guard
+        predictor = edm_x0_predictor(d, spec.scheduler, **conditions)
+        if spec.guidance is not None and spec.guidance != 1:  # the unconditional call: class labels zeroed
+            vectors = {s.name for s in condition_specs(engine) if s.kind == "vector"}
+            uncond = {k: v.new_zeros(v.shape) if k in vectors else v for k, v in conditions.items()}
+            predictor = ClassifierFreeGuidance(predictor, edm_x0_predictor(d, spec.scheduler, **uncond), spec.guidance)
+        return predictor, guard
+    if spec.guidance is not None and spec.guidance != 1:
+        raise ValueError("sampler.guidance: classifier-free guidance is not supported with patching")
     from tensordict import TensorDict
 
     from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
@@ -187,7 +239,8 @@ def sample(
     sampler: SamplerSpec | dict,
     *,
     batch: int | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
+    seed_rows: Sequence[int] | None = None,
     latents: torch.Tensor | None = None,
     conditions: dict[str, torch.Tensor] | None = None,
     num_steps: int | None = None,
@@ -196,6 +249,7 @@ def sample(
     cuda_graph: bool = False,
     on_step: StepHook | None = None,
     condition_sources: dict[str, str] | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Samples ``[N, C, H, W]`` (float32, on the engine's device) from ``engine``.
 
@@ -203,7 +257,9 @@ def sample(
         engine: any :class:`~diffexport.engines.base.Engine`.
         sampler: ``manifest["sampler"]`` or a :class:`SamplerSpec`.
         batch: number of samples N (default: the batch of ``latents``, else of ``conditions``, else 1).
-        seed: seeds the generator of the initial latents and of the per-step noise.
+        seed: seeds the generator of the initial latents and of the per-step noise; a list gives each
+            group of rows its own generator (:class:`GroupNoise`), as if each were sampled alone.
+        seed_rows: rows per seed of a ``seed`` list (default: one row per seed).
         latents: explicit initial noise, already scaled to σ_max, [N, C, H, W].
         conditions: engine condition inputs by name, [N, ...] (or one, repeated over N).
         num_steps: re-discretise the schedule with this many steps.
@@ -212,15 +268,21 @@ def sample(
         cuda_graph: replay each engine call from a CUDA graph (CUDA engines, static shapes).
         on_step: ``on_step(i, t_cur, t_next, x)`` after every step.
         condition_sources: where each condition came from (e.g. a file), named in shape errors.
+        guidance: classifier-free guidance scale replacing the recipe's ``sampler.guidance.cfg``.
     """
     spec = sampler if isinstance(sampler, SamplerSpec) else SamplerSpec.from_manifest(sampler)
     if num_steps is not None and num_steps != spec.num_steps:
         spec = spec.with_steps(num_steps)
+    if guidance is not None:
+        spec = replace(spec, guidance=guidance)
     device = engine.device
     c, h, w = image_shape(engine, spec)
-    generator = torch.Generator(device=device).manual_seed(seed)
     if batch is None and latents is None:
-        batch = _condition_batch(engine, conditions)
+        batch = _condition_batch(engine, conditions) if isinstance(seed, int) else sum(seed_rows or [1] * len(seed))
+    if isinstance(seed, int):
+        generator: torch.Generator | GroupNoise = torch.Generator(device=device).manual_seed(seed)
+    else:
+        generator = GroupNoise(seed, [1] * len(seed) if seed_rows is None else seed_rows, device)
     if latents is None:
         latents = initial_latents(spec, (batch or 1, c, h, w), generator, device)
     else:
@@ -228,6 +290,8 @@ def sample(
             raise ValueError(f"latents must have shape [{batch or 'N'}, {c}, {h}, {w}], got {list(latents.shape)}")
         latents = latents.to(device=device, dtype=torch.float32)
     n = latents.shape[0]
+    if isinstance(generator, GroupNoise) and sum(generator.rows) != n:
+        raise ValueError(f"seed: the seed groups cover {sum(generator.rows)} rows, the batch has {n}")
     conds = check_conditions(engine, conditions, n, (h, w) if spec.patching else None, condition_sources)
     predictor, guard = engine_predictor(engine, spec, conds, chunk=chunk, check_finite=check_finite, cuda_graph=cuda_graph)
     hooks = [f for f in (guard and guard.on_step, on_step) if f is not None]
@@ -237,5 +301,6 @@ def sample(
             f(i, t_cur, t_next, x)
 
     denoiser = spec.scheduler.get_denoiser(x0_predictor=predictor)
-    return samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
-                           time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)
+    x = samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
+                        time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)
+    return x.clamp_(*spec.clip) if spec.clip else x

@@ -1,5 +1,6 @@
-"""What the Python-backend models share: parameters, request decoding, responses, and
-:class:`BLSEngine` (the denoiser model, called through BLS, as an ``Engine``).
+"""What the Python-backend models share: parameters, the verdict check, request decoding and
+validation, responses, :class:`BLSEngine` (the denoiser model, called through BLS, as an
+``Engine``) and the merging of concurrent sampler requests into batched runs.
 
 Imported inside Triton's Python stub. ``pb_utils`` (``triton_python_backend_utils``, which exists
 only there) is passed in, so this module imports without Triton.
@@ -8,16 +9,21 @@ only there) is passed in, so this module imports without Triton.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
+from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from diffexport.deploy.triton.config import api_dims
 from diffexport.engines.base import EngineError, check_inputs
+from diffexport.engines.verdict import require_verified
 from diffexport.recipes import IOSpec, TensorSpec
+
+ALLOW_PARAM = "allow_unverified"  # config parameter "true": serve an engine whose parity verdict is not ok
 
 
 def parameters(args: dict[str, str]) -> dict[str, str]:
@@ -34,29 +40,71 @@ def engine_dir(args: dict[str, str]) -> Path:
     return (Path(args["model_repository"]) / rel).resolve()
 
 
-def read_inputs(pb: ModuleType, request: Any, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
-    """The request's tensors named in ``specs`` (absent optional ones are left out), as torch tensors."""
+def check_verified(args: dict[str, str], manifest: dict, backend: str | None = None) -> bool:
+    """``initialize``'s verdict check: ``UnverifiedEngine`` (the one-line refusal of
+    :mod:`diffexport.engines.verdict`) unless the engine is verified or the config allows it;
+    returns whether the config allows it (for ``engines.load``)."""
+    allow = parameters(args).get(ALLOW_PARAM, "false") == "true"
+    require_verified(engine_dir(args), manifest, backend, allow_unverified=allow)
+    return allow
+
+
+def _as_torch(t: Any, copy: bool) -> torch.Tensor:
+    """A Triton tensor as torch, through DLPack (no copy) when possible; ``copy`` when the caller
+    may modify it (Triton's buffers are read-only)."""
+    try:
+        out = from_dlpack(t.to_dlpack())
+    except Exception:  # a backend or type without DLPack: through numpy
+        return torch.from_numpy(t.as_numpy().copy())
+    return out.clone() if copy else out
+
+
+def read_inputs(pb: ModuleType, request: Any, specs: list[TensorSpec], *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The request's tensors named in ``specs`` as torch tensors. A missing required input (any
+    but ``seed``) is a ``ValueError`` naming it; absent optional ones are left out."""
     tensors = {}
     for spec in specs:
         t = pb.get_input_tensor_by_name(request, spec.name)
         if t is not None:
-            tensors[spec.name] = torch.from_numpy(np.array(t.as_numpy()))  # copy: Triton's buffer is read-only
+            tensors[spec.name] = _as_torch(t, copy)
+        elif spec.kind != "seed":
+            raise ValueError(f"input '{spec.name}' is missing (the model takes {', '.join(s.name for s in specs)})")
     return tensors
 
 
+def check_sigma(sigma: torch.Tensor, name: str = "sigma") -> None:
+    """Refuse noise levels the denoiser is not defined for: every σ must be finite and > 0."""
+    bad = ~(torch.isfinite(sigma) & (sigma > 0))
+    if bool(bad.any()):
+        raise ValueError(f"input '{name}' must be finite and > 0, got {sigma[bad].flatten()[:4].tolist()}")
+
+
 def output_response(pb: ModuleType, outputs: dict[str, torch.Tensor]) -> Any:
-    return pb.InferenceResponse([pb.Tensor(name, t.detach().cpu().contiguous().numpy()) for name, t in outputs.items()])
+    return pb.InferenceResponse([_to_triton(pb, name, t) for name, t in outputs.items()])
+
+
+def _to_triton(pb: ModuleType, name: str, t: torch.Tensor) -> Any:
+    t = t.detach().contiguous()
+    try:
+        return pb.Tensor.from_dlpack(name, to_dlpack(t))
+    except Exception:  # an older Python backend without from_dlpack
+        return pb.Tensor(name, t.cpu().numpy())
 
 
 def error_response(pb: ModuleType, error: BaseException) -> Any:
-    return pb.InferenceResponse(error=pb.TritonError(f"{type(error).__name__}: {error}"))
+    """The error as a response: a bad request (``ValueError``, ``EngineError``) is the client's
+    error (HTTP 400, INVALID_ARG), anything else the server's."""
+    message = f"{type(error).__name__}: {error}"
+    code = getattr(pb.TritonError, "INVALID_ARG" if isinstance(error, (ValueError, EngineError)) else "INTERNAL", None)
+    return pb.InferenceResponse(error=pb.TritonError(message) if code is None else pb.TritonError(message, code))
 
 
 class BLSEngine:
     """``Engine`` whose call is a BLS request to the Triton model ``model_name`` (the denoiser).
 
     Inputs are checked against ``io`` first; per-sample scalars ([B]) travel as [B, 1] like any
-    client request to the batched denoiser (its config reshapes them back).
+    client request to the batched denoiser (its config reshapes them back). Tensors go both ways
+    through DLPack, without host numpy copies.
     """
 
     backend = "triton"
@@ -66,12 +114,104 @@ class BLSEngine:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         tensors = check_inputs(self.io, self.backend, {"x": x, "sigma": sigma, **conditions})
-        inputs = [
-            self.pb.Tensor(s.name, t.detach().cpu().contiguous().numpy().reshape(t.shape[0], *api_dims(s, batched=True)[0]))
-            for s, t in zip(self.io.inputs, tensors)
-        ]
+        inputs = [_to_triton(self.pb, s.name, t.reshape(t.shape[0], *api_dims(s, batched=True)[0]))
+                  for s, t in zip(self.io.inputs, tensors)]
         output = self.io.outputs[0].name
         response = self.pb.InferenceRequest(model_name=self.model_name, requested_output_names=[output], inputs=inputs).exec()
         if response.has_error():
             raise EngineError(f"Triton model '{self.model_name}': {response.error().message()}")
-        return torch.from_numpy(np.array(self.pb.get_output_tensor_by_name(response, output).as_numpy()))
+        return _as_torch(self.pb.get_output_tensor_by_name(response, output), copy=False)
+
+
+# --- the sampler: concurrent requests sampled together ------------------------------------------
+
+
+MAX_STEPS = 1000  # the most sampler steps a request may ask for (request parameter ``num_steps``)
+
+
+@dataclass
+class SamplerRequest:
+    """One decoded sampler request: its latents and conditions ([B, ...]), its seeds and its
+    settings (requests are merged only with requests of the same settings)."""
+
+    latents: torch.Tensor
+    conditions: dict[str, torch.Tensor]
+    seeds: list[int]  # one per sample, or one for the whole request
+    num_steps: int | None = None  # None: the manifest's
+
+    @property
+    def settings(self) -> tuple:
+        return (self.num_steps,)
+
+    @property
+    def rows(self) -> int:
+        return int(self.latents.shape[0])
+
+
+def decode_sampler_request(pb: ModuleType, request: Any, specs: list[TensorSpec]) -> SamplerRequest:
+    """``latents``, conditions and ``seed`` of a request. ``seed`` holds one value per sample ([B])
+    or one for the request ([1]); without it the request is seeded 0, like ``diffexport sample``."""
+    t = read_inputs(pb, request, specs)
+    latents, seed = t.pop("latents"), t.pop("seed", None)
+    if latents.ndim != 4 or latents.shape[0] < 1:
+        raise ValueError(f"input 'latents' must be [B, C, H, W] with B >= 1, got {list(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("input 'latents' holds NaN or Inf values")
+    seeds = [0] if seed is None else [int(s) for s in seed.flatten().tolist()]
+    if len(seeds) not in (1, latents.shape[0]):
+        raise ValueError(f"input 'seed' must hold 1 or {latents.shape[0]} values (one per sample), got {len(seeds)}")
+    return SamplerRequest(latents, t, seeds, _num_steps(request))
+
+
+def _num_steps(request: Any) -> int | None:
+    """The optional request parameter ``num_steps`` (re-discretises the engine's schedule)."""
+    try:
+        params = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    steps = params.get("num_steps")
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"request parameter 'num_steps' must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+    return steps
+
+
+def batched_runs(requests: Sequence[SamplerRequest | BaseException], max_rows: int) -> list[list[int]]:
+    """Indices of the decoded ``requests`` sampled together: same settings, at most ``max_rows``
+    rows per run, in arrival order (a request is never split; failed decodes are left out)."""
+    runs: list[list[int]] = []
+    open_runs: dict[tuple, list[int]] = {}
+    rows: dict[int, int] = {}
+    for i, r in enumerate(requests):
+        if isinstance(r, BaseException):
+            continue
+        run = open_runs.get(r.settings)
+        if run is None or rows[id(run)] + r.rows > max_rows:
+            run = []
+            runs.append(run)
+            open_runs[r.settings] = run
+            rows[id(run)] = 0
+        run.append(i)
+        rows[id(run)] += r.rows
+    return runs
+
+
+def sample_together(run: Sequence[SamplerRequest], sample_fn: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+    """Sample the requests of one run as one batch and split the samples back per request.
+
+    ``sample_fn(latents=, conditions=, seed=, seed_rows=, num_steps=)`` is the runtime sampler; each request
+    keeps its own noise stream(s) (``seed_rows``), so its samples do not depend on the others.
+    """
+    seeds, seed_rows = [], []
+    for r in run:
+        if len(r.seeds) == 1:
+            seeds.append(r.seeds[0])
+            seed_rows.append(r.rows)
+        else:
+            seeds.extend(r.seeds)
+            seed_rows.extend([1] * r.rows)
+    latents = torch.cat([r.latents for r in run])
+    conditions = {name: torch.cat([r.conditions[name] for r in run]) for name in run[0].conditions}
+    samples = sample_fn(latents=latents, conditions=conditions, seed=seeds, seed_rows=seed_rows, num_steps=run[0].num_steps)
+    return list(torch.split(samples, [r.rows for r in run]))

@@ -1,13 +1,16 @@
 """``config.pbtxt`` for the two Triton models of an engine: the denoiser and the sampler.
 
-Configs are built as plain dicts and written in protobuf text format by :func:`to_pbtxt`
-(no protobuf dependency at build time; the tests parse the result with Triton's own
-``ModelConfig`` message). Enum values are :class:`Ident` so they are written unquoted.
+Configs are Triton's own ``ModelConfig`` protobuf messages (``tritonclient.grpc.model_config_pb2``,
+the ``[triton]`` extra), written with protobuf's ``text_format``. A backend that needs other
+fields (e.g. an OpenVINO denoiser) adds a ``platform``/``backend`` here and fills the same
+message; :func:`instance_groups` and :func:`_tensor` are shared by every model kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from diffexport.recipes import IOSpec, TensorSpec
@@ -15,40 +18,59 @@ from diffexport.recipes import IOSpec, TensorSpec
 DATA_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 SAMPLER_INPUTS = ("latents", "seed")  # the sampler's own inputs, besides the conditions
 SAMPLER_OUTPUT = "samples"
+QUEUE_DELAY_US = 2000  # how long the dynamic batcher waits for more requests to fill a batch
+EXTRA_HINT = "install the [triton] extra: pip install 'diffexport[triton]' (tritonclient provides Triton's model config schema)"
 
 
-class Ident(str):
-    """An enum value in protobuf text format (written without quotes)."""
+def pb2() -> ModuleType:
+    """Triton's ``model_config_pb2`` (from ``tritonclient[grpc]``); ``ImportError`` naming the extra."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise ImportError(f"{EXTRA_HINT} ({e})") from None
+    return model_config_pb2
 
 
-def _scalar(v: Any) -> str:
-    if isinstance(v, Ident):
-        return str(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    raise TypeError(f"cannot write {type(v).__name__} {v!r} in a model config")
+def to_pbtxt(config: Any) -> str:
+    """A ``ModelConfig`` message in protobuf text format (what ``config.pbtxt`` holds)."""
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
 
 
-def to_pbtxt(message: dict[str, Any], indent: int = 0) -> str:
-    """``message`` in protobuf text format: dicts are messages, lists of dicts repeated messages."""
-    pad, lines = "  " * indent, []
-    for key, v in message.items():
-        if isinstance(v, dict):
-            body = to_pbtxt(v, indent + 1)
-            lines.append(f"{pad}{key} {{\n{body}{pad}}}" if body else f"{pad}{key} {{ }}")
-        elif isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
-            items = ",\n".join(f"{pad}  {{\n{to_pbtxt(m, indent + 2)}{pad}  }}" for m in v)
-            lines.append(f"{pad}{key} [\n{items}\n{pad}]")
-        elif isinstance(v, list):
-            inner = ", ".join(_scalar(x) for x in v)
-            lines.append(f"{pad}{key}: [ {inner} ]" if inner else f"{pad}{key}: [ ]")
-        else:
-            lines.append(f"{pad}{key}: {_scalar(v)}")
-    return "".join(line + "\n" for line in lines)
+def parse_pbtxt(text: str) -> Any:
+    """``config.pbtxt`` text -> ``ModelConfig``."""
+    from google.protobuf import text_format
+
+    return text_format.Parse(text, pb2().ModelConfig())
+
+
+@dataclass(frozen=True)
+class Instances:
+    """How many copies of a model Triton runs, and where: ``count`` on the CPU, or ``count`` on each
+    of ``gpus`` (device ids). ``gpu=True`` without ids: ``count`` on every visible GPU."""
+
+    count: int = 1
+    gpus: tuple[int, ...] = ()
+    gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"--instances: must be at least 1, got {self.count}")
+        if any(g < 0 for g in self.gpus):
+            raise ValueError(f"--gpus: device ids must be >= 0, got {list(self.gpus)}")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu or bool(self.gpus)
+
+
+def instance_groups(config: Any, instances: Instances) -> None:
+    """Append ``instances`` to ``config.instance_group`` (one group: ``count`` per listed GPU, or on the CPU)."""
+    group = config.instance_group.add()
+    group.count = instances.count
+    group.kind = pb2().ModelInstanceGroup.KIND_GPU if instances.on_gpu else pb2().ModelInstanceGroup.KIND_CPU
+    group.gpus.extend(instances.gpus)
 
 
 def api_dims(spec: TensorSpec, batched: bool) -> tuple[list[int], list[int] | None]:
@@ -58,39 +80,60 @@ def api_dims(spec: TensorSpec, batched: bool) -> tuple[list[int], list[int] | No
     return ([1], []) if batched and not dims else (dims, None)
 
 
-def _tensor(spec: TensorSpec, batched: bool, optional: bool = False) -> dict[str, Any]:
+def _tensor(container: Any, spec: TensorSpec, batched: bool, optional: bool = False) -> None:
     if spec.dtype not in DATA_TYPES:
         raise ValueError(f"tensor '{spec.name}': dtype {spec.dtype!r} has no Triton type (expected {', '.join(DATA_TYPES)})")
     dims, reshape = api_dims(spec, batched)
-    t: dict[str, Any] = {"name": spec.name, "data_type": Ident(DATA_TYPES[spec.dtype]), "dims": dims}
+    t = container.add(name=spec.name, data_type=pb2().DataType.Value(DATA_TYPES[spec.dtype]), dims=dims)
     if reshape is not None:
-        t["reshape"] = {"shape": reshape}
+        t.reshape.shape.extend(reshape)
     if optional:
-        t["optional"] = True
-    return t
+        t.optional = True
 
 
-def _parameters(params: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"key": k, "value": {"string_value": v}} for k, v in params.items()]
+def _parameters(config: Any, params: dict[str, str] | None) -> None:
+    for k, v in (params or {}).items():
+        config.parameters[k].string_value = v
+
+
+def max_batch(io: IOSpec) -> int:
+    """The engine's ``inputs.batch.max``: every config's ``max_batch_size`` (Triton refuses larger batches)."""
+    return max(1, int(io.batch.get("max", 1)))
+
+
+def _dynamic_batching(config: Any, io: IOSpec, wait: bool) -> None:
+    """Dynamic batching up to the engine's max batch. ``wait``: prefer its ``opt`` and ``max`` sizes,
+    waiting up to :data:`QUEUE_DELAY_US` for them (the sampler: a run takes many denoiser calls);
+    else batch whatever is queued without waiting (the denoiser: one call per sampler step)."""
+    config.dynamic_batching.SetInParent()
+    if not wait:
+        return
+    top = max_batch(io)
+    preferred = sorted({min(top, max(1, int(io.batch.get("opt", top)))), top})
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
 
 
 def denoiser_config(
-    name: str, io: IOSpec, *, platform: str | None = None, instances: int = 1, gpu: bool = False,
+    name: str, io: IOSpec, *, platform: str | None = None, instances: Instances = Instances(),
     parameters: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """The denoiser ``name``: batched (``max_batch_size`` = ``io.batch["max"]``) with dynamic batching.
 
     ``platform`` is ``tensorrt_plan`` or ``onnxruntime_onnx``; ``None`` makes it a Python model.
     """
-    cfg: dict[str, Any] = {"name": name}
-    cfg.update({"platform": platform} if platform else {"backend": "python"})
-    cfg["max_batch_size"] = int(io.batch.get("max", 1))
-    cfg["input"] = [_tensor(s, batched=True) for s in io.inputs]
-    cfg["output"] = [_tensor(s, batched=True) for s in io.outputs]
-    cfg["dynamic_batching"] = {}
-    cfg["instance_group"] = [{"count": instances, "kind": Ident("KIND_GPU" if gpu else "KIND_CPU")}]
-    if parameters:
-        cfg["parameters"] = _parameters(parameters)
+    cfg = pb2().ModelConfig(name=name, max_batch_size=max_batch(io))
+    if platform:
+        cfg.platform = platform
+    else:
+        cfg.backend = "python"
+    for s in io.inputs:
+        _tensor(cfg.input, s, batched=True)
+    for s in io.outputs:
+        _tensor(cfg.output, s, batched=True)
+    _dynamic_batching(cfg, io, wait=False)
+    instance_groups(cfg, instances)
+    _parameters(cfg, parameters)
     return cfg
 
 
@@ -107,19 +150,25 @@ def sampler_io(io: IOSpec, image_hw: Sequence[int] | None = None) -> IOSpec:
 
     x = next(s for s in io.inputs if s.kind == "x")
     conditions = [whole(s, s.name, s.kind) for s in io.inputs if s.kind not in ("x", "sigma", "global_index")]  # the sampler fills global_index
-    inputs = [whole(x, "latents", "latents"), *conditions, TensorSpec("seed", [1], "int64", "seed")]
+    inputs = [whole(x, "latents", "latents"), *conditions, TensorSpec("seed", [-1], "int64", "seed")]
     return IOSpec(inputs, [whole(x, SAMPLER_OUTPUT, "samples")], dict(io.batch))
 
 
-def sampler_config(name: str, io: IOSpec, *, instances: int = 1, parameters: dict[str, str] | None = None,
-                   image_hw: Sequence[int] | None = None) -> dict[str, Any]:
-    """The Python sampler ``name``: unbatched config (``max_batch_size: 0``, dims with -1 for the
-    batch) so each request is one full sampling run; ``seed`` is optional."""
+def sampler_config(name: str, io: IOSpec, *, instances: Instances = Instances(), parameters: dict[str, str] | None = None,
+                   image_hw: Sequence[int] | None = None, batching: bool = True) -> Any:
+    """The Python sampler ``name``: batched like the denoiser (``max_batch_size`` = the engine's max
+    batch, dynamic batching), so concurrent requests reach one ``execute`` and are sampled together;
+    ``seed`` ([B, 1], one per sample, or [1, 1] for the request) is optional. The sampler itself runs
+    on the CPU (its work is the BLS calls), so only its count follows ``instances``. ``batching=False``
+    (benchmarks) leaves dynamic batching off: one request per ``execute``."""
     sio = sampler_io(io, image_hw)
-    cfg: dict[str, Any] = {"name": name, "backend": "python", "max_batch_size": 0}
-    cfg["input"] = [_tensor(s, batched=False, optional=s.kind == "seed") for s in sio.inputs]
-    cfg["output"] = [_tensor(s, batched=False) for s in sio.outputs]
-    cfg["instance_group"] = [{"count": instances, "kind": Ident("KIND_CPU")}]
-    if parameters:
-        cfg["parameters"] = _parameters(parameters)
+    cfg = pb2().ModelConfig(name=name, backend="python", max_batch_size=max_batch(io))
+    for s in sio.inputs:
+        _tensor(cfg.input, s, batched=True, optional=s.kind == "seed")
+    for s in sio.outputs:
+        _tensor(cfg.output, s, batched=True)
+    if batching:
+        _dynamic_batching(cfg, io, wait=True)
+    instance_groups(cfg, Instances(instances.count))
+    _parameters(cfg, parameters)
     return cfg

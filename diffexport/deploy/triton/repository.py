@@ -10,7 +10,9 @@ Two repositories, same two models, same client-facing API::
       <name>_sampler/...                           as above
 
 Model sources find the engine through the ``engine_dir`` parameter, a path relative to their model
-folder (``../..``), so repositories survive the engine directory being renamed.
+folder (``../..``), so repositories survive the engine directory being renamed. Every file of a
+repository is hashed into ``manifest["hashes"][<repository>]`` when written, and
+:func:`verify_repository` checks them before a server executes anything from it.
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from diffexport.deploy.triton.config import denoiser_config, sampler_config, to_pbtxt
+from diffexport.deploy.triton.backend import ALLOW_PARAM
+from diffexport.deploy.triton.config import Instances, denoiser_config, sampler_config, to_pbtxt
 from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS
-from diffexport.engines.manifest import read_manifest
+from diffexport.engines.manifest import read_manifest, record_tree, verify_record, write_manifest
 from diffexport.recipes import IOSpec
 
 FULL, PYTHON_ONLY = "triton", "triton-python"
 ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
-PYTHON_BACKENDS = ("onnxruntime", "aoti")  # in-process runtimes of the self-contained denoiser, preferred first
+PYTHON_BACKENDS = ("onnxruntime", "aoti", "openvino")  # in-process runtimes of the self-contained denoiser, preferred first
 NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
 NATIVE_BACKENDS = {"tensorrt": "tensorrt", "onnx": "onnxruntime"}  # engine target -> Triton backend serving it
 
@@ -70,7 +73,11 @@ def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = Fal
 
 
 def python_backend(manifest: dict) -> str:
-    """The runtime the self-contained denoiser loads in-process: ``onnxruntime`` if built, else ``aoti``."""
+    """The runtime the self-contained denoiser loads in-process: the engine's ranked ``default_backend``
+    (``targets: auto``) when it runs in-process, else ``onnxruntime`` if built, else ``aoti``, else ``openvino``."""
+    chosen = manifest.get("default_backend")
+    if chosen and chosen != "tensorrt" and BACKENDS.get(chosen) in manifest.get("artifacts", {}):
+        return chosen
     backend = next((b for b in PYTHON_BACKENDS if BACKENDS[b] in manifest.get("artifacts", {})), None)
     if backend is None:
         raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact {_built(manifest)}")
@@ -88,11 +95,11 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_model(repo: Path, config: dict, files: dict[str, str | Path]) -> None:
+def _write_model(repo: Path, config, files: dict[str, str | Path]) -> None:
     """``repo/<name>/config.pbtxt`` and ``repo/<name>/1/<file>`` (text, or a linked/copied file)."""
-    version = repo / config["name"] / "1"
+    version = repo / config.name / "1"
     version.mkdir(parents=True)
-    (repo / config["name"] / "config.pbtxt").write_text(to_pbtxt(config))
+    (repo / config.name / "config.pbtxt").write_text(to_pbtxt(config))
     for fname, content in files.items():
         if isinstance(content, Path):
             _link_or_copy(content, version / fname)
@@ -100,18 +107,41 @@ def _write_model(repo: Path, config: dict, files: dict[str, str | Path]) -> None
             (version / fname).write_text(content)
 
 
-def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None) -> Path:
+# --- hashes of the written files (issue 13 item 4) ---------------------------------------------
+
+
+def verify_repository(engine_dir: str | Path, manifest: dict, folder: str) -> None:
+    """``EngineError`` (one line) unless every file under ``engine_dir/folder`` is in the manifest's
+    hashes and unchanged: a missing record, a changed, missing or unlisted file is refused."""
+    record = (manifest.get("hashes") or {}).get(folder)
+    if not record:
+        raise EngineError(f"{Path(engine_dir) / folder}: not hashed in manifest.json; rewrite it with `diffexport serve {engine_dir} --rewrite`")
+    verify_record(engine_dir, record, f"hashes.{folder}")
+
+
+def recipe_instances(manifest: dict) -> Instances:
+    """The recipe's ``deploy.triton_instances`` (CPU), the default instance group."""
+    return Instances(int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1)))
+
+
+def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None,
+                     instances: Instances | None = None, allow_unverified: bool = False, batching: bool = True) -> Path:
     """Write ``ENGINE_DIR/triton`` (or ``triton-python`` when ``python_only``) atomically and return it.
 
-    ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is writing).
-    Instance counts come from the recipe's ``deploy.triton_instances``.
+    ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is
+    writing). The written files' hashes go into ``manifest["hashes"]``, and into
+    ``manifest.json`` when ``manifest`` was read from it. ``instances`` defaults to the recipe's
+    ``deploy.triton_instances`` on the CPU; ``allow_unverified`` lets the models serve an engine
+    whose parity verdict is not ok (debugging); ``batching=False`` (benchmarks) turns off the
+    sampler's dynamic batching.
     """
     engine_dir = Path(engine_dir)
+    persist = manifest is None
     manifest = manifest if manifest is not None else read_manifest(engine_dir)
     io = IOSpec.from_dict(manifest["io"])
-    instances = int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1))
+    instances = instances or recipe_instances(manifest)
     denoiser, sampler = model_names(manifest["name"])
-    params = {"engine_dir": ENGINE_DIR_PARAM}
+    params = {"engine_dir": ENGINE_DIR_PARAM, ALLOW_PARAM: "true" if allow_unverified else "false"}
     if python_only:
         den_cfg = denoiser_config(denoiser, io, instances=instances, parameters={**params, "backend": python_backend(manifest)})
         den_files: dict[str, str | Path] = {"model.py": _model_source("denoiser")}
@@ -119,14 +149,16 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         target = native_target(manifest)
         platform, fname = NATIVE_PLATFORMS[target]
         art = manifest["artifacts"][target]
-        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, gpu=target == "tensorrt")
+        if target == "tensorrt" and not instances.on_gpu:
+            instances = Instances(instances.count, instances.gpus, gpu=True)
+        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances)
         extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
         den_files = {fname: engine_dir / art["file"], **{name: engine_dir / name for name in extra}}
         for f in den_files.values():
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
     sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser},
-                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"))
+                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching)
 
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))
@@ -143,6 +175,9 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    record_tree(engine_dir, manifest, final.name)
+    if persist:
+        write_manifest(engine_dir, manifest)
     return final
 
 

@@ -1,28 +1,21 @@
 // Embedding the diffexport runtime: sample from an engine directory inside your own program.
 //
-//   embed ENGINE_DIR [N] [THREADS]  ->  samples N images from seeded noise, prints per-image statistics
+//   embed ENGINE_DIR [N] [THREADS]  ->  samples N images from seed 0, prints per-image statistics
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <random>
 
 #include "diffexport/runtime.h"
 
 int main(int argc, char** argv) {
   if (argc < 2) return std::fprintf(stderr, "usage: embed ENGINE_DIR [N] [THREADS]\n"), 2;
   try {
-    diffexport::SamplerOptions options;  // steps, backend and threads; defaults: the manifest's sampler
+    diffexport::SamplerOptions options;  // steps, backend, threads, seed; defaults: the manifest's sampler
     options.threads = argc > 3 ? std::atoi(argv[3]) : 0;
-    diffexport::Sampler sampler(argv[1], options);  // reads manifest.json, checks the sha256, loads the denoiser
+    // reads manifest.json, refuses an unverified engine (options.allow_unverified), checks the sha256, loads the denoiser
+    diffexport::Sampler sampler(argv[1], options);
     const auto& inputs = sampler.engine().inputs;  // x [-1, C, H, W], sigma [-1], then conditions
     const int64_t n = argc > 2 ? std::atoll(argv[2]) : 2;
-
-    std::vector<int64_t> shape = inputs[0].shape;
-    shape[0] = n;
-    diffexport::Array latents(diffexport::DType::Float32, shape);  // x_N = sigma_max * unit noise
-    std::mt19937 rng(0);
-    std::normal_distribution<float> noise(0.0f, static_cast<float>(sampler.sigmas()[0]));
-    for (int64_t i = 0; i < latents.numel(); ++i) latents.f32()[i] = noise(rng);
 
     diffexport::Conditions conditions;  // one [N, ...] array per condition input; zeros here
     for (size_t i = 2; i < inputs.size(); ++i) {
@@ -31,7 +24,7 @@ int main(int argc, char** argv) {
       conditions.emplace(inputs[i].name, diffexport::Array(inputs[i].dtype, cshape));
     }
 
-    const diffexport::Array samples = sampler.sample(latents, conditions);
+    const diffexport::Array samples = sampler.sample(n, conditions);  // latents drawn from options.seed
     const int64_t per_image = samples.numel() / n;
     for (int64_t k = 0; k < n; ++k) {
       double sum = 0, sq = 0;

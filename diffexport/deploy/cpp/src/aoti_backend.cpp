@@ -16,8 +16,8 @@ std::string first_line(const std::string& s) { return s.substr(0, s.find('\n'));
 class AotiBackend : public Backend {
  public:
   AotiBackend(const Engine& engine, int threads) : file_(engine.verified_artifact("aoti")) {
-    const Json& art = engine.manifest.at("artifacts").at("aoti");
-    const std::string device = art.has("device") ? art.at("device").as_string() : "cpu";
+    const Field art = Field(engine.manifest, "").at("artifacts").at("aoti");
+    const std::string device = art.has("device") ? art.at("device").str() : "cpu";
     try {
       device_ = c10::Device(device);
     } catch (const std::exception&) {

@@ -1,28 +1,29 @@
-// Loading and checking manifest.json; choosing a backend.
+// Loading and checking manifest.json; checking artifact hashes (OpenSSL EVP SHA-256); choosing a backend.
 #include "diffexport/engine.h"
+
+#include <openssl/evp.h>
 
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
-
-#include "diffexport/sha256.h"
 
 namespace fs = std::filesystem;
 
 namespace diffexport {
 namespace {
 
-TensorSpec tensor_spec(const Json& j) {
+TensorSpec tensor_spec(const Field& j) {
   TensorSpec t;
-  t.name = j.at("name").as_string();
-  t.kind = j.has("kind") ? j.at("kind").as_string() : "tensor";
+  t.name = j.at("name").str();
+  t.kind = j.has("kind") ? j.at("kind").str() : "tensor";
   try {
-    t.dtype = parse_dtype(j.at("dtype").as_string());
+    t.dtype = parse_dtype(j.at("dtype").str());
   } catch (const Error& e) {
     throw Error(j.path() + ".dtype: " + e.what());
   }
-  for (const Json& d : j.at("shape").as_array()) t.shape.push_back(d.as_int());
+  for (const Field& d : j.at("shape").array()) t.shape.push_back(d.integer());
   return t;
 }
 
@@ -44,25 +45,49 @@ void check_io(const Engine& e) {
     throw Error("io.batch: need 1 <= min <= max, got min=" + std::to_string(e.batch_min) + ", max=" + std::to_string(e.batch_max));
 }
 
-SamplerSpec sampler_spec(const Json& j) {
+SamplerSpec sampler_spec(const Field& j) {
   SamplerSpec s;
-  const Json& sched = j.at("scheduler");
-  s.scheduler = sched.at("class").as_string();
-  if (const Json* args = sched.find("args")) {
-    auto arg = [&](const char* k) { return args->has(k) ? args->at(k).as_number() : 0.0; };
-    s.sigma_min = arg("sigma_min"), s.sigma_max = arg("sigma_max"), s.rho = arg("rho");
+  const Field sched = j.at("scheduler");
+  s.scheduler = sched.at("class").str();
+  if (sched.has("args")) s.scheduler_args = sched.at("args").json();
+  if (!s.scheduler_args.is_object()) throw Error(sched.path() + ".args: expected an object");
+  s.solver = j.at("solver").str();
+  s.num_steps = static_cast<int>(j.at("num_steps").integer());
+  if (j.has("time_steps")) {
+    s.integer_times = true;
+    for (const Field& t : j.at("time_steps").array()) {
+      s.time_steps.push_back(t.number());
+      s.integer_times = s.integer_times && t.json().is_number_integer();
+    }
   }
-  s.solver = j.at("solver").as_string();
-  s.num_steps = static_cast<int>(j.at("num_steps").as_int());
-  if (const Json* v = j.find("sigmas"))
-    for (const Json& x : v->as_array()) s.sigmas.push_back(x.as_number());
-  if (const Json* v = j.find("solver_options"))
-    for (const auto& kv : v->items()) s.solver_options.push_back(kv.first);
-  s.patching = j.find("patching") != nullptr;
+  if (j.has("solver_options")) s.solver_options = j.at("solver_options").json();
+  if (!s.solver_options.is_object()) throw Error(j.path() + ".solver_options: expected an object");
+  s.patching = j.has("patching");
   return s;
 }
 
 }  // namespace
+
+std::string sha256_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot be read");
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw Error(path + ": OpenSSL cannot start a SHA-256 digest");
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0 && EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount())) != 1)
+      throw Error(path + ": OpenSSL SHA-256 update failed");
+  }
+  if (in.bad()) throw Error(path + ": read error");
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), digest, &size) != 1) throw Error(path + ": OpenSSL SHA-256 final failed");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < size; ++i) out += hex[digest[i] >> 4], out += hex[digest[i] & 15];
+  return out;
+}
 
 Engine load_engine(const std::string& dir) {
   const std::string path = (fs::path(dir) / "manifest.json").string();
@@ -73,19 +98,19 @@ Engine load_engine(const std::string& dir) {
   text << in.rdbuf();
   Engine e;
   e.dir = dir;
-  e.manifest = Json::parse(text.str(), path);
+  e.manifest = parse_json(text.str(), path);
   try {
-    const Json& m = e.manifest;
-    const std::string& format = m.at("format").as_string();
+    const Field m(e.manifest, "");
+    const std::string& format = m.at("format").str();
     if (format != "diffexport-engine/1") throw Error("format: expected 'diffexport-engine/1', got '" + format + "'");
-    e.name = m.at("name").as_string();
-    const Json& io = m.at("io");
-    for (const Json& t : io.at("inputs").as_array()) e.inputs.push_back(tensor_spec(t));
-    for (const Json& t : io.at("outputs").as_array()) e.outputs.push_back(tensor_spec(t));
-    const Json& batch = io.at("batch");
-    e.batch_min = batch.has("min") ? batch.at("min").as_int() : 1;
-    e.batch_max = batch.at("max").as_int();
-    e.batch_opt = batch.has("opt") ? batch.at("opt").as_int() : e.batch_min;
+    e.name = m.at("name").str();
+    const Field io = m.at("io");
+    for (const Field& t : io.at("inputs").array()) e.inputs.push_back(tensor_spec(t));
+    for (const Field& t : io.at("outputs").array()) e.outputs.push_back(tensor_spec(t));
+    const Field batch = io.at("batch");
+    e.batch_min = batch.has("min") ? batch.at("min").integer() : 1;
+    e.batch_max = batch.at("max").integer();
+    e.batch_opt = batch.has("opt") ? batch.at("opt").integer() : e.batch_min;
     check_io(e);
     e.sampler = sampler_spec(m.at("sampler"));
   } catch (const Error& err) {
@@ -96,22 +121,22 @@ Engine load_engine(const std::string& dir) {
 
 std::string Engine::verified_artifact(const std::string& target) const {
   const std::string where = (fs::path(dir) / "manifest.json").string();
-  const Json* arts = manifest.find("artifacts");
-  const Json* art = arts ? arts->find(target) : nullptr;
-  if (!art) {
+  const Field m(manifest, "");
+  if (!m.has("artifacts") || !m.at("artifacts").has(target)) {
     std::string built;
-    if (arts)
-      for (const auto& kv : arts->items()) built += (built.empty() ? "" : ", ") + kv.first;
+    if (m.has("artifacts"))
+      for (const auto& kv : m.at("artifacts").items()) built += (built.empty() ? "" : ", ") + kv.first;
     throw Error(where + ": the engine has no '" + target + "' artifact (built: " + (built.empty() ? "none" : built) + ")");
   }
   std::string file;
   std::map<std::string, std::string> hashes;  // every file of the artifact -> sha256
   try {
-    const std::string& name = art->at("file").as_string();
+    const Field art = m.at("artifacts").at(target);
+    const std::string& name = art.at("file").str();
     file = (fs::path(dir) / name).string();
-    hashes[name] = art->at("sha256").as_string();
-    if (const Json* files = art->find("files"))  // artifacts made of several files (ONNX external data)
-      for (const auto& kv : files->items()) hashes[kv.first] = kv.second.as_string();
+    hashes[name] = art.at("sha256").str();
+    if (art.has("files"))  // artifacts made of several files (ONNX external data)
+      for (const auto& kv : art.at("files").items()) hashes[kv.first] = kv.second.str();
   } catch (const Error& err) {
     throw Error(where + ": " + err.what());
   }
@@ -132,15 +157,20 @@ std::unique_ptr<Backend> open_tensorrt(const Engine& engine) {
 }
 #endif
 
-std::unique_ptr<Backend> open_backend(const Engine& engine, const std::string& name, int threads) {
-  if (name == "aoti") return open_aoti(engine, threads);
-  if (name == "tensorrt") return open_tensorrt(engine);
+std::string resolve_backend(const Engine& engine, const std::string& name) {
+  if (name == "aoti" || name == "tensorrt") return name;
   if (name != "auto") throw Error("unknown backend '" + name + "' (expected aoti, tensorrt or auto)");
 #ifdef DIFFEXPORT_WITH_TENSORRT
-  const Json* arts = engine.manifest.find("artifacts");
-  if (arts && arts->find("tensorrt")) return open_tensorrt(engine);
+  const Field m(engine.manifest, "");
+  if (m.has("artifacts") && m.at("artifacts").has("tensorrt")) return "tensorrt";
+#else
+  (void)engine;
 #endif
-  return open_aoti(engine, threads);  // without an aoti artifact: the error lists what was built
+  return "aoti";  // without an aoti artifact: the error lists what was built
+}
+
+std::unique_ptr<Backend> open_backend(const Engine& engine, const std::string& name, int threads) {
+  return resolve_backend(engine, name) == "tensorrt" ? open_tensorrt(engine) : open_aoti(engine, threads);
 }
 
 }  // namespace diffexport

@@ -1,79 +1,78 @@
-// diffexport-sample: run an engine's sampler on latents from a .npy file, write the samples.
+// diffexport-sample: run an engine's sampler on latents from a .npy file (or drawn from --seed),
+// write the samples. Options are parsed by CLI11.
+#include <CLI/CLI.hpp>
+
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <iostream>
 
 #include "diffexport/runtime.h"
 
 namespace {
 
-const char* kUsage =
-    "usage: diffexport-sample --engine ENGINE_DIR --latents IN.npy --out OUT.npy\n"
-    "                         [--condition NAME=FILE.npy ...] [--steps K] [--threads N] [--backend auto|aoti|tensorrt]\n"
-    "Samples with the engine's denoiser and sampler (manifest.json). IN.npy holds the initial\n"
-    "latents x_N, float32 [N, C, H, W]: unit noise already scaled by the first sigma (sigma_max).\n";
-
 struct Args {
   std::string engine, latents, out;
-  std::vector<std::pair<std::string, std::string>> conditions;  // name, file
+  int64_t batch = 0;
+  std::vector<std::string> conditions;  // NAME=FILE.npy
   diffexport::SamplerOptions options;
 };
 
-int to_int(const std::string& flag, const std::string& v) {
-  char* end = nullptr;
-  long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end || n < 1 || n > 1000000) throw diffexport::Error(flag + ": expected a positive integer, got '" + v + "'");
-  return static_cast<int>(n);
+void describe(CLI::App& app, Args& a) {
+  app.description(
+      "Samples with the engine's denoiser and the sampler its manifest records (manifest.json).\n"
+      "IN.npy holds the initial latents x_N, float32 [N, C, H, W]: unit noise already scaled by the\n"
+      "first noise level (sigma_max; unscaled for DDPM). Without --latents, --batch N latents are drawn\n"
+      "from --seed as `diffexport sample --seed S --batch N` draws them.");
+  app.add_option("--engine", a.engine, "engine directory (manifest.json)")->required()->type_name("DIR");
+  app.add_option("--latents", a.latents, "initial latents .npy")->type_name("IN.npy");
+  app.add_option("--batch", a.batch, "draw N latents from --seed instead of --latents")->type_name("N")->check(CLI::Range(1, 1000000));
+  app.add_option("--out", a.out, "samples .npy (written atomically)")->required()->type_name("OUT.npy");
+  app.add_option("--condition", a.conditions, "a condition input (repeatable)")->type_name("NAME=FILE.npy")->allow_extra_args(false);
+  app.add_option("--steps", a.options.steps, "re-discretise the schedule with K steps")->type_name("K")->check(CLI::Range(1, 1000000));
+  app.add_option("--seed", a.options.seed, "seeds the latents and the stochastic solvers' noise (default 0)")->type_name("S");
+  app.add_option("--threads", a.options.threads, "CPU threads")->type_name("N")->check(CLI::Range(1, 4096));
+  app.add_option("--backend", a.options.backend, "denoiser backend")->check(CLI::IsMember({"auto", "aoti", "tensorrt"}))->type_name("auto|aoti|tensorrt");
+  app.add_flag("--allow-unverified", a.options.allow_unverified, "run an engine whose parity status is not ok (debugging only)");
+  app.get_formatter()->column_width(34);
 }
 
-Args parse(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (flag == "-h" || flag == "--help") std::cout << kUsage, std::exit(0);
-    if (i + 1 >= argc) throw diffexport::Error(flag + ": unknown option or missing value (see --help)");
-    const std::string v = argv[++i];
-    if (flag == "--engine") a.engine = v;
-    else if (flag == "--latents") a.latents = v;
-    else if (flag == "--out") a.out = v;
-    else if (flag == "--steps") a.options.steps = to_int(flag, v);
-    else if (flag == "--threads") a.options.threads = to_int(flag, v);
-    else if (flag == "--backend") a.options.backend = v;
-    else if (flag == "--condition") {
-      const size_t eq = v.find('=');
-      if (eq == 0 || eq == std::string::npos || eq + 1 == v.size()) throw diffexport::Error("--condition: expected NAME=FILE.npy, got '" + v + "'");
-      a.conditions.emplace_back(v.substr(0, eq), v.substr(eq + 1));
-    } else {
-      throw diffexport::Error("unknown option " + flag + " (see --help)");
-    }
-  }
-  for (auto [flag, value] : {std::pair<const char*, std::string*>{"--engine", &a.engine}, {"--latents", &a.latents}, {"--out", &a.out}})
-    if (value->empty()) throw diffexport::Error(std::string(flag) + " is required (see --help)");
-  return a;
-}
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  CLI::App app{"", "diffexport-sample"};
+  Args args;
+  describe(app, args);
   try {
-    const Args args = parse(argc, argv);
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "diffexport-sample: error: %s (see --help)\n", first_line(e.what()).c_str());
+    return 1;
+  }
+  try {
+    if (args.latents.empty() == (args.batch == 0)) throw diffexport::Error("give exactly one of --latents IN.npy and --batch N (see --help)");
     diffexport::Sampler sampler(args.engine, args.options);
-    const diffexport::Array latents = diffexport::read_npy(args.latents);
     diffexport::Conditions conditions;
-    for (const auto& [name, file] : args.conditions)
-      if (!conditions.emplace(name, diffexport::read_npy(file)).second) throw diffexport::Error("--condition " + name + " given twice");
+    for (const std::string& c : args.conditions) {
+      const size_t eq = c.find('=');
+      if (eq == 0 || eq == std::string::npos || eq + 1 == c.size()) throw diffexport::Error("--condition: expected NAME=FILE.npy, got '" + c + "'");
+      if (!conditions.emplace(c.substr(0, eq), diffexport::read_npy(c.substr(eq + 1))).second)
+        throw diffexport::Error("--condition " + c.substr(0, eq) + " given twice");
+    }
     const auto start = std::chrono::steady_clock::now();
-    const diffexport::Array samples = sampler.sample(latents, conditions);
+    const diffexport::Array samples =
+        args.latents.empty() ? sampler.sample(args.batch, conditions) : sampler.sample(diffexport::read_npy(args.latents), conditions);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     diffexport::write_npy(args.out, samples);
-    std::fprintf(stderr, "diffexport-sample: %s: %lld samples, %s, %zu steps, %d evaluations per batch, %.3f s (%s backend)\n",
-                 sampler.engine().name.c_str(), static_cast<long long>(latents.shape[0]), sampler.engine().sampler.solver.c_str(),
-                 sampler.sigmas().size() - 1, sampler.evaluations(), seconds, sampler.backend().name().c_str());
+    std::fprintf(stderr, "diffexport-sample: %s: %lld samples, %s, %s, %d steps, %d evaluations per batch, %.3f s (%s backend)\n",
+                 sampler.engine().name.c_str(), static_cast<long long>(samples.shape[0]), sampler.engine().sampler.scheduler.c_str(),
+                 sampler.engine().sampler.solver.c_str(), sampler.steps(), sampler.evaluations(), seconds, sampler.backend().name().c_str());
     return 0;
   } catch (const std::exception& e) {
-    std::string msg = e.what();
-    std::fprintf(stderr, "diffexport-sample: error: %s\n", msg.substr(0, msg.find('\n')).c_str());
+    std::fprintf(stderr, "diffexport-sample: error: %s\n", first_line(e.what()).c_str());
     return 1;
   }
 }

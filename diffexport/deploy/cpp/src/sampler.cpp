@@ -1,67 +1,500 @@
+// The manifest's sampler, step for step as diffexport/diffusion/samplers.py computes it, in ATen
+// ops (the same kernels as the Python runtime): noise schedulers, ODE right-hand side, solvers.
 #include "diffexport/sampler.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <set>
+
+#include "diffexport/verdict.h"
 
 namespace diffexport {
+
+using at::Tensor;
+
 namespace {
 
-/// Rows [start, start + n) of `a`, padded to `b` rows by repeating the last one.
-Array rows(const Array& a, int64_t start, int64_t n, int64_t b) {
-  std::vector<int64_t> shape = a.shape;
-  shape[0] = b;
-  Array out(a.dtype, shape);
-  const size_t row = out.bytes.size() / static_cast<size_t>(b);
-  std::memcpy(out.bytes.data(), a.bytes.data() + start * row, n * row);
-  for (int64_t k = n; k < b; ++k) std::memcpy(out.bytes.data() + k * row, a.bytes.data() + (start + n - 1) * row, row);
+/// `batch_view`: v [B] -> (B, 1, ..., 1) to broadcast against x.
+Tensor bv(const Tensor& v, const Tensor& x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[0] = -1;
+  return v.reshape(shape);
+}
+
+Tensor ramp(int n) { return at::arange(n, at::kDouble) / static_cast<double>(std::max(n - 1, 1)); }
+
+Tensor append_zero(const Tensor& t) { return at::cat({t, at::zeros({1}, t.options())}); }
+
+/// A JSON number, or the strings "inf" / "-inf" / "nan" that strict-JSON manifests use for them.
+bool json_number(const Json& j, double& out) {
+  if (j.is_number()) return out = j.get<double>(), true;
+  if (!j.is_string()) return false;
+  const std::string v = j.get<std::string>();
+  if (v == "inf" || v == "Infinity") return out = INFINITY, true;
+  if (v == "-inf" || v == "-Infinity") return out = -INFINITY, true;
+  if (v == "nan" || v == "NaN") return out = NAN, true;
+  return false;
+}
+
+/// Scheduler arguments: the manifest's resolved values, Python's defaults for the ones left out.
+class Args {
+ public:
+  Args(const Json& args, std::string where, std::set<std::string> known) : args_(args), where_(std::move(where)) {
+    for (auto it = args.begin(); it != args.end(); ++it)
+      if (!known.count(it.key())) {
+        std::string names;
+        for (const auto& k : known) names += (names.empty() ? "" : ", ") + k;
+        throw Error(where_ + it.key() + ": unknown argument (expected " + names + ")");
+      }
+  }
+  double num(const char* key, double fallback) const {
+    auto it = args_.find(key);
+    if (it == args_.end() || it->is_null()) return fallback;
+    double v = 0;
+    if (!json_number(*it, v)) throw Error(where_ + key + ": expected a number, got " + it->dump());
+    return v;
+  }
+
+ private:
+  const Json& args_;
+  std::string where_;
+};
+
+}  // namespace
+
+/// The formulas of one noise scheduler (diffexport/diffusion/noise_schedulers.py): x_t = α(t) x0 + σ(t) ε.
+class Schedule {
+ public:
+  virtual ~Schedule() = default;
+  virtual bool discrete() const { return false; }  ///< DDPMScheduler: integer times, DDIM steps
+  virtual Tensor alpha(const Tensor& t) const = 0;
+  virtual Tensor sigma(const Tensor& t) const = 0;
+  virtual Tensor alpha_dot(const Tensor& t) const = 0;
+  virtual Tensor sigma_dot(const Tensor& t) const = 0;
+  virtual Tensor sigma_inv(const Tensor& s) const = 0;
+  virtual Tensor edm_sigma(const Tensor& t) const { return sigma(t) / alpha(t); }
+  virtual Tensor edm_sigma_inv(const Tensor& s) const { return sigma_inv(s); }
+  virtual Tensor timesteps(int n) const = 0;  ///< [n + 1]: float32 (int64 when discrete)
+  virtual Tensor alpha_bar(const Tensor&) const { throw Error("alpha_bar: only for DDPMScheduler"); }
+};
+
+namespace {
+
+class VarianceExploding : public Schedule {  // α = 1, σ(t) = t (EDM, iDDPM)
+ public:
+  Tensor alpha(const Tensor& t) const override { return at::ones_like(t); }
+  Tensor alpha_dot(const Tensor& t) const override { return at::zeros_like(t); }
+  Tensor sigma(const Tensor& t) const override { return t; }
+  Tensor sigma_inv(const Tensor& s) const override { return s; }
+  Tensor sigma_dot(const Tensor& t) const override { return at::ones_like(t); }
+};
+
+class EDM : public VarianceExploding {
+ public:
+  explicit EDM(const Args& a) : smin_(a.num("sigma_min", 0.002)), smax_(a.num("sigma_max", 80.0)), rho_(a.num("rho", 7.0)) {}
+  Tensor timesteps(int n) const override {
+    const double a = std::pow(smax_, 1 / rho_), b = std::pow(smin_, 1 / rho_);
+    return append_zero(at::pow(ramp(n) * (b - a) + a, rho_)).to(at::kFloat);
+  }
+
+ private:
+  double smin_, smax_, rho_;
+};
+
+class IDDPM : public VarianceExploding {
+ public:
+  explicit IDDPM(const Args& a) {
+    const double smin = a.num("sigma_min", 0.002), smax = a.num("sigma_max", 81.0), C_1 = a.num("C_1", 0.001), C_2 = a.num("C_2", 0.008);
+    const int M = static_cast<int>(a.num("M", 1000));
+    std::vector<double> abar(M + 1), u(M + 1, 0.0);
+    for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
+    for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
+    std::vector<double> kept;
+    for (double v : u)
+      if (v >= smin && v <= smax) kept.push_back(v);
+    u_ = at::tensor(kept, at::kDouble);
+  }
+  Tensor timesteps(int n) const override {
+    const Tensor idx = (ramp(n) * (u_.size(0) - 1)).round().to(at::kLong);
+    return append_zero(u_.index({idx})).to(at::kFloat);
+  }
+
+ private:
+  Tensor u_;
+};
+
+class VE : public Schedule {  // t = σ²
+ public:
+  explicit VE(const Args& a) : smin_(a.num("sigma_min", 0.02)), smax_(a.num("sigma_max", 100.0)) {}
+  Tensor alpha(const Tensor& t) const override { return at::ones_like(t); }
+  Tensor alpha_dot(const Tensor& t) const override { return at::zeros_like(t); }
+  Tensor sigma(const Tensor& t) const override { return t.sqrt(); }
+  Tensor sigma_inv(const Tensor& s) const override { return at::pow(s, 2); }
+  Tensor sigma_dot(const Tensor& t) const override { return t.sqrt().reciprocal() * 0.5; }
+  Tensor timesteps(int n) const override {
+    const double ratio = smin_ * smin_ / (smax_ * smax_);
+    return append_zero(at::pow(ratio, ramp(n)) * (smax_ * smax_)).to(at::kFloat);
+  }
+
+ private:
+  double smin_, smax_;
+};
+
+class VP : public Schedule {
+ public:
+  explicit VP(const Args& a)
+      : bmin_(a.num("beta_min", 0.1)), bd_(a.num("beta_d", 19.9)), eps_(a.num("epsilon_s", 1e-3)), tmax_(a.num("t_max", 1.0)) {}
+  Tensor alpha(const Tensor& t) const override { return (a_(t) * -0.5).exp(); }
+  Tensor alpha_dot(const Tensor& t) const override { return (t * bd_ + bmin_) * -0.5 * alpha(t); }
+  Tensor sigma(const Tensor& t) const override { return (-at::expm1(-a_(t))).sqrt(); }
+  Tensor sigma_inv(const Tensor& s) const override { return t_of_a(-at::log1p(-at::pow(s, 2))); }
+  Tensor sigma_dot(const Tensor& t) const override { return (t * bd_ + bmin_) * 0.5 * at::pow(alpha(t), 2) / sigma(t); }
+  Tensor edm_sigma(const Tensor& t) const override { return at::expm1(a_(t)).sqrt(); }
+  Tensor edm_sigma_inv(const Tensor& s) const override { return t_of_a(at::log1p(at::pow(s, 2))); }
+  Tensor timesteps(int n) const override { return append_zero(ramp(n) * (eps_ - tmax_) + tmax_).to(at::kFloat); }
+
+ private:
+  Tensor a_(const Tensor& t) const { return at::pow(t, 2) * (0.5 * bd_) + t * bmin_; }
+  Tensor t_of_a(const Tensor& a) const { return a * 2 / ((a * (2 * bd_) + bmin_ * bmin_).sqrt() + bmin_); }
+  double bmin_, bd_, eps_, tmax_;
+};
+
+class DDPM : public Schedule {  // discrete: abar indexed by t + 1, t = -1 is clean data
+ public:
+  explicit DDPM(const Args& a) : T_(static_cast<int64_t>(a.num("num_train_timesteps", 1000))) {
+    const Tensor betas = at::linspace(a.num("beta_start", 1e-4), a.num("beta_end", 0.02), T_, at::kDouble);
+    abar_ = at::cat({at::ones({1}, at::kDouble), at::cumprod(1 - betas, 0)});
+  }
+  bool discrete() const override { return true; }
+  Tensor alpha_bar(const Tensor& t) const override { return abar_.index({t.to(at::kLong) + 1}); }
+  Tensor alpha(const Tensor& t) const override { return alpha_bar(t).sqrt(); }
+  Tensor sigma(const Tensor& t) const override { return (1 - alpha_bar(t)).sqrt(); }
+  Tensor alpha_dot(const Tensor&) const override { throw Error("DDPMScheduler is discrete"); }
+  Tensor sigma_dot(const Tensor&) const override { throw Error("DDPMScheduler is discrete"); }
+  Tensor sigma_inv(const Tensor&) const override { throw Error("DDPMScheduler is discrete"); }
+  Tensor edm_sigma_inv(const Tensor&) const override { throw Error("DDPMScheduler is discrete"); }
+  Tensor timesteps(int n) const override {
+    if (n > T_) throw Error("num_steps must be <= num_train_timesteps=" + std::to_string(T_) + ", got " + std::to_string(n));
+    const Tensor t = at::linspace(static_cast<double>(T_ - 1), 0.0, n, at::kDouble).round().to(at::kLong);
+    return at::cat({t, at::full({1}, -1, at::kLong)});
+  }
+
+ private:
+  int64_t T_;
+  Tensor abar_;
+};
+
+std::shared_ptr<const Schedule> make_schedule(const SamplerSpec& s, const std::string& where) {
+  const std::string w = where + "scheduler.args.";
+  const Json& a = s.scheduler_args;
+  if (s.scheduler == "EDMNoiseScheduler")
+    return std::make_shared<EDM>(Args(a, w, {"sigma_min", "sigma_max", "rho", "sigma_data", "P_mean", "P_std"}));
+  if (s.scheduler == "VENoiseScheduler") return std::make_shared<VE>(Args(a, w, {"sigma_min", "sigma_max"}));
+  if (s.scheduler == "VPNoiseScheduler") return std::make_shared<VP>(Args(a, w, {"beta_min", "beta_d", "epsilon_s", "t_max"}));
+  if (s.scheduler == "IDDPMNoiseScheduler") return std::make_shared<IDDPM>(Args(a, w, {"sigma_min", "sigma_max", "C_1", "C_2", "M"}));
+  if (s.scheduler == "DDPMScheduler") return std::make_shared<DDPM>(Args(a, w, {"num_train_timesteps", "beta_start", "beta_end"}));
+  throw Error(where + "scheduler.class: '" + s.scheduler +
+              "' is not supported by the C++ runner (EDMNoiseScheduler, VENoiseScheduler, VPNoiseScheduler, IDDPMNoiseScheduler, DDPMScheduler)");
+}
+
+/// The solver and its options (samplers.py signatures), checked against what the manifest gives.
+struct SolverSpec {
+  std::string name;
+  double heun_alpha = 1.0, S_churn = 0, S_min = 0, S_max = INFINITY, S_noise = 1, eta = 0;
+  int churn_steps = 0;  // the stochastic solvers' num_steps (default: the schedule's)
+  bool has_seed = false;
+  uint64_t seed = 0;  // solver_options.generator: an int seed of the solver's own
+  bool heun() const { return name == "heun" || name == "edm_stochastic_heun"; }
+  bool churn() const { return name.rfind("edm_stochastic_", 0) == 0; }
+  double gamma(int steps) const { return std::min(S_churn / (churn_steps > 0 ? churn_steps : steps), std::sqrt(2.0) - 1); }
+};
+
+SolverSpec solver_spec(const SamplerSpec& s, const Schedule& schedule, const std::string& where) {
+  static const std::map<std::string, std::set<std::string>> options = {
+      {"euler", {}},
+      {"heun", {"alpha"}},
+      {"edm_stochastic_euler", {"S_churn", "S_min", "S_max", "S_noise", "num_steps", "generator"}},
+      {"edm_stochastic_heun", {"S_churn", "S_min", "S_max", "S_noise", "num_steps", "generator", "alpha"}},
+      {"ddim", {"eta", "generator"}},
+  };
+  auto known = options.find(s.solver);
+  if (known == options.end())
+    throw Error(where + "solver: '" + s.solver + "' is not supported by the C++ runner (ddim, edm_stochastic_euler, edm_stochastic_heun, euler, heun)");
+  if ((s.solver == "ddim") != schedule.discrete())
+    throw Error(where + "solver: '" + s.solver + "' does not fit " + s.scheduler + " (" +
+                (schedule.discrete() ? "ddim" : "euler, heun, edm_stochastic_euler, edm_stochastic_heun") + ")");
+  SolverSpec out{s.solver};
+  for (auto it = s.solver_options.begin(); it != s.solver_options.end(); ++it) {
+    const std::string& key = it.key();
+    const std::string at = where + "solver_options." + key;
+    if (!known->second.count(key)) {
+      std::string names;
+      for (const auto& k : known->second) names += (names.empty() ? "" : ", ") + k;
+      throw Error(at + ": not an option of solver '" + s.solver + "' (" + (names.empty() ? "none" : names) + ")");
+    }
+    if (key == "generator") {
+      if (it->is_null()) continue;
+      if (!it->is_number_integer() || it->get<int64_t>() < 0) throw Error(at + ": expected a non-negative integer seed, got " + it->dump());
+      out.has_seed = true, out.seed = it->get<uint64_t>();
+      continue;
+    }
+    double v = 0;
+    if (!json_number(*it, v)) throw Error(at + ": expected a number, got " + it->dump());
+    if (key == "alpha") out.heun_alpha = v;
+    if (key == "S_churn") out.S_churn = v;
+    if (key == "S_min") out.S_min = v;
+    if (key == "S_max") out.S_max = v;
+    if (key == "S_noise") out.S_noise = v;
+    if (key == "eta") out.eta = v;
+    if (key == "num_steps") {
+      if (v < 1 || v != std::floor(v)) throw Error(at + ": expected an integer >= 1, got " + it->dump());
+      out.churn_steps = static_cast<int>(v);
+    }
+  }
+  if (!(out.heun_alpha > 0 && out.heun_alpha <= 1)) throw Error(where + "solver_options.alpha: must be in (0, 1], got " + std::to_string(out.heun_alpha));
+  if (out.S_churn < 0) throw Error(where + "solver_options.S_churn: must be >= 0, got " + std::to_string(out.S_churn));
   return out;
 }
 
-/// The noise levels to integrate over: the manifest's `sampler.sigmas`, or the EDM formula when
-/// `steps` overrides num_steps (or the manifest has none). The loop integrates in σ, which is the
-/// solver's time only for the EDM scheduler (t = σ, α = 1); other schedulers are refused.
-std::vector<double> schedule(const Engine& e, int steps) {
-  const SamplerSpec& s = e.sampler;
-  const std::string where = e.dir + "/manifest.json: sampler.";
-  if (s.scheduler != "EDMNoiseScheduler")
-    throw Error(where + "scheduler.class: '" + s.scheduler + "' is not supported by the C++ runner (EDMNoiseScheduler)");
-  if (s.solver != "euler" && s.solver != "heun")
-    throw Error(where + "solver: '" + s.solver + "' is not supported by the C++ runner (euler, heun)");
-  if (!s.solver_options.empty()) throw Error(where + "solver_options: not supported by the C++ runner (" + s.solver_options[0] + ")");
-  if (s.patching) throw Error(where + "patching: patch-based sampling is not supported by the C++ runner");
-  std::vector<double> sigmas = s.sigmas;
-  if (sigmas.empty() || (steps > 0 && steps != s.num_steps)) {
-    if (!(s.sigma_min > 0 && s.sigma_max > s.sigma_min && s.rho > 0))
-      throw Error(where + "scheduler.args: sigma_min, sigma_max and rho are needed to compute the noise levels");
-    sigmas = edm_sigmas(steps > 0 ? steps : s.num_steps, s.sigma_min, s.sigma_max, s.rho);
+Tensor to_tensor(const Array& a) {
+  const auto dtype = a.dtype == DType::Float32 ? at::kFloat : at::kLong;
+  return at::from_blob(const_cast<uint8_t*>(a.bytes.data()), a.shape, at::TensorOptions().dtype(dtype)).clone();
+}
+
+Array to_array(const Tensor& t) {
+  const Tensor c = t.to(at::kFloat).contiguous();
+  Array out(DType::Float32, c.sizes().vec());
+  std::memcpy(out.bytes.data(), c.data_ptr<float>(), out.bytes.size());
+  return out;
+}
+
+/// One sampling run: the engine as x0-predictor, the ODE right-hand side, the solver steps.
+class Run {
+ public:
+  Run(const Engine& e, Backend& backend, const Schedule& sch, const SolverSpec& solver, std::vector<Tensor> conditions, uint64_t seed,
+      double guidance)
+      : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)), guidance_(guidance),
+        gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {
+    if (guidance_ != 1)  // classifier-free guidance: the unconditional call has the vector conditions zeroed
+      for (size_t i = 0; i < conditions_.size(); ++i)
+        uncond_.push_back(e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]);
   }
-  bool ok = sigmas.size() >= 2 && sigmas.back() == 0.0;
-  for (size_t i = 0; ok && i + 1 < sigmas.size(); ++i) ok = sigmas[i] > sigmas[i + 1] && std::isfinite(sigmas[i]);
-  if (!ok) throw Error(where + "sigmas: expected decreasing positive noise levels ending with 0");
-  return sigmas;
+
+  /// `initial_latents`: σ(t_0)·ε (ε alone for DDPM), drawn first from the generator.
+  Tensor latents(const std::vector<int64_t>& shape, const Tensor& t0) {
+    const Tensor eps = at::randn(shape, gen_, at::TensorOptions().dtype(at::kFloat));
+    if (sch_.discrete()) return eps;
+    return sch_.sigma(bv(t0.expand({shape[0]}), eps)).to(at::kFloat) * eps;
+  }
+
+  Tensor sample(Tensor x, const Tensor& times) {
+    const int64_t n = times.size(0) - 1, B = x.size(0);
+    const double gamma = solver_.churn() ? solver_.gamma(static_cast<int>(n)) : 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      Tensor t_cur = times[i].repeat({B}), t_next = times[i + 1].repeat({B});
+      if (solver_.name == "ddim") {
+        x = ddim(x, t_cur, t_next);
+      } else {
+        if (gamma > 0) std::tie(x, t_cur) = churn(x, t_cur, gamma);
+        x = solver_.heun() ? heun(x, t_cur, t_next) : x + bv(t_next - t_cur, x) * ode(x, t_cur);
+      }
+      if (!at::isfinite(x).all().item<bool>())
+        throw Error("sampling produced NaN/Inf at step " + std::to_string(i) + " (t " + std::to_string(times[i].item<double>()) + " -> " +
+                    std::to_string(times[i + 1].item<double>()) + ")");
+    }
+    return x;
+  }
+
+ private:
+  /// The engine D(x, σ, conditions...) on any batch: chunks of at most batch.max rows, the last
+  /// padded to batch.min by repeating its last row (runtime/batching.py).
+  Tensor engine(const Tensor& x, const Tensor& sigma, const std::vector<Tensor>& conditions) {
+    const int64_t n = x.size(0);
+    std::vector<Tensor> outs;
+    for (int64_t start = 0; start < n; start += e_.batch_max) {
+      const int64_t size = std::min(e_.batch_max, n - start);
+      std::vector<Tensor> part{x.slice(0, start, start + size), sigma.slice(0, start, start + size)};
+      for (const Tensor& c : conditions) part.push_back(c.slice(0, start, start + size));
+      for (Tensor& p : part) {
+        if (size < e_.batch_min) {
+          std::vector<int64_t> reps(p.dim(), 1);
+          reps[0] = e_.batch_min - size;
+          p = at::cat({p, p.slice(0, size - 1, size).repeat(reps)});
+        }
+        p = p.contiguous();
+      }
+      std::vector<TensorView> views;
+      for (const Tensor& p : part) views.push_back({p.data_ptr(), p.scalar_type() == at::kFloat ? DType::Float32 : DType::Int64, p.sizes().vec()});
+      Tensor out = at::empty(part[0].sizes(), at::kFloat);
+      backend_.run(views, out.data_ptr<float>());
+      outs.push_back(out.slice(0, 0, size));
+    }
+    return outs.size() == 1 ? outs[0] : at::cat(outs);
+  }
+
+  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `ClassifierFreeGuidance`:
+  /// uncond + cfg·(cond − uncond).
+  Tensor x0(const Tensor& x, const Tensor& t) {
+    auto predict = [&](const std::vector<Tensor>& conditions) {
+      const Tensor alpha = bv(sch_.alpha(t), x).to(x.scalar_type());
+      return engine(x / alpha, sch_.edm_sigma(t).to(x.scalar_type()), conditions);
+    };
+    if (guidance_ == 1) return predict(conditions_);
+    const Tensor uncond = predict(uncond_);
+    return uncond + (predict(conditions_) - uncond) * guidance_;
+  }
+
+  /// `LinearGaussianNoiseScheduler.get_denoiser(x0_predictor=...)`, ODE: f − ½ g² score.
+  Tensor ode(const Tensor& x, const Tensor& t) {
+    const Tensor tb = bv(t, x);
+    const Tensor drift = (sch_.alpha_dot(tb) / sch_.alpha(tb)).to(x.scalar_type()) * x;
+    const Tensor s = sch_.sigma(tb);
+    const Tensor g2 = (sch_.sigma_dot(tb) * 2 * s - sch_.alpha_dot(tb) * 2 / sch_.alpha(tb) * at::pow(s, 2)).to(x.scalar_type());
+    const Tensor p = x0(x, t);
+    const Tensor a = sch_.alpha(tb).to(x.scalar_type()), sx = s.to(x.scalar_type());
+    const Tensor score = (a * p - x) / at::pow(sx, 2);
+    return drift - g2 * 0.5 * score;
+  }
+
+  Tensor heun(const Tensor& x, const Tensor& t_cur, const Tensor& t_next) {
+    const double alpha = solver_.heun_alpha, w = 1 / (2 * alpha);
+    const Tensor h = bv(t_next - t_cur, x), d = ode(x, t_cur), x_euler = x + h * d;
+    const Tensor last = t_next == 0;
+    if (last.all().item<bool>()) return x_euler;
+    const Tensor t_prime = at::where(last, t_cur, t_cur + (t_next - t_cur) * alpha);
+    const Tensor d_prime = ode(x + h * alpha * d, t_prime);
+    const Tensor x_heun = x + h * (d * (1 - w) + d_prime * w);
+    return last.any().item<bool>() ? at::where(bv(last, x), x_euler, x_heun) : x_heun;
+  }
+
+  /// EDM churn: raise the noise level s -> s (1 + γ) where S_min <= s <= S_max, adding fresh noise.
+  std::pair<Tensor, Tensor> churn(const Tensor& x, const Tensor& t, double gamma_max) {
+    const Tensor s = sch_.edm_sigma(t);
+    const Tensor gamma = ((s >= solver_.S_min) & (s <= solver_.S_max)).to(s.scalar_type()) * gamma_max;
+    const Tensor s_hat = s * (gamma + 1);
+    const Tensor t_hat = at::where(gamma > 0, sch_.edm_sigma_inv(s_hat), t);
+    const Tensor a = bv(sch_.alpha(t), x), a_hat = bv(sch_.alpha(t_hat), x);
+    const Tensor noise = bv((at::pow(s_hat, 2) - at::pow(s, 2)).clamp_min(0).sqrt() * solver_.S_noise, x) *
+                         at::randn(x.sizes(), gen_, x.options());
+    return {a_hat / a * x + a_hat * noise, t_hat};
+  }
+
+  /// `DDPMScheduler.step` (DDIM(η)) with the epsilon of the x0-predictor.
+  Tensor ddim(const Tensor& x, const Tensor& t, const Tensor& t_prev) {
+    const auto f = x.scalar_type();
+    const Tensor tb = bv(t, x);
+    const Tensor a = sch_.alpha(tb).to(f), sg = sch_.sigma(tb).to(f);
+    const Tensor eps = (x - a * x0(x, t)) / sg;  // x0_to_epsilon
+    const Tensor ab_t = bv(sch_.alpha_bar(t), x), ab_p = bv(sch_.alpha_bar(t_prev), x);
+    const Tensor s = ((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)).sqrt() * solver_.eta;
+    const Tensor x0_hat = (x - sg * eps) / a;  // epsilon_to_x0
+    const Tensor x_prev = ab_p.sqrt().to(f) * x0_hat + (1 - ab_p - at::pow(s, 2)).clamp_min(0).sqrt().to(f) * eps;
+    if (solver_.eta == 0) return x_prev;
+    return x_prev + s.to(f) * at::randn(x.sizes(), gen_, x.options());
+  }
+
+  const Engine& e_;
+  Backend& backend_;
+  const Schedule& sch_;
+  const SolverSpec& solver_;
+  std::vector<Tensor> conditions_, uncond_;
+  double guidance_;
+  at::Generator gen_;
+};
+
+const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "solver_args", "discrete",
+                                            "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance"};
+
+bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
+
+/// The manifest's resolved records (`solver_args`, `discrete`, the `steps` table) must say what this
+/// runner computes from the scheduler and solver; a disagreement is refused, never guessed around.
+void check_records(const std::string& where, const Field& sampler, const SolverSpec& solver, const Schedule& schedule,
+                   const std::vector<double>& times, const std::vector<double>& sigmas, bool own_steps) {
+  auto mismatch = [&](const std::string& field, double got, double want) {
+    throw Error(where + field + ": " + std::to_string(got) + " does not match " + std::to_string(want) +
+                " computed from the scheduler and solver (edited manifest?)");
+  };
+  if (sampler.has("discrete") && sampler.at("discrete").boolean() != schedule.discrete())
+    throw Error(where + "discrete: " + sampler.at("discrete").json().dump() + " does not fit the scheduler");
+  if (sampler.has("solver_args")) {
+    const std::map<std::string, double> mine = {{"alpha", solver.heun_alpha}, {"S_churn", solver.S_churn}, {"S_min", solver.S_min},
+                                                {"S_max", solver.S_max},      {"S_noise", solver.S_noise}, {"eta", solver.eta}};
+    for (const auto& [key, value] : sampler.at("solver_args").items()) {
+      double v = 0;
+      auto it = mine.find(key);
+      if (it != mine.end() && json_number(value.json(), v) && !close(v, it->second)) mismatch("solver_args." + key, v, it->second);
+    }
+  }
+  if (!own_steps || !sampler.has("steps")) return;  // the table is for the manifest's own num_steps
+  const std::vector<Field> steps = sampler.at("steps").array();
+  if (steps.size() + 1 != times.size())
+    throw Error(where + "steps: " + std::to_string(steps.size()) + " steps, the time steps make " + std::to_string(times.size() - 1));
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const std::string at = "steps[" + std::to_string(i) + "]";
+    if (!close(steps[i].at("t_cur").number(), times[i])) mismatch(at + ".t_cur", steps[i].at("t_cur").number(), times[i]);
+    if (!close(steps[i].at("t_next").number(), times[i + 1])) mismatch(at + ".t_next", steps[i].at("t_next").number(), times[i + 1]);
+    const std::vector<Field> evals = steps[i].at("evals").array();
+    const size_t want = solver.heun() && times[i + 1] != 0 ? 2 : 1;
+    if (evals.size() != want)
+      throw Error(where + at + ".evals: " + std::to_string(evals.size()) + " evaluations, solver '" + solver.name + "' makes " + std::to_string(want));
+    if (!steps[i].has("churn") && !close(evals[0].at("sigma").number(), sigmas[i])) mismatch(at + ".evals[0].sigma", evals[0].at("sigma").number(), sigmas[i]);
+  }
 }
 
 }  // namespace
 
-std::vector<double> edm_sigmas(int num_steps, double sigma_min, double sigma_max, double rho) {
-  if (num_steps < 1) throw Error("num_steps must be >= 1, got " + std::to_string(num_steps));
-  std::vector<double> t;
-  const double hi = std::pow(sigma_max, 1 / rho), lo = std::pow(sigma_min, 1 / rho);
-  for (int i = 0; i < num_steps; ++i)
-    t.push_back(std::pow(hi + (num_steps > 1 ? double(i) / (num_steps - 1) : 0.0) * (lo - hi), rho));
-  t.push_back(0.0);
-  return t;
+Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) : engine_(load_engine(engine_dir)), options_(options) {
+  require_verified(engine_dir, engine_.manifest, resolve_backend(engine_, options.backend), options.allow_unverified);
+  const std::string where = engine_.dir + "/manifest.json: sampler.";
+  const SamplerSpec& s = engine_.sampler;
+  if (s.patching)
+    throw Error(where + "patching: patch-based sampling (multi-diffusion, global_index) is not supported by the C++ runner; use `diffexport sample`");
+  for (auto it = engine_.manifest["sampler"].begin(); it != engine_.manifest["sampler"].end(); ++it)
+    if (!kSamplerKeys.count(it.key()) && !it->is_null()) throw Error(where + it.key() + ": not supported by the C++ runner");
+  const Field sampler(engine_.manifest["sampler"], "");
+  if (sampler.has("guidance")) {
+    const Field g = sampler.at("guidance");
+    guidance_ = g.has("cfg") ? g.at("cfg").number() : 1.0;
+    if (!(guidance_ >= 0)) throw Error(where + "guidance.cfg: must be >= 0, got " + std::to_string(guidance_));
+  }
+  schedule_ = make_schedule(s, where);
+  solver_spec(s, *schedule_, where);  // checked here, so that a bad solver fails before the denoiser loads
+  Tensor times;
+  if (!s.time_steps.empty() && (options.steps <= 0 || options.steps == s.num_steps)) {
+    times = at::tensor(s.time_steps, at::kDouble);
+    if (s.integer_times) times = times.to(at::kLong);
+  } else {
+    const int n = options.steps > 0 ? options.steps : s.num_steps;
+    if (n < 1) throw Error(where + "num_steps: must be >= 1, got " + std::to_string(n));
+    try {
+      times = schedule_->timesteps(n).to(at::kDouble);
+    } catch (const Error& e) {
+      throw Error(where + "scheduler: " + s.scheduler + ": " + e.what());
+    }
+    if (schedule_->discrete()) times = times.to(at::kLong);
+  }
+  if (times.size(0) < 2) throw Error(where + "time_steps: expected at least 2 entries");
+  const Tensor d = times.to(at::kDouble);
+  times_.assign(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  const Tensor sig = schedule_->edm_sigma(times).to(at::kDouble).contiguous();
+  sigmas_.assign(sig.data_ptr<double>(), sig.data_ptr<double>() + sig.numel());
+  check_records(where, Field(engine_.manifest, "").at("sampler"), solver_spec(s, *schedule_, where), *schedule_, times_, sigmas_,
+                options.steps <= 0 || options.steps == s.num_steps);
+  backend_ = open_backend(engine_, options.backend, options.threads);
 }
 
-Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options)
-    : engine_(load_engine(engine_dir)), sigmas_(schedule(engine_, options.steps)), heun_(engine_.sampler.solver == "heun"),
-      backend_(open_backend(engine_, options.backend, options.threads)) {}
+Sampler::~Sampler() = default;
 
 int Sampler::evaluations() const {
+  const bool heun = engine_.sampler.solver == "heun" || engine_.sampler.solver == "edm_stochastic_heun";
   int n = 0;
-  for (size_t i = 0; i + 1 < sigmas_.size(); ++i) n += heun_ && sigmas_[i + 1] > 0 ? 2 : 1;
-  return n;
+  for (size_t i = 0; i + 1 < times_.size(); ++i) n += heun && times_[i + 1] != 0 ? 2 : 1;
+  return guidance_ != 1 ? 2 * n : n;
 }
 
 void Sampler::check(const Array& latents, const Conditions& conditions) const {
@@ -92,47 +525,27 @@ void Sampler::check(const Array& latents, const Conditions& conditions) const {
       throw Error("unknown condition '" + kv.first + "'; the engine takes " + (names.empty() ? "none" : names));
 }
 
-Array Sampler::sample(const Array& latents, const Conditions& conditions) {
-  check(latents, conditions);
-  const int64_t n_total = latents.shape[0];
-  Array out(DType::Float32, latents.shape);
-  const size_t row = latents.bytes.size() / static_cast<size_t>(n_total) / sizeof(float);
-  for (int64_t start = 0; start < n_total; start += engine_.batch_max) {
-    const int64_t n = std::min(engine_.batch_max, n_total - start), b = std::max(n, engine_.batch_min);
-    std::vector<Array> inputs{rows(latents, start, n, b), Array(DType::Float32, {b})};
-    for (size_t i = 2; i < engine_.inputs.size(); ++i) inputs.push_back(rows(conditions.at(engine_.inputs[i].name), start, n, b));
-    std::vector<float> chunk(b * row);
-    run_chunk(inputs, chunk.data());
-    std::memcpy(out.f32() + start * row, chunk.data(), n * row * sizeof(float));
-  }
-  return out;
+Array Sampler::sample(const Array& latents, const Conditions& conditions) { return run(latents, conditions, false); }
+
+Array Sampler::sample(int64_t n, const Conditions& conditions) {
+  if (n < 1) throw Error("the number of samples must be >= 1, got " + std::to_string(n));
+  std::vector<int64_t> shape = engine_.inputs[0].shape;
+  shape[0] = n;
+  return run(Array(DType::Float32, shape), conditions, true);
 }
 
-void Sampler::run_chunk(std::vector<Array>& inputs, float* out) {
-  const size_t size = inputs[0].bytes.size() / sizeof(float);
-  std::vector<float> x(inputs[0].f32(), inputs[0].f32() + size), x_next(size), d(size), denoised(size);
-  std::vector<TensorView> views;
-  for (const Array& a : inputs) views.push_back({a.bytes.data(), a.dtype, a.shape});
-  float* sigma_in = inputs[1].f32();
-  auto denoise = [&](const std::vector<float>& state, float sigma) {
-    std::fill(sigma_in, sigma_in + inputs[1].numel(), sigma);
-    views[0].data = state.data();
-    backend_->run(views, denoised.data());
-  };
-  for (size_t i = 0; i + 1 < sigmas_.size(); ++i) {
-    const float s = static_cast<float>(sigmas_[i]), s_next = static_cast<float>(sigmas_[i + 1]), h = s_next - s;
-    denoise(x, s);
-    for (size_t k = 0; k < size; ++k) d[k] = (x[k] - denoised[k]) / s, x_next[k] = x[k] + h * d[k];
-    if (heun_ && s_next > 0) {
-      denoise(x_next, s_next);
-      for (size_t k = 0; k < size; ++k) x_next[k] = x[k] + h * (0.5f * (d[k] + (x_next[k] - denoised[k]) / s_next));
-    }
-    if (!std::all_of(x_next.begin(), x_next.end(), [](float v) { return std::isfinite(v); }))
-      throw Error("sampling produced NaN/Inf at step " + std::to_string(i) + " (sigma " + std::to_string(s) + " -> " +
-                  std::to_string(s_next) + ")");
-    x.swap(x_next);
-  }
-  std::memcpy(out, x.data(), size * sizeof(float));
+Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw_latents) {
+  check(latents, conditions);
+  const std::string where = engine_.dir + "/manifest.json: sampler.";
+  const SolverSpec solver = solver_spec(engine_.sampler, *schedule_, where);
+  std::vector<Tensor> conds;
+  for (size_t i = 2; i < engine_.inputs.size(); ++i) conds.push_back(to_tensor(conditions.at(engine_.inputs[i].name)));
+  Tensor times = at::tensor(times_, at::kDouble);
+  if (schedule_->discrete()) times = times.to(at::kLong);
+  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
+  Tensor x = draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents);
+  if (!schedule_->discrete()) times = times.to(at::kFloat);  // samplers.sample: the times in x's dtype
+  return to_array(loop.sample(x, times));
 }
 
 }  // namespace diffexport

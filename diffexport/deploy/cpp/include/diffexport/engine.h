@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "diffexport/json.h"
+#include "diffexport/manifest_json.h"
 #include "diffexport/npy.h"
 
 namespace diffexport {
@@ -19,13 +19,15 @@ struct TensorSpec {
   std::vector<int64_t> shape;
 };
 
-/// The sampler the engine was built for (`manifest.sampler`).
+/// The sampler the engine was built for (`manifest.sampler`, docs/ENGINE_FORMAT.md).
 struct SamplerSpec {
-  std::string scheduler, solver;  // scheduler class name; "euler" | "heun"
+  std::string scheduler;         // noise scheduler class name, e.g. "EDMNoiseScheduler"
+  Json scheduler_args = Json::object();  // its resolved arguments
+  std::string solver;            // euler | heun | edm_stochastic_euler | edm_stochastic_heun | ddim
   int num_steps = 0;
-  std::vector<double> sigmas;  // N+1 noise levels ending with 0 (empty: compute from the EDM args)
-  double sigma_min = 0, sigma_max = 0, rho = 0;  // EDMNoiseScheduler args (0 when absent)
-  std::vector<std::string> solver_options;       // names of the solver options that are set
+  std::vector<double> time_steps;  // the N + 1 solver times (empty: compute from the scheduler)
+  bool integer_times = false;      // discrete time steps (DDPMScheduler: T-1 ... 0, -1)
+  Json solver_options = Json::object();
   bool patching = false;
 };
 
@@ -61,8 +63,14 @@ class Backend {
   virtual void run(const std::vector<TensorView>& inputs, float* denoised) = 0;
 };
 
-/// The backend `name` ("aoti", "tensorrt" or "auto": the first built artifact that this
-/// binary can run, TensorRT first). `threads` > 0 sets the CPU threads (AOTInductor).
+/// Hex SHA-256 of a file's bytes (OpenSSL EVP); `Error` naming the file when it cannot be read.
+std::string sha256_file(const std::string& path);
+
+/// The backend that `name` ("aoti", "tensorrt" or "auto") selects: "auto" is the first built
+/// artifact that this binary can run, TensorRT first. `Error` for an unknown name.
+std::string resolve_backend(const Engine& engine, const std::string& name);
+
+/// Open the backend `name` (see `resolve_backend`). `threads` > 0 sets the CPU threads (AOTInductor).
 std::unique_ptr<Backend> open_backend(const Engine& engine, const std::string& name = "auto", int threads = 0);
 
 std::unique_ptr<Backend> open_aoti(const Engine& engine, int threads);

@@ -1,0 +1,164 @@
+"""The OpenVINO backend, ``targets: auto`` ranking and ``diffexport bench``'s fields.
+
+One tiny engine (SongUNet 16x16, randomised weights, 6 Heun steps) is built once with
+``targets: auto, precision: auto`` restricted to ONNX + OpenVINO (AOTInductor compiles take
+minutes on CI's 2 cores): artifacts onnx, openvino (f32 hint), openvino-bf16 (bf16 hint), then
+the parity and rank stages as ``diffexport build`` runs them. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import diffexport.engines.build as build_module
+from diffexport.cli import app
+from diffexport.engines import EngineError, build_engine, load, read_manifest
+from diffexport.engines.manifest import sha256_file, write_manifest
+from diffexport.parity import parity_stage
+from diffexport.runtime.bench import bench_engine, rank_stage
+
+openvino = pytest.importorskip("openvino", reason="the openvino package is not installed")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[8], dropout=0.0)
+RECIPE = {
+    "name": "tiny-openvino",
+    "model": {"class": "SongUNet", "init": {"seed": 5}, "args": TINY},
+    "preconditioner": {"class": "EDMPreconditioner", "args": {"sigma_data": 0.5}},
+    "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
+    "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}, "num_steps": 6},
+    "export": {"targets": "auto", "precision": "auto"},
+}
+SIGMAS = torch.tensor([0.002, 0.3, 2.0, 80.0])
+
+
+@pytest.fixture(scope="module")
+def auto_engine(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("openvino")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(RECIPE, sort_keys=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build_module, "AUTO_TARGETS", ("onnx", "openvino"))
+        result = build_engine(folder / "recipe.yaml", folder / "engine", finalize=[("parity", parity_stage), ("rank", rank_stage)])
+    return result.engine_dir
+
+
+def _call(engine_dir: Path, backend: str, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch)
+    sigma = SIGMAS[:batch] if batch <= len(SIGMAS) else torch.full((batch,), 1.0)
+    x = 0.5 * torch.randn(batch, 3, 16, 16, generator=g) + sigma.view(-1, 1, 1, 1) * torch.randn(batch, 3, 16, 16, generator=g)
+    return load(engine_dir, backend)(x, sigma), load(engine_dir, "torch")(x, sigma)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_artifacts_are_the_candidates(auto_engine):
+    m = read_manifest(auto_engine)
+    assert list(m["artifacts"]) == ["onnx", "openvino", "openvino-bf16"], m["skipped"]
+    for key, hint in (("openvino", "f32"), ("openvino-bf16", "bf16")):
+        art = m["artifacts"][key]
+        assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
+        assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"]} == set(art["files"])
+        assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
+    assert m["artifacts"]["openvino"]["file"] != m["artifacts"]["openvino-bf16"]["file"]
+
+
+@pytest.mark.parametrize("backend,rtol", [("openvino", 1e-5), ("openvino-bf16", 2e-2)])
+def test_openvino_matches_torch_reference(auto_engine, backend: str, rtol: float):
+    for batch in (1, 3, 4):  # static blobs for min and max, the dynamic one for 3
+        got, want = _call(auto_engine, backend, batch)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert rel_l2(got, want) <= rtol, (backend, batch, rel_l2(got, want))
+    if backend.endswith("bf16"):  # the hint took effect: bf16 differs from fp32 well beyond reduction order
+        assert rel_l2(*_call(auto_engine, backend)) > 1e-4
+
+
+def test_parity_stage_checks_openvino(auto_engine):
+    backends = read_manifest(auto_engine)["parity"]["backends"]
+    assert {"onnxruntime", "openvino", "openvino-bf16"} <= set(backends)
+    assert backends["openvino-bf16"]["precision"] == "bf16" and backends["openvino-bf16"]["tolerances"]["per_call_rtol"] == 2e-2
+    assert all(b["passed"] for b in backends.values()), backends
+
+
+def test_batch_outside_range_is_refused(auto_engine):
+    engine = load(auto_engine, "openvino")
+    with pytest.raises(EngineError, match="outside the engine's range"):
+        engine(torch.zeros(5, 3, 16, 16), torch.ones(5))
+
+
+def test_blob_that_cannot_be_imported_falls_back_to_the_onnx(tmp_path, auto_engine):
+    engine_dir = shutil.copytree(auto_engine, tmp_path / "e")
+    m = read_manifest(engine_dir)
+    art = m["artifacts"]["openvino"]
+    (engine_dir / art["file"]).write_bytes(b"not a blob")
+    art["sha256"] = art["files"][art["file"]] = sha256_file(engine_dir / art["file"])
+    write_manifest(engine_dir, m)
+    got, want = _call(engine_dir, "openvino")
+    assert rel_l2(got, want) <= 1e-5
+    art["source"] = None
+    write_manifest(engine_dir, m)
+    with pytest.raises(EngineError, match="cannot import this blob"):
+        load(engine_dir, "openvino")
+
+
+def test_engine_module_does_not_import_the_exporter():
+    source = Path(__file__).parents[1] / "diffexport" / "engines" / "openvino.py"
+    imported = {n.module for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(ast.parse(source.read_text())) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and (m.startswith(("diffexport.export", "torch.onnx", "onnx")))}, imported
+
+
+def test_ranking_makes_the_fastest_verified_backend_the_default(auto_engine):
+    m = read_manifest(auto_engine)
+    r = m["ranking"]
+    assert sorted(r["order"]) == ["onnxruntime", "openvino", "openvino-bf16"] and r["failed"] == []
+    scores = [r["candidates"][b]["score"] for b in r["order"]]
+    assert m["default_backend"] == r["order"][0] and scores == sorted(scores) and scores[0] >= 1.0
+    assert all(set(c["call_ms"]) == {"2", "4"} for c in r["candidates"].values())  # batch opt and max
+    assert load(auto_engine).backend == m["default_backend"].removesuffix("-bf16")
+    out = CliRunner().invoke(app, ["inspect", str(auto_engine)], terminal_width=200)
+    assert out.exit_code == 0 and "ranking" in out.output and f"{m['default_backend']} (default)" in out.output, out.output
+
+
+def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
+    engine_dir = shutil.copytree(auto_engine, tmp_path / "e")
+    m = read_manifest(engine_dir)
+    m["status"] = "failed"
+    m["parity"]["backends"]["onnxruntime"]["passed"] = False
+    write_manifest(engine_dir, m)
+    rank_stage(engine_dir, m)
+    assert m["ranking"]["failed"] == ["onnxruntime"] and "onnxruntime" not in m["ranking"]["order"]
+    assert m["default_backend"] in ("openvino", "openvino-bf16") and m["status"] == "ok"
+    m["parity"]["backends"] = {k: {**v, "passed": False} for k, v in m["parity"]["backends"].items()}
+    m.pop("default_backend")
+    m["status"] = "failed"
+    rank_stage(engine_dir, m)
+    assert "default_backend" not in m and "order" not in m["ranking"] and len(m["ranking"]["failed"]) == 3 and m["status"] == "failed"
+
+
+def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
+    path = tmp_path / "bench.json"
+    out = CliRunner().invoke(app, ["bench", str(auto_engine), "--repeats", "1", "--warmup", "0",  # default batches 1 and 8
+                                   "-b", "openvino", "-b", "openvino-bf16", "--json", str(path)], terminal_width=240)
+    assert out.exit_code == 0, out.output
+    result = json.loads(path.read_text())
+    assert {"load_average", "cores", "warning", "peak_gflops", "omp_wait_policy", "pause_s"} <= set(result)
+    assert set(result["peak_gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in result["peak_gflops"].values())
+    rows = result["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for n in (1, 4) for b in ("torch", "openvino", "openvino-bf16")]
+    for r in rows:  # batch 8 is clamped to the engine's max, 4
+        assert {"precision", "call_ms", "call_vs_torch", "gflops", "pct_peak", "sample_s", "sample_vs_torch", "nfe", "loop_overhead",
+                "sampler_only_s"} <= set(r)
+        assert r["nfe"] == 11 and r["pct_peak"] > 0 and r["loop_overhead"] < 1 and 0 < r["sampler_only_s"] < r["sample_s"]
+    assert [r["precision"] for r in rows[:3]] == ["fp32", "fp32", "bf16"] and rows[0]["call_vs_torch"] == 1.0
+    assert "matmul peak GFLOP/s" in out.output and "loop: share" in out.output
