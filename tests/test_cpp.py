@@ -230,6 +230,19 @@ def test_every_sampler_matches_python(index_engine_dir, runner, tmp_path, case, 
         assert np.abs(np.load(tmp_path / "other.npy") - np.load(tmp_path / "out.npy")).max() > 1e-3, "the seed has no effect"
 
 
+def test_classifier_free_guidance(engine_ok, runner, tmp_path):
+    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) and
+    ``sampler.clip`` match the Python runtime; guidance costs twice the evaluations and changes the samples."""
+    engine = shutil.copytree(engine_ok, tmp_path / "engine")
+    inputs = make_inputs(engine, tmp_path)
+    assert run(runner / BINARY, engine, inputs, tmp_path / "plain.npy").returncode == 0
+    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}, clip=[-0.5, 0.5]))
+    log, _ = check_parity(runner, engine, inputs, tmp_path / "cfg.npy")
+    assert f"{2 * (2 * manifest_of(engine)['sampler']['num_steps'] - 1)} evaluations per batch" in log
+    assert np.abs(np.load(tmp_path / "cfg.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
+    assert np.abs(np.load(tmp_path / "cfg.npy")).max() == 0.5 < np.abs(np.load(tmp_path / "plain.npy")).max()  # sampler.clip
+
+
 def test_latents_drawn_from_seed_and_steps(index_engine_dir, runner, tmp_path):
     """``--batch N --seed S`` draws the latents as ``diffexport sample --seed S --batch N`` does, then the
     per-step noise from the same generator; ``--steps`` re-discretises VP and DDPM schedules."""
@@ -293,8 +306,8 @@ BROKEN = {
                  "sampler.patching: patch-based sampling (multi-diffusion, global_index) is not supported by the C++ runner"),
     "edited step table": (lambda e: edit_manifest(e, lambda m: m["sampler"]["steps"][2].update(t_cur=1.5)),
                           "sampler.steps[2].t_cur: 1.500000 does not match"),
-    "unknown sampler field": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(guidance={"scale": 2})),
-                              "sampler.guidance: not supported by the C++ runner"),
+    "unknown sampler field": (lambda e: edit_manifest(e, lambda m: m["sampler"].update(dps={"scale": 2})),
+                              "sampler.dps: not supported by the C++ runner"),
 }
 
 
@@ -378,23 +391,21 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
     """The finalize stage installs a runner that still works once the temporary directory is renamed,
-    with build.json listing the sha256 of every C++ build input (and, with the manifest hashing
-    helper, ``hashes.cpp`` covering cpp/); ``diffexport cpp`` prints the binary's path and refuses an
-    engine without an aoti artifact."""
+    with build.json listing the sha256 of every C++ build input and ``hashes.cpp`` covering cpp/;
+    ``diffexport cpp`` prints the binary's path and refuses an engine without an aoti artifact."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
     from diffexport.deploy.cpp import source_files
-    from diffexport.engines import manifest as manifest_io
+    from diffexport.engines.manifest import verify_record
 
     building = shutil.copytree(engine_ok, tmp_path / ".tiny.building")
     manifest = manifest_of(building)
     cpp_stage(building, manifest)
     inputs = json.loads((building / "cpp" / "build.json").read_text())
     assert inputs["sources"] == source_files() and {"CMakeLists.txt", "src/sampler.cpp", "include/diffexport/verdict.h"} <= set(inputs["sources"])
-    if hasattr(manifest_io, "record_tree"):
-        assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
-        manifest_io.verify_record(building, manifest["hashes"]["cpp"])
+    assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
+    verify_record(building, manifest["hashes"]["cpp"])
     engine = building.rename(tmp_path / "tiny")
     done = run(engine / "cpp" / BINARY, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy")
     assert done.returncode == 0, done.stderr
@@ -443,7 +454,7 @@ def test_no_absolute_rpath_ld_library_path_or_bundle(engine_ok, runner, tmp_path
     np.testing.assert_array_equal(np.load(tmp_path / "bundled.npy"), np.load(tmp_path / "out.npy"))
 
 
-def test_missing_package_named(tmp_path, monkeypatch):
+def test_missing_package_named(engine_ok, tmp_path, monkeypatch):
     """With two of the three system packages made unfindable for CMake, `diffexport cpp` names exactly
     those two Debian packages."""
     from typer.testing import CliRunner
@@ -452,10 +463,7 @@ def test_missing_package_named(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DIFFEXPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DIFFEXPORT_CMAKE_ARGS", "-DCMAKE_DISABLE_FIND_PACKAGE_OpenSSL=ON -DCMAKE_DISABLE_FIND_PACKAGE_CLI11=ON")
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    (engine / "manifest.json").write_text(json.dumps({"format": "diffexport-engine/1", "name": "x", "artifacts": {"aoti": {}}}))
-    result = CliRunner().invoke(app, ["cpp", str(engine)])
+    result = CliRunner().invoke(app, ["cpp", str(engine_ok)])
     assert result.exit_code == 1
     assert "needs the Debian packages libssl-dev, libcli11-dev: apt-get install -y libssl-dev libcli11-dev (or ./setup.sh --dev)" in result.output
     assert missing_packages("diffexport-missing-packages: libcli11-dev\n") == ["libcli11-dev"]

@@ -7,6 +7,7 @@ settings (10 Heun steps, 40 samples) so the whole file stays around a minute or 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from diffexport.cli import app
 from diffexport.engines import build_engine
 from diffexport.engines.load import load
 from diffexport.engines.manifest import file_record, read_manifest, write_manifest
-from diffexport.parity import check_engine
+from diffexport.parity import check_engine, run_parity
 from diffexport.parity.digits import load_digits16, load_judge, upsample
 from diffexport.parity.task import frechet_distance, judge_samples, resolve_judge
 
@@ -105,15 +106,19 @@ def digits_engine(tmp_path_factory) -> Path:
     data.update(deploy={}, inputs={"batch": {"min": 1, "opt": 8, "max": 64}})
     folder = tmp_path_factory.mktemp("digits")
     (folder / "quickstart.yaml").write_text(yaml.safe_dump(data))
-    return build_engine(folder / "quickstart.yaml", folder / "engine", ["onnx"]).engine_dir
+    engine_dir = build_engine(folder / "quickstart.yaml", folder / "engine", ["onnx"]).engine_dir
+    run_parity(engine_dir, report_dir=folder / "report", update_manifest=True)  # the build's parity stage: verified
+    return engine_dir
 
 
 def test_engine_has_one_hot_class_labels_and_passes_tensor_and_task_parity(digits_engine):
     manifest = read_manifest(digits_engine)
     names = [i["name"] for i in manifest["io"]["inputs"]]
     assert names == ["x", "sigma", "class_labels"] and manifest["io"]["inputs"][2]["shape"][1:] == [10]
-    assert manifest["sampler"]["guidance"] == {"cfg": 2.0}
-    report = check_engine(digits_engine, ["onnxruntime"], locate=False)
+    assert manifest["sampler"]["guidance"] == {"cfg": 2.0} and manifest["sampler"]["clip"] == [-1, 1]
+    assert manifest["status"] == "ok"
+    report = json.loads((digits_engine.parent / "report" / "parity.json").read_text())
+    assert "Task parity" in (digits_engine.parent / "report" / "parity.md").read_text()
     entry = report["backends"]["onnxruntime"]
     assert entry["passed"] and entry["task"]["passed"], entry
     assert entry["task"]["agreement"] >= 0.97 and entry["task"]["accuracy"] >= 0.9
@@ -143,13 +148,14 @@ def test_sample_label_shorthand(digits_engine, tmp_path):
     assert result.exit_code == 0, result.output
     samples = np.load(out)
     assert samples.shape == (10, 1, 16, 16) and samples.dtype == np.float32 and out.with_suffix(".png").is_file()
+    assert samples.min() >= -1 and samples.max() <= 1 and samples.min() < -0.9  # clamped to sampler.clip, not squashed
     labels, _ = judge_samples(resolve_judge("digits"), torch.from_numpy(samples))
     assert (labels == 3).mean() >= 0.8
     np.save(tmp_path / "labels.npy", np.array([7, 1]))
     result = runner.invoke(app, ["sample", str(digits_engine), "--batch", "4", "--condition", f"class_labels={tmp_path / 'labels.npy'}",
-                                 "--steps", "2", "--out", str(out)])
-    assert result.exit_code == 0 and np.load(out).shape == (4, 1, 16, 16), result.output
-    bad = runner.invoke(app, ["sample", str(digits_engine), "--condition", "class_labels=12", "--out", str(out)])
+                                 "--steps", "2", "--out", str(tmp_path / "s2.npy")])
+    assert result.exit_code == 0 and np.load(tmp_path / "s2.npy").shape == (4, 1, 16, 16), result.output
+    bad = runner.invoke(app, ["sample", str(digits_engine), "--condition", "class_labels=12", "--out", str(tmp_path / "s3.npy")])
     assert bad.exit_code != 0 and "0..9" in bad.output and "Traceback" not in bad.output
 
 

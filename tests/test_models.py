@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,25 @@ def test_constructor_args_are_recorded_for_checkpoints(name: str) -> None:
     assert "lead_time_mode" not in args and args.get("img_resolution") == 8
     rebuilt = type(model)(**args)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("package", ["models", "diffusion"])
+def test_no_import_cycles_inside_the_package(package: str):
+    """Imports inside diffexport.models / diffexport.diffusion (function-level ones included) form
+    no cycle, e.g. no noise_schedulers <-> samplers, no layers <-> legacy."""
+    import ast
+    import graphlib
+
+    root = Path(__file__).resolve().parents[1] / "diffexport" / package
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mod = node.module.split(".")[-1] if node.level or node.module.startswith(f"diffexport.{package}.") else None
+                deps |= {mod} & names
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[-1] for a in node.names if a.name.startswith(f"diffexport.{package}.")} & names
+        graph[name] = deps - {name}
+    graphlib.TopologicalSorter(graph).prepare()  # CycleError names the cycle

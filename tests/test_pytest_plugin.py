@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from diffexport.engines.manifest import mark
+from diffexport.engines.manifest import mark, read_manifest, write_manifest
 from diffexport.parity import run_parity
 
 pytest_plugins = ["pytester"]
@@ -108,16 +108,15 @@ def test_tampered_and_failed_engines_give_clear_error_items(pytester, good, tmp_
     assert result.ret == pytest.ExitCode.TESTS_FAILED and "INTERNALERROR" not in text and "Traceback" not in text
 
 
-def test_k_selects_a_backend_x_stops_and_rtol_scale_applies(pytester, good, perturbed):
+def test_k_selects_a_backend_x_stops_and_rtol_scale_applies(pytester, good):
     args = ["--diffexport-engine", good, "--diffexport-backend", "onnxruntime", "--diffexport-backend", "tensorrt"]
     result = run(pytester, *args, "-k", "tensorrt")
     assert outcomes(result) == {"quickstart::tensorrt::artifact": "SKIPPED"}
     result = run(pytester, *args, "-k", "onnxruntime and trajectory")
     assert outcomes(result) == {"quickstart::onnxruntime::trajectory": "PASSED"}
-    result = run(pytester, "--diffexport-engine", perturbed, "-x", "-k", "per_call")
-    result.assert_outcomes(failed=1)
-    result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-k", "trajectory")
-    result.assert_outcomes(failed=1)  # fp32 errors of ~1e-7 against tolerances scaled to ~1e-14
+    result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-x")
+    result.assert_outcomes(passed=1, failed=1)  # manifest, then per_call[sigma=80]: ~1e-7 > 1e-14; -x stops there
+    assert "1e-14" in result.stdout.str()
 
 
 def test_fixtures_and_marker_in_users_tests(pytester, good, tmp_path):
@@ -158,3 +157,20 @@ def test_xdist_two_workers(pytester, good):
     pytest.importorskip("xdist")
     result = run(pytester, "--diffexport-engine", good, "-n", "2", subprocess=True)
     result.assert_outcomes(passed=1 + len(SIGMAS) + 1)
+
+
+def test_task_item_where_the_recipe_has_a_judge(pytester, good, tmp_path):
+    """``parity.judge`` in the manifest's recipe adds ``<engine>::<backend>::task`` (diffexport.parity.task)."""
+    pytester.makepyfile(tiny_judge="def judge(x):\n    return (x.mean(dim=(1, 2, 3)) > 0).long()\n")
+    pytester.syspathinsert()
+    engines = []
+    for name, judge in (("judged", "tiny_judge:judge"), ("misjudged", "no_such_module:judge")):
+        engine_dir = tmp_path / name
+        shutil.copytree(good, engine_dir)
+        manifest = read_manifest(engine_dir)
+        manifest["recipe"]["parity"]["judge"] = {"name": judge, "samples": 4, "min_agreement": 0.5}
+        write_manifest(engine_dir, manifest)
+        engines += ["--diffexport-engine", engine_dir]
+    result = run(pytester, *engines, "-k", "task")
+    assert outcomes(result) == {"judged::onnxruntime::task": "PASSED", "misjudged::onnxruntime::task": "FAILED"}
+    assert "task-level parity" in result.stdout.str() and "no_such_module" in result.stdout.str()

@@ -211,7 +211,8 @@ def test_yaml_reader_refuses_unsafe_documents(tmp_path: Path, text: str, message
     (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "a binary file"),
     ("name: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
     (b"# " + b"x" * (1 << 20) + b"\n", "larger than 1048576 bytes"),
-], ids=["binary", "latin-1", "oversized"])
+    ("name: x\n".encode("utf-16"), "UTF-16 text; save the recipe as UTF-8"),
+], ids=["binary", "latin-1", "oversized", "utf-16"])
 def test_yaml_reader_refuses_files_that_are_not_small_utf8_text(tmp_path: Path, data: bytes, message: str):
     path = tmp_path / "r.yaml"
     path.write_bytes(data)

@@ -138,6 +138,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
         "patching": s.patching.model_dump() if s.patching else None,
         "steps": steps,
         **({"guidance": s.guidance.model_dump()} if s.guidance else {}),
+        **({"clip": list(s.clip)} if s.clip else {}),
     }  # fmt: skip
 
 

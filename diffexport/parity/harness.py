@@ -13,7 +13,6 @@ later ``diffexport parity``, a test session or another xdist worker reuses them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import time
@@ -49,9 +48,7 @@ def default_backends(manifest: dict) -> list[str]:
 def load_candidate(engine_dir: str | Path, backend: str, device: str | torch.device | None = None, **options: Any) -> Engine:
     """``backend``'s engine whatever its parity verdict (parity is what sets the verdict);
     ``options`` go to :func:`~diffexport.engines.load`."""
-    if "allow_unverified" in inspect.signature(load).parameters:  # engines.load refuses unverified engines by default
-        options["allow_unverified"] = True
-    return load(engine_dir, backend, device=device, **options)
+    return load(engine_dir, backend, device=device, allow_unverified=True, **options)
 
 
 @dataclass(frozen=True)
@@ -277,14 +274,23 @@ class ParityRun:
             self._run(backend, tol, entry)
         except Exception as e:  # a backend that cannot load or run fails, the others are still checked
             entry["error"] = f"{type(e).__name__}: {e}"
-        if self.locate and not entry["passed"] and entry.get("per_call") and backend == "onnxruntime":
-            try:
-                entry["divergence"] = self._locate(record, tol, entry)
-            except Exception as e:  # the verdict stands without the diagnosis
-                entry["divergence"] = {"summary": f"the first diverging ONNX node could not be located ({type(e).__name__}: {e})", "sigma": None}
         entry["seconds"] = round(time.perf_counter() - start, 3)
         self.entries[backend] = entry
         return entry
+
+    def divergence(self, backend: str) -> dict | None:
+        """For a failing ONNX Runtime backend (when ``locate``), the first diverging ONNX node, stored
+        as ``entry["divergence"]`` (computed once, on demand: it re-exports the reference)."""
+        entry = self.check(backend)
+        if "divergence" in entry or not self.locate or entry["passed"] or not entry.get("per_call") or backend not in ("onnxruntime", "aoti"):
+            return entry.get("divergence")
+        start = time.perf_counter()
+        try:
+            entry["divergence"] = self._locate(self.record(backend), entry["tolerances"], entry)
+        except Exception as e:  # the verdict stands without the diagnosis
+            entry["divergence"] = {"summary": f"the first diverging ONNX node could not be located ({type(e).__name__}: {e})", "sigma": None}
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
+        return entry["divergence"]
 
     def _run(self, backend: str, tol: dict, entry: dict) -> None:
         if backend not in BACKENDS:
@@ -310,6 +316,11 @@ class ParityRun:
         ref = self.reference.engine("cpu")
         inputs = self.reference.calls("cpu").inputs[worst]
         rtol = min(tol["per_call_rtol"], tol["per_call_f_rtol"])  # the network's activations are F-like, not D-like
+        if not record["file"].endswith(".onnx"):  # AOTI: the first diverging module (parity.module_locate)
+            from diffexport.parity.module_locate import locate_in_artifact
+
+            found = locate_in_artifact(record, ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol)
+            return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
         found = locate_divergence(self.engine_dir / record["file"], ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol,
                                   precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
         return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
@@ -336,6 +347,8 @@ class ParityRun:
             "settings": self.plan.settings(), "sigmas": self.plan.sigmas,
             "backends": {b: self.check(b) for b in backends},
         }  # fmt: skip
+        for b in backends:
+            self.divergence(b)
         if self.judge():
             report["task"] = self.task(report["backends"])
         report["passed"] = all(e["passed"] for e in report["backends"].values())

@@ -114,8 +114,8 @@ class _Item(pytest.Item):
         if not call_passed(record, entry["tolerances"]):
             lines = describe_call(record, entry["tolerances"])
             lines.append(f"(D max abs {record['max_abs']:.3g}, F max abs {record['f_max_abs']:.3g})")
-            if entry.get("divergence"):
-                d = entry["divergence"]
+            d = self.run().divergence(self.backend)
+            if d:
                 at = f" (located at sigma={d['sigma']:.4g})" if d.get("sigma") is not None else ""
                 lines.append(f"first divergent ONNX node{at}: {d['summary']}")
             _fail(f"{self.backend} ({entry['precision']}): " + "\n".join(lines))
@@ -134,7 +134,10 @@ class _Item(pytest.Item):
     def _task(self) -> None:
         run = self.run()
         entry = dict(self._entry())  # the task check folds its verdict into a copy
-        run.task({self.backend: entry})
+        try:
+            run.task({self.backend: entry})
+        except Exception as e:  # a judge that cannot be resolved or run: this item fails, the session goes on
+            _fail(f"{self.backend}: task-level parity: {type(e).__name__}: {e}")
         task = entry["task"]
         if task.get("error"):
             _fail(f"{self.backend}: task-level parity: {task['error']}")
@@ -157,13 +160,12 @@ class _Item(pytest.Item):
         return self.engine_dir, None, self.nodeid
 
 
-def _engine_items(session: pytest.Session, engine_dir: Path, backends: list[str]) -> list[pytest.Item]:
-    """The items of one engine directory (a ``<name>::manifest`` item failing with the reason when
-    the manifest cannot be read)."""
+def _engine_items(session: pytest.Session, engine_dir: Path, name: str, backends: list[str]) -> list[pytest.Item]:
+    """The items of one engine directory named ``name`` (a ``<name>::manifest`` item failing with
+    the reason when the manifest cannot be read)."""
     from diffexport.engines.load import BACKENDS
     from diffexport.parity.harness import default_backends
 
-    name = engine_dir.name
     engine = _EngineNode.from_parent(session, name=name, path=engine_dir, nodeid=name)
     items: list[pytest.Item] = [_Item.from_parent(engine, name="manifest", engine_dir=engine_dir, check="manifest")]
     try:
@@ -198,9 +200,11 @@ class _EngineNode(pytest.Collector):
 
 @pytest.hookimpl(tryfirst=True)  # before -k / -m deselection
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    backends = config.getoption("--diffexport-backend")
-    for engine in config.getoption("--diffexport-engine"):
-        items.extend(_engine_items(session, Path(engine).resolve(), backends))
+    backends, names = config.getoption("--diffexport-backend"), set()
+    for engine in dict.fromkeys(Path(e).resolve() for e in config.getoption("--diffexport-engine")):
+        name = engine.name if engine.name not in names else f"{engine.parent.name}-{engine.name}"  # two "quickstart"s
+        names.add(name)
+        items.extend(_engine_items(session, engine, name, backends))
 
 
 # --- fixtures and marker for users' own tests ---------------------------------------------------------------

@@ -157,6 +157,14 @@ class Sampler(Strict):
     solver_options: dict[str, Any] = Field(default_factory=dict)
     patching: Patching | None = None
     guidance: Guidance | None = None
+    clip: list[float] | None = Field(None, min_length=2, max_length=2)  # [lo, hi]: the data range final samples are clamped to
+
+    @field_validator("clip")
+    @classmethod
+    def _ordered_clip(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"clip must be [lo, hi] with lo < hi, got {v}")
+        return v
 
     @field_validator("solver")
     @classmethod

@@ -108,6 +108,8 @@ def read_yaml(path: str | Path, max_bytes: int = MAX_BYTES) -> Any:
         raise YAMLInputError(f"{path}: cannot read recipe ({e.strerror})") from None
     if len(data) > max_bytes:
         raise YAMLInputError(f"{path}: larger than {max_bytes} bytes; a recipe is a small YAML text file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise YAMLInputError(f"{path}: UTF-16 text; save the recipe as UTF-8")
     if b"\0" in data:
         raise YAMLInputError(f"{path}: a binary file (it holds NUL bytes), not a YAML recipe")
     try:

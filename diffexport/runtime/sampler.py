@@ -61,6 +61,7 @@ class SamplerSpec:
     solver_options: dict = field(default_factory=dict)
     patching: dict | None = None
     guidance: float | None = None  # classifier-free guidance scale (manifest sampler.guidance.cfg)
+    clip: tuple[float, float] | None = None  # the data range the final samples are clamped to
 
     @property
     def num_steps(self) -> int:
@@ -75,7 +76,7 @@ class SamplerSpec:
         else:
             times = scheduler.timesteps(int(sampler["num_steps"]))
         return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
-                   (sampler.get("guidance") or {}).get("cfg"))
+                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None)
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
         """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
@@ -300,5 +301,6 @@ def sample(
             f(i, t_cur, t_next, x)
 
     denoiser = spec.scheduler.get_denoiser(x0_predictor=predictor)
-    return samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
-                           time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)
+    x = samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
+                        time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)
+    return x.clamp_(*spec.clip) if spec.clip else x

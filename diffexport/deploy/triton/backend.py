@@ -40,11 +40,13 @@ def engine_dir(args: dict[str, str]) -> Path:
     return (Path(args["model_repository"]) / rel).resolve()
 
 
-def check_verified(args: dict[str, str], manifest: dict, backend: str | None = None) -> None:
+def check_verified(args: dict[str, str], manifest: dict, backend: str | None = None) -> bool:
     """``initialize``'s verdict check: ``UnverifiedEngine`` (the one-line refusal of
-    :mod:`diffexport.engines.verdict`) unless the engine is verified or the config allows it."""
+    :mod:`diffexport.engines.verdict`) unless the engine is verified or the config allows it;
+    returns whether the config allows it (for ``engines.load``)."""
     allow = parameters(args).get(ALLOW_PARAM, "false") == "true"
     require_verified(engine_dir(args), manifest, backend, allow_unverified=allow)
+    return allow
 
 
 def _as_torch(t: Any, copy: bool) -> torch.Tensor:

@@ -27,7 +27,7 @@ from diffexport.deploy.triton.backend import ALLOW_PARAM
 from diffexport.deploy.triton.config import Instances, denoiser_config, sampler_config, to_pbtxt
 from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS
-from diffexport.engines.manifest import read_manifest, sha256_file, write_manifest
+from diffexport.engines.manifest import read_manifest, record_tree, verify_record, write_manifest
 from diffexport.recipes import IOSpec
 
 FULL, PYTHON_ONLY = "triton", "triton-python"
@@ -108,41 +108,15 @@ def _write_model(repo: Path, config, files: dict[str, str | Path]) -> None:
 
 
 # --- hashes of the written files (issue 13 item 4) ---------------------------------------------
-_IGNORED = "__pycache__"  # written by Python itself when a model is imported outside `diffexport serve`
-
-
-def _repo_files(engine_dir: Path, folder: str) -> list[Path]:
-    root = engine_dir / folder
-    return sorted(p for p in root.rglob("*") if p.is_file() and _IGNORED not in p.relative_to(root).parts)
-
-
-def hash_repository(engine_dir: Path, folder: str) -> dict:
-    """``{"dir", "files": {relpath: sha256}, "bytes"}`` of every file under ``engine_dir/folder``."""
-    files = _repo_files(engine_dir, folder)
-    return {"dir": folder, "files": {p.relative_to(engine_dir).as_posix(): sha256_file(p) for p in files},
-            "bytes": sum(p.stat().st_size for p in files)}
 
 
 def verify_repository(engine_dir: str | Path, manifest: dict, folder: str) -> None:
     """``EngineError`` (one line) unless every file under ``engine_dir/folder`` is in the manifest's
     hashes and unchanged: a missing record, a changed, missing or unlisted file is refused."""
-    engine_dir = Path(engine_dir)
     record = (manifest.get("hashes") or {}).get(folder)
     if not record:
-        raise EngineError(f"{engine_dir / folder}: not hashed in manifest.json; rewrite it with `diffexport serve {engine_dir} --rewrite`")
-    want = record.get("files", {})
-    for p in _repo_files(engine_dir, folder):
-        rel = p.relative_to(engine_dir).as_posix()
-        if rel not in want:
-            raise EngineError(f"{p}: not listed in manifest.json hashes.{folder} (a file added to the repository); "
-                              f"rewrite it with `diffexport serve {engine_dir} --rewrite`")
-    for rel, sha in want.items():
-        p = engine_dir / rel
-        if not p.is_file():
-            raise EngineError(f"{p}: missing (listed in manifest.json hashes.{folder})")
-        if sha256_file(p) != sha:
-            raise EngineError(f"{p}: sha256 does not match manifest.json hashes.{folder} (the file was changed); "
-                              f"rewrite it with `diffexport serve {engine_dir} --rewrite`")
+        raise EngineError(f"{Path(engine_dir) / folder}: not hashed in manifest.json; rewrite it with `diffexport serve {engine_dir} --rewrite`")
+    verify_record(engine_dir, record, f"hashes.{folder}")
 
 
 def recipe_instances(manifest: dict) -> Instances:
@@ -201,7 +175,7 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    manifest.setdefault("hashes", {})[final.name] = hash_repository(engine_dir, final.name)
+    record_tree(engine_dir, manifest, final.name)
     if persist:
         write_manifest(engine_dir, manifest)
     return final

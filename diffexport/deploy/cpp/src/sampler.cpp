@@ -275,9 +275,14 @@ Array to_array(const Tensor& t) {
 /// One sampling run: the engine as x0-predictor, the ODE right-hand side, the solver steps.
 class Run {
  public:
-  Run(const Engine& e, Backend& backend, const Schedule& sch, const SolverSpec& solver, std::vector<Tensor> conditions, uint64_t seed)
-      : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)),
-        gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {}
+  Run(const Engine& e, Backend& backend, const Schedule& sch, const SolverSpec& solver, std::vector<Tensor> conditions, uint64_t seed,
+      double guidance)
+      : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)), guidance_(guidance),
+        gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {
+    if (guidance_ != 1)  // classifier-free guidance: the unconditional call has the vector conditions zeroed
+      for (size_t i = 0; i < conditions_.size(); ++i)
+        uncond_.push_back(e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]);
+  }
 
   /// `initial_latents`: σ(t_0)·ε (ε alone for DDPM), drawn first from the generator.
   Tensor latents(const std::vector<int64_t>& shape, const Tensor& t0) {
@@ -307,13 +312,13 @@ class Run {
  private:
   /// The engine D(x, σ, conditions...) on any batch: chunks of at most batch.max rows, the last
   /// padded to batch.min by repeating its last row (runtime/batching.py).
-  Tensor engine(const Tensor& x, const Tensor& sigma) {
+  Tensor engine(const Tensor& x, const Tensor& sigma, const std::vector<Tensor>& conditions) {
     const int64_t n = x.size(0);
     std::vector<Tensor> outs;
     for (int64_t start = 0; start < n; start += e_.batch_max) {
       const int64_t size = std::min(e_.batch_max, n - start);
       std::vector<Tensor> part{x.slice(0, start, start + size), sigma.slice(0, start, start + size)};
-      for (const Tensor& c : conditions_) part.push_back(c.slice(0, start, start + size));
+      for (const Tensor& c : conditions) part.push_back(c.slice(0, start, start + size));
       for (Tensor& p : part) {
         if (size < e_.batch_min) {
           std::vector<int64_t> reps(p.dim(), 1);
@@ -331,10 +336,16 @@ class Run {
     return outs.size() == 1 ? outs[0] : at::cat(outs);
   }
 
-  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)).
+  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `ClassifierFreeGuidance`:
+  /// uncond + cfg·(cond − uncond).
   Tensor x0(const Tensor& x, const Tensor& t) {
-    const Tensor alpha = bv(sch_.alpha(t), x).to(x.scalar_type());
-    return engine(x / alpha, sch_.edm_sigma(t).to(x.scalar_type()));
+    auto predict = [&](const std::vector<Tensor>& conditions) {
+      const Tensor alpha = bv(sch_.alpha(t), x).to(x.scalar_type());
+      return engine(x / alpha, sch_.edm_sigma(t).to(x.scalar_type()), conditions);
+    };
+    if (guidance_ == 1) return predict(conditions_);
+    const Tensor uncond = predict(uncond_);
+    return uncond + (predict(conditions_) - uncond) * guidance_;
   }
 
   /// `LinearGaussianNoiseScheduler.get_denoiser(x0_predictor=...)`, ODE: f − ½ g² score.
@@ -390,12 +401,14 @@ class Run {
   Backend& backend_;
   const Schedule& sch_;
   const SolverSpec& solver_;
-  std::vector<Tensor> conditions_;
+  std::vector<Tensor> conditions_, uncond_;
+  double guidance_;
   at::Generator gen_;
 };
 
-const std::set<std::string> kSamplerKeys = {"scheduler", "solver",  "num_steps", "solver_options", "solver_args", "discrete",
-                                            "time_steps", "sigmas", "alphas",  "steps",          "patching"};
+const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "solver_args", "discrete",
+                                            "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance",
+                                            "clip"};
 
 bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
 
@@ -444,6 +457,17 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
     throw Error(where + "patching: patch-based sampling (multi-diffusion, global_index) is not supported by the C++ runner; use `diffexport sample`");
   for (auto it = engine_.manifest["sampler"].begin(); it != engine_.manifest["sampler"].end(); ++it)
     if (!kSamplerKeys.count(it.key()) && !it->is_null()) throw Error(where + it.key() + ": not supported by the C++ runner");
+  const Field sampler(engine_.manifest["sampler"], "");
+  if (sampler.has("guidance")) {
+    const Field g = sampler.at("guidance");
+    guidance_ = g.has("cfg") ? g.at("cfg").number() : 1.0;
+    if (!(guidance_ >= 0)) throw Error(where + "guidance.cfg: must be >= 0, got " + std::to_string(guidance_));
+  }
+  if (sampler.has("clip")) {  // the data range the final samples are clamped to
+    const std::vector<Field> clip = sampler.at("clip").array();
+    if (clip.size() != 2 || !(clip[0].number() < clip[1].number())) throw Error(where + "clip: expected [low, high] with low < high");
+    clip_ = {clip[0].number(), clip[1].number()};
+  }
   schedule_ = make_schedule(s, where);
   solver_spec(s, *schedule_, where);  // checked here, so that a bad solver fails before the denoiser loads
   Tensor times;
@@ -476,7 +500,7 @@ int Sampler::evaluations() const {
   const bool heun = engine_.sampler.solver == "heun" || engine_.sampler.solver == "edm_stochastic_heun";
   int n = 0;
   for (size_t i = 0; i + 1 < times_.size(); ++i) n += heun && times_[i + 1] != 0 ? 2 : 1;
-  return n;
+  return guidance_ != 1 ? 2 * n : n;
 }
 
 void Sampler::check(const Array& latents, const Conditions& conditions) const {
@@ -524,10 +548,12 @@ Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw
   for (size_t i = 2; i < engine_.inputs.size(); ++i) conds.push_back(to_tensor(conditions.at(engine_.inputs[i].name)));
   Tensor times = at::tensor(times_, at::kDouble);
   if (schedule_->discrete()) times = times.to(at::kLong);
-  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed);
+  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
   Tensor x = draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents);
   if (!schedule_->discrete()) times = times.to(at::kFloat);  // samplers.sample: the times in x's dtype
-  return to_array(loop.sample(x, times));
+  Tensor out = loop.sample(x, times);
+  if (!clip_.empty()) out.clamp_(clip_[0], clip_[1]);
+  return to_array(out);
 }
 
 }  // namespace diffexport

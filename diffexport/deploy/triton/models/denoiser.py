@@ -25,9 +25,9 @@ from diffexport.engines.manifest import read_manifest
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         backend = parameters(args)["backend"]
-        check_verified(args, read_manifest(engine_dir(args)), backend)
+        allow = check_verified(args, read_manifest(engine_dir(args)), backend)
         device = f"cuda:{args['model_instance_device_id']}" if args.get("model_instance_kind") == "GPU" else "cpu"
-        self.engine = load(engine_dir(args), backend, device)
+        self.engine = load(engine_dir(args), backend, device, allow_unverified=allow)
         self.io = self.engine.io
         self.sigma = next(s.name for s in self.io.inputs if s.kind == "sigma")
 

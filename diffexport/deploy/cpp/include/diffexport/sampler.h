@@ -30,7 +30,9 @@ class Schedule;  // the noise scheduler's formulas (sampler.cpp)
 /// ops, so the results match the Python runtime's to float rounding of the denoiser.
 ///
 /// Refuses (`UnverifiedEngine`, one line) an engine whose parity status is not ok unless
-/// `options.allow_unverified`, and (`Error`) a sampler it cannot run (patching, guidance).
+/// `options.allow_unverified`, and (`Error`) a sampler it cannot run (patching). Classifier-free
+/// guidance (`sampler.guidance.cfg`) runs as in Python: uncond + cfg·(cond − uncond), the
+/// unconditional call with the vector conditions zeroed.
 /// The N rows are integrated together; denoiser calls run in chunks of the engine's batch range.
 /// Noise comes from one CPU `at::Generator` seeded with `options.seed` (or the recipe's
 /// `solver_options.generator`) and is drawn in the Python runtime's order, so a seed gives the
@@ -51,7 +53,8 @@ class Sampler {
   const std::vector<double>& time_steps() const { return times_; }  ///< the N + 1 solver times
   const std::vector<double>& sigmas() const { return sigmas_; }      ///< EDM noise level at each time
   int steps() const { return static_cast<int>(times_.size()) - 1; }
-  int evaluations() const;  ///< denoiser calls per sample (e.g. 2N−1 for Heun, N for Euler and DDIM)
+  int evaluations() const;  ///< denoiser calls per sample (e.g. 2N−1 for Heun, N for Euler and DDIM; twice with guidance)
+  double guidance() const { return guidance_; }  ///< classifier-free guidance scale (1: none)
 
  private:
   void check(const Array& latents, const Conditions& conditions) const;
@@ -61,6 +64,8 @@ class Sampler {
   SamplerOptions options_;
   std::shared_ptr<const Schedule> schedule_;
   std::vector<double> times_, sigmas_;
+  double guidance_ = 1.0;
+  std::vector<double> clip_;  // [low, high] the samples are clamped to (sampler.clip), or empty
   std::unique_ptr<Backend> backend_;
 };
 
