@@ -135,7 +135,11 @@ def inspect(engine_dir: Path = typer.Argument(..., help="Engine directory made b
         problems = engine_problems(engine_dir, m)
     except EngineError as e:
         raise fail(str(e)) from None
-    _show(engine_dir, m)
+    try:
+        _show(engine_dir, m)
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as e:  # informational fields not checked by read_manifest
+        raise fail(f"{Path(engine_dir) / 'manifest.json'}: a field shown by inspect is malformed ({type(e).__name__}: {e}); "
+                   "the manifest is damaged or edited, rebuild the engine") from None
     if problems:
         for line in problems[1:]:
             console.print(f"[red]✗[/] {escape(line)}", soft_wrap=True)
@@ -148,7 +152,7 @@ def _show(engine_dir: Path, m: dict) -> None:
     out = Console(highlight=False, soft_wrap=True)
     status = m.get("status", "?")
     out.print(f"[bold]{m['name']}[/]  status [{STATUS_STYLE.get(status, 'white')}]{status}[/]  built {m.get('created', '?')}  ({m['format']})")
-    out.print(f"[dim]{Path(engine_dir).resolve()}  content key {m.get('content_key', '?')[:16]}[/]")
+    out.print(f"[dim]{Path(engine_dir).resolve()}  content key {str(m.get('content_key', '?'))[:16]}[/]")
 
     io = m["io"]
     table = Table(title=f"I/O (batch {io['batch'].get('min')}..{io['batch'].get('max')}, opt {io['batch'].get('opt')})", title_justify="left")
