@@ -231,15 +231,16 @@ def test_every_sampler_matches_python(index_engine_dir, runner, tmp_path, case, 
 
 
 def test_classifier_free_guidance(engine_ok, runner, tmp_path):
-    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) matches the
-    Python runtime, costs twice the evaluations, and changes the samples."""
+    """``sampler.guidance.cfg`` (the unconditional call with the vector condition zeroed) and
+    ``sampler.clip`` match the Python runtime; guidance costs twice the evaluations and changes the samples."""
     engine = shutil.copytree(engine_ok, tmp_path / "engine")
     inputs = make_inputs(engine, tmp_path)
     assert run(runner / BINARY, engine, inputs, tmp_path / "plain.npy").returncode == 0
-    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}))
+    edit_manifest(engine, lambda m: m["sampler"].update(guidance={"cfg": 2.5}, clip=[-0.5, 0.5]))
     log, _ = check_parity(runner, engine, inputs, tmp_path / "cfg.npy")
     assert f"{2 * (2 * manifest_of(engine)['sampler']['num_steps'] - 1)} evaluations per batch" in log
     assert np.abs(np.load(tmp_path / "cfg.npy") - np.load(tmp_path / "plain.npy")).max() > 1e-3
+    assert np.abs(np.load(tmp_path / "cfg.npy")).max() == 0.5 < np.abs(np.load(tmp_path / "plain.npy")).max()  # sampler.clip
 
 
 def test_latents_drawn_from_seed_and_steps(index_engine_dir, runner, tmp_path):
@@ -390,23 +391,21 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
     """The finalize stage installs a runner that still works once the temporary directory is renamed,
-    with build.json listing the sha256 of every C++ build input (and, with the manifest hashing
-    helper, ``hashes.cpp`` covering cpp/); ``diffexport cpp`` prints the binary's path and refuses an
-    engine without an aoti artifact."""
+    with build.json listing the sha256 of every C++ build input and ``hashes.cpp`` covering cpp/;
+    ``diffexport cpp`` prints the binary's path and refuses an engine without an aoti artifact."""
     from typer.testing import CliRunner
 
     from diffexport.cli import app
     from diffexport.deploy.cpp import source_files
-    from diffexport.engines import manifest as manifest_io
+    from diffexport.engines.manifest import verify_record
 
     building = shutil.copytree(engine_ok, tmp_path / ".tiny.building")
     manifest = manifest_of(building)
     cpp_stage(building, manifest)
     inputs = json.loads((building / "cpp" / "build.json").read_text())
     assert inputs["sources"] == source_files() and {"CMakeLists.txt", "src/sampler.cpp", "include/diffexport/verdict.h"} <= set(inputs["sources"])
-    if hasattr(manifest_io, "record_tree"):
-        assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
-        manifest_io.verify_record(building, manifest["hashes"]["cpp"])
+    assert set(manifest["hashes"]["cpp"]["files"]) == {"cpp/diffexport-sample", "cpp/build.json"}
+    verify_record(building, manifest["hashes"]["cpp"])
     engine = building.rename(tmp_path / "tiny")
     done = run(engine / "cpp" / BINARY, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy")
     assert done.returncode == 0, done.stderr

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from diffexport.engines.manifest import mark
+from diffexport.engines.manifest import mark, read_manifest, write_manifest
 from diffexport.parity import run_parity
 
 pytest_plugins = ["pytester"]
@@ -157,3 +157,20 @@ def test_xdist_two_workers(pytester, good):
     pytest.importorskip("xdist")
     result = run(pytester, "--diffexport-engine", good, "-n", "2", subprocess=True)
     result.assert_outcomes(passed=1 + len(SIGMAS) + 1)
+
+
+def test_task_item_where_the_recipe_has_a_judge(pytester, good, tmp_path):
+    """``parity.judge`` in the manifest's recipe adds ``<engine>::<backend>::task`` (diffexport.parity.task)."""
+    pytester.makepyfile(tiny_judge="def judge(x):\n    return (x.mean(dim=(1, 2, 3)) > 0).long()\n")
+    pytester.syspathinsert()
+    engines = []
+    for name, judge in (("judged", "tiny_judge:judge"), ("misjudged", "no_such_module:judge")):
+        engine_dir = tmp_path / name
+        shutil.copytree(good, engine_dir)
+        manifest = read_manifest(engine_dir)
+        manifest["recipe"]["parity"]["judge"] = {"name": judge, "samples": 4, "min_agreement": 0.5}
+        write_manifest(engine_dir, manifest)
+        engines += ["--diffexport-engine", engine_dir]
+    result = run(pytester, *engines, "-k", "task")
+    assert outcomes(result) == {"judged::onnxruntime::task": "PASSED", "misjudged::onnxruntime::task": "FAILED"}
+    assert "task-level parity" in result.stdout.str() and "no_such_module" in result.stdout.str()

@@ -227,13 +227,15 @@ def sample_args(draw, tmp: Path) -> list:
         args += ["--backend", draw(mostly(st.sampled_from(["onnxruntime", "torch"]), st.sampled_from(["aoti", "tflite", "", "openvino"])))]
     if draw(st.booleans()):
         dtype = draw(mostly(st.sampled_from(["<f4", ">f4", "<f8", ">f8", "<f2"]), st.sampled_from(["<c8", "|b1", "<i4", "|u1"])))
-        shape = draw(mostly(st.sampled_from([(1, 3, 16, 16), (2, 3, 16, 16)]),
-                            st.sampled_from([(0, 3, 16, 16), (1, 3, 8, 8), (3, 16, 16), (1, 1, 3, 16, 16)])))
+        shape = draw(mostly(st.sampled_from([(1, 1, 16, 16), (2, 1, 16, 16)]),  # the quickstart's x: [B, 1, 16, 16]
+                            st.sampled_from([(0, 1, 16, 16), (1, 3, 16, 16), (1, 1, 8, 8), (1, 16, 16), (1, 1, 1, 16, 16)])))
         array = np.random.default_rng(0).normal(size=shape).astype(dtype)
         if draw(st.integers(0, 4)) == 0 and array.size and array.dtype.kind == "f":
             array.flat[0] = np.nan
         np.save(tmp / "latents.npy", array)
         args += ["--latents", draw(mostly(st.just(tmp / "latents.npy"), st.sampled_from([tmp / "absent.npy", tmp])))]
+    if draw(st.booleans()):  # the quickstart's class_labels condition
+        args += ["--label", draw(mostly(st.sampled_from(["3", "0,1", "9"]), st.sampled_from(["-1", "x", "10", "3,", "", str(2**70)])))]
     if draw(st.integers(0, 5)) == 0:
         args += ["--condition", draw(st.sampled_from(["x", "=", "cond=", "cond=/etc/passwd", f"c={tmp / 'latents.npy'}"]))]
     args += ["-o", draw(mostly(st.just(tmp / "out" / "s.npy"),

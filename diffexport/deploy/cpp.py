@@ -24,8 +24,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from diffexport.engines import manifest as manifest_io
-from diffexport.engines.manifest import read_manifest
+from diffexport.engines.manifest import read_manifest, record_tree
 from diffexport.fileio import write_atomic
 
 SOURCE_DIR = Path(__file__).with_name("cpp")
@@ -214,9 +213,8 @@ def build_cpp(engine_dir: str | Path, *, jobs: int = 2, progress: Progress = Non
 def cpp_stage(engine_dir: Path, manifest: dict) -> None:
     """``build_engine`` finalize stage for ``deploy: {cpp: true}``: installs the runner in the
     temporary engine directory (the binary takes the engine path at run time, so the rename after
-    the build does not matter) and records the sha256 of ``cpp/`` (binary and build.json) in the
-    manifest when the manifest hashing helper is available."""
+    the build does not matter) and records the sha256 of ``cpp/`` (binary and build.json) as the
+    manifest's ``hashes.cpp``."""
     _check_engine(engine_dir, manifest)
     install_binary(build_tree(), engine_dir / "cpp")
-    if (record_tree := getattr(manifest_io, "record_tree", None)) is not None:
-        record_tree(engine_dir, manifest, "cpp")
+    record_tree(engine_dir, manifest, "cpp")

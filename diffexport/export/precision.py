@@ -11,8 +11,9 @@ as autocast would but visible in the graph:
 * everything else (the preconditioner's scalings, noise embeddings, residual sums) runs in the
   dtype type promotion gives, so float32 I/O and float32 sinusoids stay float32.
 
-Weights stay float32 in the model; their casts to the low dtype are constant-folded later
-(ONNX: :func:`diffexport.export.onnx.export_onnx`; AOTInductor: freezing).
+Weights stay float32 in the model; their casts to the low dtype are constant-folded later by
+ONNX (:func:`diffexport.export.onnx.export_onnx`); AOTInductor (no freezing, see
+``docs/aoti_freezing.md``) casts them at run time.
 """
 
 from __future__ import annotations

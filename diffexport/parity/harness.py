@@ -13,7 +13,6 @@ later ``diffexport parity``, a test session or another xdist worker reuses them.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import time
@@ -49,9 +48,7 @@ def default_backends(manifest: dict) -> list[str]:
 def load_candidate(engine_dir: str | Path, backend: str, device: str | torch.device | None = None, **options: Any) -> Engine:
     """``backend``'s engine whatever its parity verdict (parity is what sets the verdict);
     ``options`` go to :func:`~diffexport.engines.load`."""
-    if "allow_unverified" in inspect.signature(load).parameters:  # engines.load refuses unverified engines by default
-        options["allow_unverified"] = True
-    return load(engine_dir, backend, device=device, **options)
+    return load(engine_dir, backend, device=device, allow_unverified=True, **options)
 
 
 @dataclass(frozen=True)
@@ -285,7 +282,7 @@ class ParityRun:
         """For a failing ONNX Runtime backend (when ``locate``), the first diverging ONNX node, stored
         as ``entry["divergence"]`` (computed once, on demand: it re-exports the reference)."""
         entry = self.check(backend)
-        if "divergence" in entry or not self.locate or entry["passed"] or not entry.get("per_call") or backend != "onnxruntime":
+        if "divergence" in entry or not self.locate or entry["passed"] or not entry.get("per_call") or backend not in ("onnxruntime", "aoti"):
             return entry.get("divergence")
         start = time.perf_counter()
         try:
@@ -319,6 +316,11 @@ class ParityRun:
         ref = self.reference.engine("cpu")
         inputs = self.reference.calls("cpu").inputs[worst]
         rtol = min(tol["per_call_rtol"], tol["per_call_f_rtol"])  # the network's activations are F-like, not D-like
+        if not record["file"].endswith(".onnx"):  # AOTI: the first diverging module (parity.module_locate)
+            from diffexport.parity.module_locate import locate_in_artifact
+
+            found = locate_in_artifact(record, ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol)
+            return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
         found = locate_divergence(self.engine_dir / record["file"], ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol,
                                   precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
         return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}

@@ -128,3 +128,36 @@ def locate_module(
         if bad is None:
             return found
         found, parent = bad, bad.module
+
+
+def aoti_compiler(io, device: str = "cpu") -> CompileProgram:
+    """``compile_program`` for AOTInductor: the build's :func:`~diffexport.export.aoti.export_aoti`
+    into a temporary package, loaded back."""
+    import tempfile
+    from pathlib import Path
+
+    from diffexport.export.aoti import export_aoti
+
+    def compile_program(program: torch.export.ExportedProgram):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.pt2"
+            export_aoti(program, io, path, device=device)
+            runner = torch._inductor.aoti_load_package(str(path))
+        return lambda *args: runner(*(a.to(device) for a in args))
+
+    return compile_program
+
+
+def locate_in_artifact(record: dict, denoiser: Denoiser, io, inputs: dict[str, Tensor] | tuple[Tensor, ...], rtol: float) -> ModuleDivergence | None:
+    """:func:`locate_module` for the artifact ``record`` (a manifest ``artifacts`` entry) of a
+    backend compiled from the exported program (AOTInductor), on one call's ``inputs`` (by name
+    or in engine order); ``ValueError`` for others."""
+    from diffexport.export.program import export_program
+
+    if isinstance(inputs, dict):
+        inputs = tuple(inputs[s.name] for s in io.inputs)
+    if not record["file"].endswith(".pt2"):
+        raise ValueError(f"{record['file']}: module location needs a backend compiled from the torch.export program (AOTInductor)")
+    precision = record.get("precision", "fp32")
+    return locate_module(denoiser, tuple(t.cpu() for t in inputs), aoti_compiler(io, record.get("device", "cpu")),
+                         lambda probe: export_program(probe, io, precision), rtol)

@@ -134,7 +134,10 @@ class _Item(pytest.Item):
     def _task(self) -> None:
         run = self.run()
         entry = dict(self._entry())  # the task check folds its verdict into a copy
-        run.task({self.backend: entry})
+        try:
+            run.task({self.backend: entry})
+        except Exception as e:  # a judge that cannot be resolved or run: this item fails, the session goes on
+            _fail(f"{self.backend}: task-level parity: {type(e).__name__}: {e}")
         task = entry["task"]
         if task.get("error"):
             _fail(f"{self.backend}: task-level parity: {task['error']}")

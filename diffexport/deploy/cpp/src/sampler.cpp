@@ -407,7 +407,8 @@ class Run {
 };
 
 const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "solver_args", "discrete",
-                                            "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance"};
+                                            "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance",
+                                            "clip"};
 
 bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
 
@@ -461,6 +462,11 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
     const Field g = sampler.at("guidance");
     guidance_ = g.has("cfg") ? g.at("cfg").number() : 1.0;
     if (!(guidance_ >= 0)) throw Error(where + "guidance.cfg: must be >= 0, got " + std::to_string(guidance_));
+  }
+  if (sampler.has("clip")) {  // the data range the final samples are clamped to
+    const std::vector<Field> clip = sampler.at("clip").array();
+    if (clip.size() != 2 || !(clip[0].number() < clip[1].number())) throw Error(where + "clip: expected [low, high] with low < high");
+    clip_ = {clip[0].number(), clip[1].number()};
   }
   schedule_ = make_schedule(s, where);
   solver_spec(s, *schedule_, where);  // checked here, so that a bad solver fails before the denoiser loads
@@ -545,7 +551,9 @@ Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw
   Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
   Tensor x = draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents);
   if (!schedule_->discrete()) times = times.to(at::kFloat);  // samplers.sample: the times in x's dtype
-  return to_array(loop.sample(x, times));
+  Tensor out = loop.sample(x, times);
+  if (!clip_.empty()) out.clamp_(clip_[0], clip_[1]);
+  return to_array(out);
 }
 
 }  // namespace diffexport

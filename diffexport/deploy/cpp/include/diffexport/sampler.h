@@ -65,6 +65,7 @@ class Sampler {
   std::shared_ptr<const Schedule> schedule_;
   std::vector<double> times_, sigmas_;
   double guidance_ = 1.0;
+  std::vector<double> clip_;  // [low, high] the samples are clamped to (sampler.clip), or empty
   std::unique_ptr<Backend> backend_;
 };
 
