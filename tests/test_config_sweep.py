@@ -99,7 +99,7 @@ def accepted(data: dict):
         return None
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, b in denoiser.named_buffers():
+        for b in denoiser.preconditioner.model.model.buffers():  # the model's, not the preconditioner's tables
             if b.is_floating_point() and b.numel() > 1:  # e.g. Fourier frequencies, resample filters, grids
                 b.copy_(torch.randn(b.shape, generator=g) * b.float().std().clamp_min(0.1))
     return io_spec(recipe), denoiser

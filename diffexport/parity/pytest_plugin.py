@@ -117,7 +117,8 @@ class _Item(pytest.Item):
             d = self.run().divergence(self.backend)
             if d:
                 at = f" (located at sigma={d['sigma']:.4g})" if d.get("sigma") is not None else ""
-                lines.append(f"first divergent ONNX node{at}: {d['summary']}")
+                what = "ONNX node" if self.backend == "onnxruntime" else "module"  # module: parity.module_locate (AOTI)
+                lines.append(f"first divergent {what}{at}: {d['summary']}")
             _fail(f"{self.backend} ({entry['precision']}): " + "\n".join(lines))
 
     def _trajectory(self) -> None:
