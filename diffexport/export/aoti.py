@@ -18,8 +18,8 @@ from diffexport.recipes import IOSpec
 
 # No freezing. Inductor's freezing (weights inlined as constants, constant folding, oneDNN
 # pre-packing; about 30% faster per call on CPU) gives AOTInductor packages that are wrong for
-# some configs: a small NCSN++ SongUNet came out at ~1e-2 relative error while the same frozen
-# graph run eagerly, or JIT-compiled with freezing, is exact (docs/aoti_freezing.md,
+# some configs: a small NCSN++ SongUNet came out at ~1e-2 relative error (JIT torch.compile with
+# freezing too) while the frozen FX graph itself is exact (docs/aoti_freezing.md,
 # benchmarks/repro_aoti_freezing.py). Freezing only applies under no_grad, which is why the
 # bug showed there; weights stay runtime constants of the package instead.
 INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": False}
