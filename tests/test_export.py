@@ -391,12 +391,12 @@ def test_aoti_ncsnpp_matches_eager(tmp_path):
 # Loading and running an engine imports no exporter
 
 
-# torch.onnx is not listed: tensordict (diffusion's TensorDict) imports torch._dynamo, whose trace
-# rules import torch.onnx; the exporter's own stack (onnx, onnxscript, onnx_ir) stays out.
-HEAVY = ("diffexport.export", "onnx", "onnxscript", "onnx_ir", "tensorrt", "torch_tensorrt", "openvino")
+HEAVY = ("diffexport.export", "torch.onnx", "onnxscript", "onnx_ir", "onnx", "tensorrt", "torch_tensorrt", "torch._inductor",
+         "tensordict", "torch._dynamo", "openvino")  # fmt: skip
 
 
 def test_loading_and_running_an_engine_imports_no_exporter(onnx_engine_dir):
+    """Load, one call, and a 3-step sampling run (the Triton sampler's path) import none of HEAVY."""
     import subprocess
     import sys
 
@@ -405,9 +405,16 @@ import sys, time, torch
 t = time.perf_counter()
 import diffexport.engines, diffexport.runtime
 from diffexport.engines import load
+from diffexport.engines.manifest import read_manifest
+from diffexport.runtime import sample
+from diffexport.runtime.inputs import condition_specs
 engine = load({str(onnx_engine_dir)!r}, "onnxruntime", allow_unverified=True)
 x = torch.zeros(1, *engine.io.inputs[0].shape[1:])
 assert engine(x, torch.ones(1)).shape == x.shape
+conditions = {{s.name: torch.zeros(2, *s.shape[1:], dtype=getattr(torch, s.dtype)) for s in condition_specs(engine)}}
+out = sample(engine, read_manifest({str(onnx_engine_dir)!r})["sampler"], batch=2, num_steps=3, conditions=conditions)
+assert out.shape[0] == 2 and bool(out.isfinite().all())
+import diffexport.deploy.triton.backend, diffexport.deploy.triton.config  # the Triton models' imports
 heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in {HEAVY!r}))
 print(heavy)
 """
@@ -415,3 +422,13 @@ print(heavy)
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_is_tensordict_matches_isinstance_without_importing_tensordict():
+    from tensordict import TensorDict
+
+    from diffexport.diffusion.base import is_tensordict
+
+    td = TensorDict({"a": torch.zeros(2, 3)}, batch_size=[2])
+    assert is_tensordict(td) and not is_tensordict({"a": torch.zeros(2, 3)}) and not is_tensordict(torch.zeros(2))
+    assert not is_tensordict(None)

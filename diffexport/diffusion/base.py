@@ -15,14 +15,17 @@ EDM denoiser ``D(x; sigma)`` with ``x = x0 + sigma * n`` (unscaled) and ``sigma`
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, runtime_checkable
+import sys
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, Union, runtime_checkable
 
 import torch
-from tensordict import TensorDict
 from torch import Tensor
 
+if TYPE_CHECKING:  # tensordict imports torch._dynamo (seconds): only where a TensorDict is built
+    from tensordict import TensorDict
+
 PredictorType = Literal["x0", "score", "epsilon"]
-Condition = Tensor | TensorDict | None
+Condition = Union[Tensor, "TensorDict", None]
 
 
 @runtime_checkable
@@ -58,6 +61,13 @@ def batch_view(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def is_tensordict(v: Any) -> TypeGuard[TensorDict]:
+    """``isinstance(v, tensordict.TensorDict)`` without importing tensordict (none exists before it is)."""
+    module = sys.modules.get("tensordict")
+    cls = getattr(module, "TensorDict", None)
+    return cls is not None and isinstance(v, cls)
+
+
 def check_batch(name: str, v: Tensor | TensorDict | None, batch_size: int, *, exact_1d: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` if ``v`` does not carry ``batch_size`` samples.
 
@@ -65,7 +75,7 @@ def check_batch(name: str, v: Tensor | TensorDict | None, batch_size: int, *, ex
     """
     if v is None:
         return
-    if isinstance(v, TensorDict):
+    if is_tensordict(v):
         got = v.batch_size[0] if len(v.batch_size) else None
         if got is not None and got != batch_size:
             raise ValueError(f"{name} has batch size {got}, expected {batch_size} (the batch of x)")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
 from torch import Tensor, nn
 
-from diffexport.diffusion.base import Condition
+from diffexport.diffusion.base import Condition, is_tensordict
+
+if TYPE_CHECKING:
+    from tensordict import TensorDict
 
 
 class GridPatching2D(nn.Module):
@@ -105,7 +107,9 @@ class PatchBasedPredictor:
 
     def patch_condition(self, condition: Tensor | TensorDict) -> Tensor | TensorDict:
         """Patch image-shaped tensors like x; repeat the others P times along the batch."""
-        if isinstance(condition, TensorDict):
+        if is_tensordict(condition):  # so tensordict is imported already
+            from tensordict import TensorDict
+
             patched = {k: self.patch_condition(v) for k, v in condition.items()}
             return TensorDict(patched, batch_size=[self.patching.patch_num * condition.batch_size[0]])
         if condition.ndim == 4 and tuple(condition.shape[-2:]) == self.patching.img_shape:

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDict
 from torch import Tensor, nn
 
-from diffexport.diffusion.base import Condition, EDMDenoiserFn, Predictor, batch_view, check_batch
+from diffexport.diffusion.base import Condition, EDMDenoiserFn, Predictor, batch_view, check_batch, is_tensordict
 from diffexport.diffusion.noise_schedulers import LinearGaussianNoiseScheduler
 
 
@@ -66,7 +65,7 @@ class ConcatConditionWrapper(nn.Module):
     def forward(self, x: Tensor, t: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
         cond_concat: Tensor | None = None
         cond_vec: Tensor | None = None
-        if isinstance(condition, TensorDict):
+        if is_tensordict(condition):
             cond_concat = condition.get(self.image_cond_key, None)
             cond_vec = condition.get(self.vector_cond_key, None)
             for key in self.kwarg_keys:

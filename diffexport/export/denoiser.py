@@ -14,7 +14,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-from tensordict import TensorDict
 from torch import Tensor, nn
 
 from diffexport.checkpoints import load_model
@@ -60,6 +59,8 @@ class Denoiser(nn.Module):
                 named["cond_vec" if kind == "vector" else name] = value
         condition = torch.cat(images, dim=1) if len(images) > 1 else images[0] if images else None
         if named:  # labels and indices travel with the image in one TensorDict
+            from tensordict import TensorDict  # not at module top: it imports torch._dynamo
+
             condition = TensorDict({**named, **({"cond_concat": condition} if images else {})}, batch_size=x.shape[:1])
         denoise = getattr(self.preconditioner, "denoise", self.preconditioner)  # D(x; sigma); forward takes time t
         return denoise(x, sigma, condition).float()
