@@ -137,8 +137,10 @@ def test_triton_configs(engine_dir):
     from diffexport.recipes import IOSpec
 
     io = IOSpec.from_dict(read_manifest(engine_dir)["io"])
-    gi = denoiser_config("m", io, platform="onnxruntime_onnx")["input"][-1]
-    assert (gi["name"], str(gi["data_type"]), gi["dims"]) == ("global_index", "TYPE_INT64", [2, *PATCH])
+    from diffexport.deploy.triton.config import pb2
+
+    gi = denoiser_config("m", io, platform="onnxruntime_onnx").input[-1]
+    assert (gi.name, pb2().DataType.Name(gi.data_type), list(gi.dims)) == ("global_index", "TYPE_INT64", [2, *PATCH])
     assert "global_index" not in [s.name for s in sampler_io(io).inputs]  # the sampler fills it
     # clients of the sampler send and receive whole images, not patches
     manifest = read_manifest(engine_dir)

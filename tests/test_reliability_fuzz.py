@@ -142,6 +142,8 @@ def encode(data: dict, how: str, rng: np.random.Generator) -> bytes:
 # --- recipes -------------------------------------------------------------------------------------
 
 QUICKSTART = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+# absolute, so the recipe written into a temporary folder still finds the shipped checkpoint
+QUICKSTART["model"]["checkpoint"] = str(REPO / "recipes" / "models" / "digits.mdlus")
 
 
 @settings(max_examples=40, **SETTINGS)

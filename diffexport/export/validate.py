@@ -154,6 +154,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
         image_shape(recipe)
     except ValueError:
         return []  # reported by parse_recipe already
+    import tensordict  # noqa: F401  (imported lazily elsewhere; its import runs tensor code, not to be done on meta)
+
     from diffexport.diffusion.utils import ConcatConditionWrapper
     from diffexport.export.denoiser import Denoiser
 
@@ -161,7 +163,7 @@ def _model_problems(recipe: Recipe) -> list[str]:
         model, problems = _construct("model.args", m.class_name, lambda: cls(**m.args), m.args)
     if problems or m.class_name == "UNet":  # UNet: refused by build_denoiser with its own message
         return problems
-    model, io = model.to("meta"), io_spec(recipe)  # (buffers some constructors build on the CPU)
+    model, io = model.to("meta").eval(), io_spec(recipe)  # (buffers some constructors build on the CPU); eval as exported
     conditions = io.inputs[2:]
     wrapped = ConcatConditionWrapper(model, kwarg_keys=[c.name for c in conditions if c.kind in ("index", "global_index")])
     shaped = Denoiser(_Backbone(wrapped), conditions, getattr(model, "lead_time_steps", 1))
