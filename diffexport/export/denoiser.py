@@ -47,6 +47,8 @@ class Denoiser(nn.Module):
         self.preconditioner = preconditioner
         self.conditions = [(c.name, c.kind) for c in conditions]
         self.index_high = index_high  # index conditions take values in [0, index_high)
+        if any(kind != "image" for _, kind in self.conditions):  # forward builds a TensorDict: import it
+            import tensordict  # noqa: F401  here, outside any trace (its first import runs .item())
 
     def forward(self, x: Tensor, sigma: Tensor, *conditions: Tensor) -> Tensor:
         if len(conditions) != len(self.conditions):
@@ -59,7 +61,7 @@ class Denoiser(nn.Module):
                 named["cond_vec" if kind == "vector" else name] = value
         condition = torch.cat(images, dim=1) if len(images) > 1 else images[0] if images else None
         if named:  # labels and indices travel with the image in one TensorDict
-            from tensordict import TensorDict  # not at module top: it imports torch._dynamo
+            from tensordict import TensorDict  # not at module top (it imports torch._dynamo); loaded by __init__
 
             condition = TensorDict({**named, **({"cond_concat": condition} if images else {})}, batch_size=x.shape[:1])
         denoise = getattr(self.preconditioner, "denoise", self.preconditioner)  # D(x; sigma); forward takes time t
