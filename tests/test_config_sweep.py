@@ -186,6 +186,7 @@ def check_all(configs: list[dict], got: list, wants: list) -> None:
 def test_onnx_sweep(tmp_path_factory, drawn):
     """One example per model class and the NCSN++ config, plus ``SWEEP_ONNX`` drawn configs, in one
     ONNX file (``export_onnx``) run by one ONNX Runtime session of the file on disk."""
+    print(f"SWEEP_SEED={SEED}")  # shown with a failure: replay with this environment variable
     configs, program, io, flat, wants = side_by_side(EXAMPLES + drawn)
     assert len(configs) >= ONNX_EXAMPLES, "too many configs refused for the budget"
     path = Path(tmp_path_factory.mktemp("sweep")) / "denoiser.onnx"
@@ -202,6 +203,7 @@ def test_onnx_sweep(tmp_path_factory, drawn):
 @given(st.lists(recipes(), min_size=AOTI_CONFIGS, max_size=AOTI_CONFIGS, unique_by=repr))
 def test_aoti_sweep(tmp_path_factory, drawn):
     """``SWEEP_AOTI`` drawn configs compiled by ``export_aoti`` into one AOTInductor package."""
+    print(f"SWEEP_SEED={SEED}")  # shown with a failure: replay with this environment variable
     configs, program, io, flat, wants = side_by_side(drawn)
     path = Path(tmp_path_factory.mktemp("sweep")) / "side.pt2"
     export_aoti(program, io, path)
