@@ -41,18 +41,21 @@ from diffexport.engines.manifest import read_manifest
 _local = threading.local()
 
 
-def request(url: str, model: str, latents: np.ndarray) -> float:
-    """Seconds for one sampling request (one client per thread, kept between its requests)."""
+def request(url: str, model: str, tensors: dict[str, np.ndarray]) -> float:
+    """Seconds for one sampling request (one client per thread, kept between its requests);
+    ``tensors``: ``latents`` and the engine's conditions."""
     if getattr(_local, "url", None) != url:
         _local.client, _local.url = httpclient.InferenceServerClient(url), url
-    x = httpclient.InferInput("latents", list(latents.shape), "FP32")
-    x.set_data_from_numpy(latents)
+    inputs = []
+    for name, a in tensors.items():
+        inputs.append(httpclient.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT64"))
+        inputs[-1].set_data_from_numpy(a)
     t0 = time.perf_counter()
-    _local.client.infer(model, [x]).as_numpy("samples")
+    _local.client.infer(model, inputs).as_numpy("samples")
     return time.perf_counter() - t0
 
 
-def run(url: str, model: str, latents: np.ndarray, concurrency: int, requests: int) -> dict:
+def run(url: str, model: str, latents: dict[str, np.ndarray], concurrency: int, requests: int) -> dict:
     errors = 0
 
     def one(_: int) -> float:
@@ -69,9 +72,9 @@ def run(url: str, model: str, latents: np.ndarray, concurrency: int, requests: i
         wall = time.perf_counter() - t0
     ok = lat[np.isfinite(lat)]
     return {
-        "concurrency": concurrency, "requests": requests, "errors": errors, "batch": latents.shape[0],
+        "concurrency": concurrency, "requests": requests, "errors": errors, "batch": latents["latents"].shape[0],
         "p50_ms": float(np.percentile(ok, 50) * 1e3), "p99_ms": float(np.percentile(ok, 99) * 1e3),
-        "req_per_s": len(ok) / wall, "samples_per_s": len(ok) * latents.shape[0] / wall,
+        "req_per_s": len(ok) / wall, "samples_per_s": len(ok) * latents["latents"].shape[0] / wall,
     }
 
 
@@ -91,7 +94,7 @@ def model_load_seconds(log: Path) -> dict[str, float]:
     return took
 
 
-def bench(engine: Path, python_only: bool, batching: bool, latents: np.ndarray, args: argparse.Namespace, model: str) -> dict:
+def bench(engine: Path, python_only: bool, batching: bool, latents: dict[str, np.ndarray], args: argparse.Namespace, model: str) -> dict:
     repo = write_repository(engine, python_only=python_only, batching=batching)
     log = engine / f"server-{'batching' if batching else 'nobatching'}.log"
     server = TritonServer(repo, log_file=log)
@@ -125,7 +128,13 @@ def main() -> None:
     python_only = python_only_reason(manifest, available_backends(), forced=args.python_only) is not None
     _, sampler = model_names(manifest["name"])
     _, c, h, w = manifest["io"]["inputs"][0]["shape"]
-    latents = (np.random.default_rng(0).standard_normal((args.batch, c, h, w)) * manifest["sampler"]["sigmas"][0]).astype(np.float32)
+    latents = {"latents": (np.random.default_rng(0).standard_normal((args.batch, c, h, w)) * manifest["sampler"]["sigmas"][0]).astype(np.float32)}
+    for spec in manifest["io"]["inputs"][2:]:  # the conditions (a vector gets a one-hot of class 0; global_index is the sampler's)
+        if spec["name"] != "global_index":
+            a = np.zeros((args.batch, *spec["shape"][1:]), dtype=np.float32 if spec["dtype"] == "float32" else np.int64)
+            if spec.get("kind") == "vector" or (a.dtype == np.float32 and a.ndim == 2):
+                a[:, 0] = 1
+            latents[spec["name"]] = a
     s = manifest["sampler"]
     print(f"engine {args.engine_dir} ({manifest['name']}): {s['solver']}, {s['num_steps']} steps, x {[args.batch, c, h, w]}, "
           f"{'triton-python' if python_only else 'triton'}, load average before {os.getloadavg()[0]:.2f}")
