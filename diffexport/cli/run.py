@@ -19,6 +19,7 @@ from diffexport.engines.load import BACKENDS, check_device, default_backend, loa
 from diffexport.engines.verdict import ALLOW_FLAG, require_verified
 from diffexport.engines.manifest import read_manifest
 from diffexport.parity.harness import run_parity
+from diffexport.recipes.schema import MAX_STEPS
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
 from diffexport.fileio import write_atomic
@@ -31,7 +32,6 @@ BACKEND_HELP = f"Backend: {', '.join(BACKENDS)}."
 
 
 MAX_SAMPLE_BYTES = 2 << 30  # float32 state of one `sample` run (the solvers hold a few copies of it)
-MAX_STEPS = 10_000
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range
 ALLOW_HELP = "Use an engine whose parity verdict is not ok (failed or unchecked), for debugging."
 

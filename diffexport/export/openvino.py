@@ -55,8 +55,9 @@ def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, prec
     core = ov.Core()
     lo, hi = io.batch.get("min", 1), io.batch.get("max", -1)
     files, static = [path.name], {}
+    onnx_model = core.read_model(str(onnx_path))  # read once; each blob reshapes its own clone
     for batch in [None, *(batches if batches is not None else static_batches(io))]:
-        model = core.read_model(str(onnx_path))
+        model = onnx_model.clone()
         dim = ov.Dimension(lo, hi) if batch is None else ov.Dimension(batch)
         model.reshape({p.get_any_name(): ov.PartialShape([dim, *p.get_partial_shape()[1:]]) for p in model.inputs})
         target = path if batch is None else path.with_name(path.name.replace(".blob", f".b{batch}.blob"))

@@ -316,13 +316,14 @@ class ParityRun:
         ref = self.reference.engine("cpu")
         inputs = self.reference.calls("cpu").inputs[worst]
         rtol = min(tol["per_call_rtol"], tol["per_call_f_rtol"])  # the network's activations are F-like, not D-like
+        io = IOSpec.from_dict(self.manifest["io"])
         if not record["file"].endswith(".onnx"):  # AOTI: the first diverging module (parity.module_locate)
             from diffexport.parity.module_locate import locate_in_artifact
 
-            found = locate_in_artifact(record, ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol)
-            return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
-        found = locate_divergence(self.engine_dir / record["file"], ref.denoiser, IOSpec.from_dict(self.manifest["io"]), inputs, rtol,
-                                  precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
+            found = locate_in_artifact(record, ref.denoiser, io, inputs, rtol)
+        else:
+            found = locate_divergence(self.engine_dir / record["file"], ref.denoiser, io, inputs, rtol,
+                                      precision=record.get("precision", "fp32"), opset=record.get("opset", 18))
         return None if found is None else {**found.to_dict(), "sigma": self.plan.sigmas[worst], "summary": str(found)}
 
     def judge(self) -> dict | None:

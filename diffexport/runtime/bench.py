@@ -14,7 +14,6 @@ must be in the environment before Python starts); the result says whether it was
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import statistics
@@ -132,12 +131,6 @@ def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3) 
     return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0)}, {like.device}, repeats, 1, pause=0)["null"]
 
 
-def _load(engine_dir: Path, backend: str, device=None, *, allow_unverified: bool = False) -> Engine:
-    """``engines.load``, passing ``allow_unverified`` where this ``load`` has that switch."""
-    extra = {"allow_unverified": True} if allow_unverified and "allow_unverified" in inspect.signature(load).parameters else {}
-    return load(engine_dir, backend, device=device, **extra)
-
-
 def precision_of(manifest: dict, backend: str) -> str:
     """The precision ``backend`` runs at (``fp32`` for the torch reference)."""
     target = BACKENDS.get(backend)
@@ -188,7 +181,7 @@ def bench_engine(
     manifest = read_manifest(engine_dir)
     before = machine_load()
     names = [REFERENCE] + [b for b in (backends or built_backends(manifest)) if b != REFERENCE]
-    engines = {name: _Counting(_load(engine_dir, name, device, allow_unverified=allow_unverified)) for name in names}
+    engines = {name: _Counting(load(engine_dir, name, device=device, allow_unverified=allow_unverified)) for name in names}
     reference = engines[REFERENCE]
     spec = SamplerSpec.from_manifest(manifest["sampler"])
     say = progress or (lambda message: None)
@@ -247,7 +240,7 @@ def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     load_info = machine_load()
-    engines = {b: _load(engine_dir, b, allow_unverified=True) for b in backends}
+    engines = {b: load(engine_dir, b, allow_unverified=True) for b in backends}
     first = next(iter(engines.values()))
     times: dict[str, dict[int, float]] = {b: {} for b in backends}
     for batch in dict.fromkeys(clamp_batch(first, b) for b in batches):
