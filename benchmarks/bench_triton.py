@@ -36,6 +36,7 @@ from diffexport.deploy.triton import (
     python_only_reason,
     write_repository,
 )
+from diffexport.deploy.triton.config import Instances
 from diffexport.engines.manifest import read_manifest
 
 _local = threading.local()
@@ -55,8 +56,15 @@ def request(url: str, model: str, tensors: dict[str, np.ndarray]) -> float:
     return time.perf_counter() - t0
 
 
+def counts(url: str) -> dict[str, tuple[int, int]]:
+    """Per model, (inferences, executions) so far: their ratio is the mean batch Triton formed."""
+    stats = httpclient.InferenceServerClient(url).get_inference_statistics()["model_stats"]
+    return {m["name"]: (int(m["inference_count"]), int(m["execution_count"])) for m in stats}
+
+
 def run(url: str, model: str, latents: dict[str, np.ndarray], concurrency: int, requests: int) -> dict:
     errors = 0
+    before = counts(url)
 
     def one(_: int) -> float:
         nonlocal errors
@@ -71,7 +79,9 @@ def run(url: str, model: str, latents: dict[str, np.ndarray], concurrency: int, 
         lat = np.array(list(pool.map(one, range(requests))))
         wall = time.perf_counter() - t0
     ok = lat[np.isfinite(lat)]
-    return {
+    after = counts(url)
+    mean_batch = {name: round((n - before[name][0]) / max(1, e - before[name][1]), 2) for name, (n, e) in after.items()}
+    return {"mean_batch": mean_batch,
         "concurrency": concurrency, "requests": requests, "errors": errors, "batch": latents["latents"].shape[0],
         "p50_ms": float(np.percentile(ok, 50) * 1e3), "p99_ms": float(np.percentile(ok, 99) * 1e3),
         "req_per_s": len(ok) / wall, "samples_per_s": len(ok) * latents["latents"].shape[0] / wall,
@@ -95,7 +105,7 @@ def model_load_seconds(log: Path) -> dict[str, float]:
 
 
 def bench(engine: Path, python_only: bool, batching: bool, latents: dict[str, np.ndarray], args: argparse.Namespace, model: str) -> dict:
-    repo = write_repository(engine, python_only=python_only, batching=batching)
+    repo = write_repository(engine, python_only=python_only, batching=batching, instances=Instances(args.instances))
     log = engine / f"server-{'batching' if batching else 'nobatching'}.log"
     server = TritonServer(repo, log_file=log)
     t0 = time.perf_counter()
@@ -120,6 +130,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level (at least 2 per client)")
     ap.add_argument("--batch", type=int, default=1, help="samples per request")
     ap.add_argument("--python-only", action="store_true")
+    ap.add_argument("--instances", type=int, default=1, help="CPU instances of each model (instance_group count)")
     ap.add_argument("--only", choices=["batching", "nobatching"], help="run one mode only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -147,9 +158,10 @@ def main() -> None:
         loads = ", ".join(f"{k} {v:.1f} s" for k, v in mode["model_load_s"].items())
         print(f"\ndynamic batching {'on' if mode['batching'] else 'off'}: ready after {mode['ready_s']:.1f} s ({loads}); "
               f"load average after {mode['load_average'][0]:.2f}")
-        print(f"{'concurrency':>11} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8} {'samples/s':>10} {'errors':>6}")
+        print(f"{'concurrency':>11} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>8} {'samples/s':>10} {'errors':>6}  mean batch per execute")
         for r in mode["results"]:
-            print(f"{r['concurrency']:>11} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['req_per_s']:>8.2f} {r['samples_per_s']:>10.2f} {r['errors']:>6}")
+            batches = ", ".join(f"{k} {v}" for k, v in r["mean_batch"].items())
+            print(f"{r['concurrency']:>11} {r['p50_ms']:>9.1f} {r['p99_ms']:>9.1f} {r['req_per_s']:>8.2f} {r['samples_per_s']:>10.2f} {r['errors']:>6}  {batches}")
         one = next((r for r in mode["results"] if r["concurrency"] == 1), None)
         if one:
             print("speed-up over one client: " + ", ".join(f"{r['concurrency']}: {r['req_per_s'] / one['req_per_s']:.2f}x" for r in mode["results"]))

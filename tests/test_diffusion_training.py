@@ -16,6 +16,7 @@ from diffexport.diffusion import (
 )
 from diffexport.diffusion.guidance import (
     ClassifierFreeGuidance,
+    JointClassifierFreeGuidance,
     DataConsistencyDPSGuidance,
     DPSScorePredictor,
     ModelConsistencyDPSGuidance,
@@ -88,6 +89,20 @@ def test_classifier_free_guidance():
     x = torch.randn(2, 3)
     torch.testing.assert_close(cfg(x, torch.ones(2)), 4 * x)
     assert torch.equal(ClassifierFreeGuidance(lambda x, t: 2 * x, lambda x, t: x, 1.0)(x, None), 2 * x)
+
+
+def test_joint_classifier_free_guidance_is_two_calls_in_one():
+    """One call on 2B rows (conditional first) gives what the two separate predictors give."""
+    w, x, t = 2.5, torch.randn(3, 4), torch.rand(3) + 0.1
+    cond, uncond = (lambda x, t: torch.sin(x) * t[:, None]), (lambda x, t: x**2 - t[:, None])
+    rows = []
+
+    def joint(x2, t2):
+        rows.append(x2.shape[0])
+        return torch.cat([cond(x2[:3], t2[:3]), uncond(x2[3:], t2[3:])])
+
+    torch.testing.assert_close(JointClassifierFreeGuidance(joint, w)(x, t), ClassifierFreeGuidance(cond, uncond, w)(x, t), rtol=0, atol=0)
+    assert rows == [6]
 
 
 def test_dps_guidance_analytic():

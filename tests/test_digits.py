@@ -178,6 +178,17 @@ def test_cfg_is_the_diffusion_guidance_with_zero_labels_as_unconditional(digits_
     uncond = engine_predictor(engine, spec, {name: torch.zeros_like(labels)}, check_finite=False)[0](x, t)
     spec2 = replace(spec, guidance=2.0)
     assert torch.allclose(engine_predictor(engine, spec2, {name: labels}, check_finite=False)[0](x, t), uncond + 2 * (cond - uncond), atol=1e-5)
+    calls = []
+
+    class Counting:  # the engine, recording the rows of every call
+        backend, io, device = engine.backend, engine.io, engine.device
+
+        def __call__(self, x, sigma, **conditions):
+            calls.append((x.shape[0], conditions[name].sum(1).tolist()))
+            return engine(x, sigma, **conditions)
+
+    torch.testing.assert_close(sample(Counting(), sampler, seed=0, conditions={name: labels}, num_steps=3, guidance=2.0), guided)
+    assert len(calls) == 5 and all(rows == 8 and labels_ == [1.0] * 4 + [0.0] * 4 for rows, labels_ in calls)  # one call per Heun evaluation
     with pytest.raises(ValueError, match="0..9"):
         one_hot_condition(engine, [10])
 

@@ -193,7 +193,7 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
     assert s.backend == "python" and s.parameters["denoiser_model"].string_value == denoiser
     assert s.max_batch_size == io["batch"]["max"]  # concurrent requests are batched, capped at the engine's max
     assert list(s.dynamic_batching.preferred_batch_size) == sorted({io["batch"]["opt"], io["batch"]["max"]})
-    assert 0 < s.dynamic_batching.max_queue_delay_microseconds <= 10_000
+    assert s.dynamic_batching.max_queue_delay_microseconds == round(1000 * manifest["recipe"]["deploy"]["triton_queue_delay_ms"]) > 0
     assert s.parameters["engine_dir"].string_value == "../.." and s.parameters["allow_unverified"].string_value == "false"
     x = io["inputs"][0]["shape"][1:]
     assert [(t.name, list(t.dims), t.optional) for t in s.input] == (
@@ -201,6 +201,23 @@ def test_configs_parse_and_match_manifest(engine: Path, manifest: dict, python_o
     assert [(t.name, list(t.dims)) for t in s.output] == [("samples", x)]
     recorded = manifest["hashes"][repo.name]["files"]  # every file the server loads or executes is hashed
     assert sorted(recorded) == sorted(p.relative_to(engine).as_posix() for p in repo.rglob("*") if p.is_file())
+
+
+def test_queue_delay_follows_the_recipe_and_the_flag(engine, tmp_path):
+    """``deploy.triton_queue_delay_ms`` sets the sampler's wait; ``queue_delay_ms=`` (serve's
+    ``--queue-delay-ms``) overrides it; the denoiser never waits."""
+    engine = shutil.copytree(engine, tmp_path / "engine")
+
+    def delays(**kw):
+        repo = write_repository(engine, python_only=True, **kw)
+        return [parse((repo / m / "config.pbtxt").read_text()).dynamic_batching.max_queue_delay_microseconds for m in model_names(read_manifest(engine)["name"])]
+
+    assert delays() == [0, 20_000]
+    assert delays(queue_delay_ms=3.5) == [0, 3_500]
+    manifest = read_manifest(engine)
+    manifest["recipe"]["deploy"]["triton_queue_delay_ms"] = 0.25
+    write_manifest(engine, manifest)
+    assert delays() == [0, 250]
 
 
 def test_pbtxt_is_tritons_own_message():

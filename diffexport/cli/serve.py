@@ -51,13 +51,14 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
 
 
 def _repository(engine_dir: Path, manifest: dict, python_only: bool, instances: Instances | None,
-                allow_unverified: bool, rewrite: bool) -> Path:
+                allow_unverified: bool, rewrite: bool, queue_delay_ms: float | None = None) -> Path:
     """The repository to serve: (re)written when missing, unhashed, or when options ask for other
     configs; otherwise verified against its hashes."""
     repo = repository_dir(engine_dir, python_only)
     recorded = (manifest.get("hashes") or {}).get(repo.name)
-    if rewrite or instances is not None or allow_unverified or not repo.is_dir() or not recorded:
-        repo = write_repository(engine_dir, python_only=python_only, instances=instances, allow_unverified=allow_unverified)
+    if rewrite or instances is not None or queue_delay_ms is not None or allow_unverified or not repo.is_dir() or not recorded:
+        repo = write_repository(engine_dir, python_only=python_only, instances=instances, allow_unverified=allow_unverified,
+                                queue_delay_ms=queue_delay_ms)
         typer.echo(f"wrote {repo}")
         manifest = read_manifest(engine_dir)
     verify_repository(engine_dir, manifest, repo.name)
@@ -73,6 +74,7 @@ def serve(
     python_only: bool = typer.Option(False, "--python-only", help="Serve the self-contained repository (Python backend only; the denoiser runs in-process)."),
     instances: int = typer.Option(None, "--instances", help="Instances of each model (per GPU with --gpus); default: the recipe's deploy.triton_instances."),
     gpus: str = typer.Option(None, "--gpus", help="Comma-separated GPU ids for the denoiser, e.g. 0,1 (Triton instance_group KIND_GPU)."),
+    queue_delay_ms: float = typer.Option(None, "--queue-delay-ms", help="How long the sampler's dynamic batcher waits for more requests (ms); default: the recipe's deploy.triton_queue_delay_ms (20)."),
     allow_unverified: bool = typer.Option(False, ALLOW_FLAG, help="Serve an engine whose parity verdict is not ok (debugging)."),
     rewrite: bool = typer.Option(False, "--rewrite", help="Rewrite the repository (and its hashes) from the engine before serving."),
     write_only: bool = typer.Option(False, "--write-only", help="Write (and verify) the repository, print its path and exit: for your own tritonserver, KServe, ..."),
@@ -85,6 +87,8 @@ def serve(
     try:
         if instances is not None and instances < 1:
             raise ValueError(f"--instances: must be at least 1, got {instances}")
+        if queue_delay_ms is not None and not 0 <= queue_delay_ms <= 60_000:
+            raise ValueError(f"--queue-delay-ms: must be in [0, 60000], got {queue_delay_ms}")
         ids = parse_gpus(gpus)
         manifest = read_manifest(engine_dir)
         require_verified(engine_dir, manifest, allow_unverified=allow_unverified)
@@ -98,7 +102,7 @@ def serve(
     if instances is not None or ids:
         wanted = Instances(instances or recipe_instances(manifest).count, ids)
     try:
-        repo = _repository(engine_dir, manifest, reason is not None, wanted, allow_unverified, rewrite)
+        repo = _repository(engine_dir, manifest, reason is not None, wanted, allow_unverified, rewrite, queue_delay_ms)
         if write_only:
             typer.echo(repo)
             return

@@ -22,6 +22,7 @@ from diffexport.diffusion.base import (
 )
 from diffexport.diffusion.guidance import (
     ClassifierFreeGuidance,
+    JointClassifierFreeGuidance,
     DataConsistencyDPSGuidance,
     DPSScorePredictor,
     ModelConsistencyDPSGuidance,
@@ -61,6 +62,7 @@ from diffexport.diffusion.utils import ConcatConditionWrapper, edm_x0_predictor
 __all__ = [
     "BaseAffinePreconditioner",
     "ClassifierFreeGuidance",
+    "JointClassifierFreeGuidance",
     "ConcatConditionWrapper",
     "DDIMSolver",
     "DDPMScheduler",

@@ -241,6 +241,7 @@ class Deploy(Strict):
     triton: bool = False
     triton_python_only: bool = False
     triton_instances: int = Field(1, ge=1, le=64)
+    triton_queue_delay_ms: float = Field(20.0, ge=0, le=60_000)  # the sampler's dynamic-batching wait
     cpp: bool = False
 
 

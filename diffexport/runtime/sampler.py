@@ -31,7 +31,7 @@ import torch
 
 from diffexport.diffusion import noise_schedulers, samplers
 from diffexport.diffusion.base import NoiseSource
-from diffexport.diffusion.guidance import ClassifierFreeGuidance
+from diffexport.diffusion.guidance import JointClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines.base import Engine
 from diffexport.runtime.batching import BatchedEngine
@@ -209,12 +209,12 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
     if not spec.patching:
         if gi_spec is not None:
             raise ValueError(f"engine input '{gi_spec.name}' needs patch-wise sampling, but the sampler has no patching")
-        predictor = edm_x0_predictor(d, spec.scheduler, **conditions)
-        if spec.guidance is not None and spec.guidance != 1:  # the unconditional call: class labels zeroed
-            vectors = {s.name for s in condition_specs(engine) if s.kind == "vector"}
-            uncond = {k: v.new_zeros(v.shape) if k in vectors else v for k, v in conditions.items()}
-            predictor = ClassifierFreeGuidance(predictor, edm_x0_predictor(d, spec.scheduler, **uncond), spec.guidance)
-        return predictor, guard
+        if spec.guidance is None or spec.guidance == 1:
+            return edm_x0_predictor(d, spec.scheduler, **conditions), guard
+        # classifier-free guidance: conditional and unconditional rows (class labels zeroed) in one call
+        vectors = {s.name for s in condition_specs(engine) if s.kind == "vector"}
+        both = {k: torch.cat([v, v.new_zeros(v.shape) if k in vectors else v]) for k, v in conditions.items()}
+        return JointClassifierFreeGuidance(edm_x0_predictor(d, spec.scheduler, **both), spec.guidance), guard
     if spec.guidance is not None and spec.guidance != 1:
         raise ValueError("sampler.guidance: classifier-free guidance is not supported with patching")
     from tensordict import TensorDict

@@ -18,7 +18,11 @@ from diffexport.recipes import IOSpec, TensorSpec
 DATA_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 SAMPLER_INPUTS = ("latents", "seed")  # the sampler's own inputs, besides the conditions
 SAMPLER_OUTPUT = "samples"
-QUEUE_DELAY_US = 2000  # how long the dynamic batcher waits for more requests to fill a batch
+# How long the sampler's dynamic batcher waits for more requests to fill a batch (the recipe's
+# deploy.triton_queue_delay_ms, default 20 ms). It must exceed a client's turnaround between a
+# response and its next request: with 2 ms, 8 closed-loop HTTP clients on the quickstart split into
+# groups that never met again (3.2 requests per execute); with 20 ms every execute held all 8.
+QUEUE_DELAY_MS = 20.0
 EXTRA_HINT = "install the [triton] extra: pip install 'diffexport[triton]' (tritonclient provides Triton's model config schema)"
 
 
@@ -101,17 +105,17 @@ def max_batch(io: IOSpec) -> int:
     return max(1, int(io.batch.get("max", 1)))
 
 
-def _dynamic_batching(config: Any, io: IOSpec, wait: bool) -> None:
-    """Dynamic batching up to the engine's max batch. ``wait``: prefer its ``opt`` and ``max`` sizes,
-    waiting up to :data:`QUEUE_DELAY_US` for them (the sampler: a run takes many denoiser calls);
-    else batch whatever is queued without waiting (the denoiser: one call per sampler step)."""
+def _dynamic_batching(config: Any, io: IOSpec, delay_ms: float | None) -> None:
+    """Dynamic batching up to the engine's max batch. With ``delay_ms``: prefer its ``opt`` and
+    ``max`` sizes, waiting up to that long for them (the sampler: a run takes many denoiser calls);
+    ``None``: batch whatever is queued without waiting (the denoiser: one call per sampler step)."""
     config.dynamic_batching.SetInParent()
-    if not wait:
+    if delay_ms is None:
         return
     top = max_batch(io)
     preferred = sorted({min(top, max(1, int(io.batch.get("opt", top)))), top})
     config.dynamic_batching.preferred_batch_size.extend(preferred)
-    config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+    config.dynamic_batching.max_queue_delay_microseconds = round(delay_ms * 1000)
 
 
 def denoiser_config(
@@ -131,7 +135,7 @@ def denoiser_config(
         _tensor(cfg.input, s, batched=True)
     for s in io.outputs:
         _tensor(cfg.output, s, batched=True)
-    _dynamic_batching(cfg, io, wait=False)
+    _dynamic_batching(cfg, io, None)
     instance_groups(cfg, instances)
     _parameters(cfg, parameters)
     return cfg
@@ -155,12 +159,13 @@ def sampler_io(io: IOSpec, image_hw: Sequence[int] | None = None) -> IOSpec:
 
 
 def sampler_config(name: str, io: IOSpec, *, instances: Instances = Instances(), parameters: dict[str, str] | None = None,
-                   image_hw: Sequence[int] | None = None, batching: bool = True) -> Any:
+                   image_hw: Sequence[int] | None = None, batching: bool = True, queue_delay_ms: float = QUEUE_DELAY_MS) -> Any:
     """The Python sampler ``name``: batched like the denoiser (``max_batch_size`` = the engine's max
     batch, dynamic batching), so concurrent requests reach one ``execute`` and are sampled together;
     ``seed`` ([B, 1], one per sample, or [1, 1] for the request) is optional. The sampler itself runs
-    on the CPU (its work is the BLS calls), so only its count follows ``instances``. ``batching=False``
-    (benchmarks) leaves dynamic batching off: one request per ``execute``."""
+    on the CPU (its work is the BLS calls), so only its count follows ``instances``. The batcher
+    waits up to ``queue_delay_ms`` for a fuller batch; ``batching=False`` (benchmarks) leaves
+    dynamic batching off: one request per ``execute``."""
     sio = sampler_io(io, image_hw)
     cfg = pb2().ModelConfig(name=name, backend="python", max_batch_size=max_batch(io))
     for s in sio.inputs:
@@ -168,7 +173,7 @@ def sampler_config(name: str, io: IOSpec, *, instances: Instances = Instances(),
     for s in sio.outputs:
         _tensor(cfg.output, s, batched=True)
     if batching:
-        _dynamic_batching(cfg, io, wait=True)
+        _dynamic_batching(cfg, io, queue_delay_ms)
     instance_groups(cfg, Instances(instances.count))
     _parameters(cfg, parameters)
     return cfg

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from diffexport.deploy.triton.backend import ALLOW_PARAM
-from diffexport.deploy.triton.config import Instances, denoiser_config, sampler_config, to_pbtxt
+from diffexport.deploy.triton.config import QUEUE_DELAY_MS, Instances, denoiser_config, sampler_config, to_pbtxt
 from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS
 from diffexport.engines.manifest import read_manifest, record_tree, verify_record, write_manifest
@@ -124,16 +124,23 @@ def recipe_instances(manifest: dict) -> Instances:
     return Instances(int(manifest.get("recipe", {}).get("deploy", {}).get("triton_instances", 1)))
 
 
+def recipe_queue_delay_ms(manifest: dict) -> float:
+    """The recipe's ``deploy.triton_queue_delay_ms``: how long the sampler's batcher waits."""
+    return float(manifest.get("recipe", {}).get("deploy", {}).get("triton_queue_delay_ms", QUEUE_DELAY_MS))
+
+
 def write_repository(engine_dir: str | Path, *, python_only: bool = False, manifest: dict | None = None,
-                     instances: Instances | None = None, allow_unverified: bool = False, batching: bool = True) -> Path:
+                     instances: Instances | None = None, allow_unverified: bool = False, batching: bool = True,
+                     queue_delay_ms: float | None = None) -> Path:
     """Write ``ENGINE_DIR/triton`` (or ``triton-python`` when ``python_only``) atomically and return it.
 
     ``manifest`` defaults to the engine's ``manifest.json`` (the build passes the one it is
     writing). The written files' hashes go into ``manifest["hashes"]``, and into
     ``manifest.json`` when ``manifest`` was read from it. ``instances`` defaults to the recipe's
     ``deploy.triton_instances`` on the CPU; ``allow_unverified`` lets the models serve an engine
-    whose parity verdict is not ok (debugging); ``batching=False`` (benchmarks) turns off the
-    sampler's dynamic batching.
+    whose parity verdict is not ok (debugging); ``queue_delay_ms`` (default: the recipe's
+    ``deploy.triton_queue_delay_ms``) is how long the sampler's batcher waits for more requests;
+    ``batching=False`` (benchmarks) turns off the sampler's dynamic batching.
     """
     engine_dir = Path(engine_dir)
     persist = manifest is None
@@ -158,7 +165,8 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
     sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser},
-                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching)
+                             image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching,
+                             queue_delay_ms=recipe_queue_delay_ms(manifest) if queue_delay_ms is None else queue_delay_ms)
 
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))

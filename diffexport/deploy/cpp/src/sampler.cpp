@@ -279,9 +279,9 @@ class Run {
       double guidance)
       : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)), guidance_(guidance),
         gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {
-    if (guidance_ != 1)  // classifier-free guidance: the unconditional call has the vector conditions zeroed
+    if (guidance_ != 1)  // classifier-free guidance: conditional rows, then unconditional ones (vector conditions zeroed)
       for (size_t i = 0; i < conditions_.size(); ++i)
-        uncond_.push_back(e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]);
+        joint_.push_back(at::cat({conditions_[i], e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]}));
   }
 
   /// `initial_latents`: σ(t_0)·ε (ε alone for DDPM), drawn first from the generator.
@@ -336,16 +336,16 @@ class Run {
     return outs.size() == 1 ? outs[0] : at::cat(outs);
   }
 
-  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `ClassifierFreeGuidance`:
-  /// uncond + cfg·(cond − uncond).
+  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `JointClassifierFreeGuidance`:
+  /// one call on [x; x] with [cond; uncond], then uncond + cfg·(cond − uncond).
   Tensor x0(const Tensor& x, const Tensor& t) {
-    auto predict = [&](const std::vector<Tensor>& conditions) {
-      const Tensor alpha = bv(sch_.alpha(t), x).to(x.scalar_type());
-      return engine(x / alpha, sch_.edm_sigma(t).to(x.scalar_type()), conditions);
+    auto predict = [&](const Tensor& xs, const Tensor& ts, const std::vector<Tensor>& conditions) {
+      const Tensor alpha = bv(sch_.alpha(ts), xs).to(xs.scalar_type());
+      return engine(xs / alpha, sch_.edm_sigma(ts).to(xs.scalar_type()), conditions);
     };
-    if (guidance_ == 1) return predict(conditions_);
-    const Tensor uncond = predict(uncond_);
-    return uncond + (predict(conditions_) - uncond) * guidance_;
+    if (guidance_ == 1) return predict(x, t, conditions_);
+    const std::vector<Tensor> both = predict(at::cat({x, x}), at::cat({t, t}), joint_).chunk(2);
+    return both[1] + (both[0] - both[1]) * guidance_;
   }
 
   /// `LinearGaussianNoiseScheduler.get_denoiser(x0_predictor=...)`, ODE: f − ½ g² score.
@@ -401,7 +401,7 @@ class Run {
   Backend& backend_;
   const Schedule& sch_;
   const SolverSpec& solver_;
-  std::vector<Tensor> conditions_, uncond_;
+  std::vector<Tensor> conditions_, joint_;
   double guidance_;
   at::Generator gen_;
 };
