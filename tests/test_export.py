@@ -404,6 +404,7 @@ def test_loading_and_running_an_engine_imports_no_exporter(onnx_engine_dir):
 import sys, time, torch
 t = time.perf_counter()
 import diffexport.engines, diffexport.runtime
+assert "pydantic" not in sys.modules, "importing the runtime imported the recipe schema (pydantic)"
 from diffexport.engines import load
 from diffexport.engines.manifest import read_manifest
 from diffexport.runtime import sample
