@@ -8,19 +8,18 @@ is built on the same code).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from diffexport.parity.harness import check_engine
+from diffexport.parity.harness import check_engine, nan_worst
 from diffexport.parity.report import write_report
 
 __all__ = ["assert_engine_parity", "describe_backend", "describe_call", "describe_failures"]
 
 
 def _over(value: float, tol: float) -> bool:
-    return math.isnan(value) or value > tol
+    return nan_worst(value) > tol
 
 
 def describe_call(record: dict, tol: dict, spaces: str = "DF") -> list[str]:

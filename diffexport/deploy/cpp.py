@@ -88,9 +88,9 @@ def build_inputs(tools: dict[str, str]) -> dict:
             "compiler_version": version, "generator": tools["generator"], "packages": package_versions(), "cmake_args": cmake_args()}
 
 
-def build_key(tools: dict[str, str]) -> str:
+def build_key(inputs: dict) -> str:
     """Hash of :func:`build_inputs`: the shared cache folder's name."""
-    return hashlib.sha256(json.dumps(build_inputs(tools), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def missing_packages(log_text: str) -> list[str]:
@@ -136,9 +136,10 @@ def build_tree(*, jobs: int = 2, progress: Progress = None, targets: tuple[str, 
     """
     say = progress or (lambda msg: None)
     tools = _toolchain()
+    inputs = build_inputs(tools)  # hashed for the folder's name and recorded in it: one reading of the sources
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    tree = root / f"cpp-{build_key(tools)}"
+    tree = root / f"cpp-{build_key(inputs)}"
     with open(root / f"{tree.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         todo = [t for t in targets if not (tree / f".built-{t}").exists()]
@@ -161,7 +162,7 @@ def build_tree(*, jobs: int = 2, progress: Progress = None, targets: tuple[str, 
             (tree / ".configured").touch()
         say(f"building {', '.join(todo)} (about 30 s on 2 cores)")
         _run([tools["cmake"], "--build", str(tree), "--parallel", str(jobs), "--target", *todo], log, "C++ build")
-        write_atomic(tree / BUILD_INPUTS, json.dumps(build_inputs(tools), indent=2).encode())
+        write_atomic(tree / BUILD_INPUTS, json.dumps(inputs, indent=2).encode())
         for t in todo:
             (tree / f".built-{t}").touch()
     return tree

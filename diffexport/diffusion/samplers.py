@@ -197,8 +197,10 @@ def check_fit(solver: str, scheduler: type | object) -> None:
                          f"for {cls.__name__} use one of: {', '.join(solvers_for(cls)) or '(none)'}")
 
 
-def _make_solver(solver: str | Solver, denoiser: Denoiser, options: dict[str, Any] | None,
-                 noise_scheduler: NoiseScheduler, num_steps: int) -> Solver:
+def make_solver(solver: str | Solver, denoiser: Denoiser, options: dict[str, Any] | None,
+                noise_scheduler: NoiseScheduler, num_steps: int) -> Solver:
+    """The solver :func:`sample` steps with: ``SOLVERS[solver](denoiser, **options)`` plus the
+    :data:`SUPPLIED` arguments its signature takes (or ``solver`` itself, a ``Solver``)."""
     if not isinstance(solver, str):
         if options:
             raise ValueError("solver_options must be None when solver is a Solver instance")
@@ -254,7 +256,7 @@ def sample(
             raise ValueError(f"time_steps must be 1-D with at least 2 entries, got shape {tuple(time_steps.shape)}")
         t_steps = time_steps.to(device=xN.device, dtype=xN.dtype if time_steps.is_floating_point() else None)
     n = len(t_steps) - 1
-    step = _make_solver(solver, denoiser, solver_options, noise_scheduler, n).step
+    step = make_solver(solver, denoiser, solver_options, noise_scheduler, n).step
     keep_graph, B, x = torch.is_grad_enabled(), xN.shape[0], xN
     for i in range(n):
         x = step(x, t_steps[i].repeat(B), t_steps[i + 1].repeat(B))
@@ -321,9 +323,7 @@ def step_table(scheduler: NoiseScheduler, solver: str, time_steps: Tensor, optio
     check_fit(solver, scheduler)
     n = len(time_steps) - 1
     ts = time_steps.tolist()
-    noise_scheduler = {"noise_scheduler": scheduler} if "noise_scheduler" in inspect.signature(SOLVERS[solver]).parameters else {}
-    steps = {"num_steps": n} if "num_steps" in inspect.signature(SOLVERS[solver]).parameters else {}
-    obj = SOLVERS[solver](lambda x, t: x, **dict(options or {}), **noise_scheduler, **steps)
+    obj = make_solver(solver, lambda x, t: x, options, scheduler, n)
     table = []
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         if isinstance(obj, DDIMSolver):

@@ -30,7 +30,7 @@ from torch.export import ExportedProgram
 from diffexport.diffusion import samplers
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
-    FORMAT, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
+    FORMAT, LEFTOVER, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
     write_manifest,
 )  # fmt: skip
 from diffexport.fileio import write_atomic
@@ -271,10 +271,10 @@ def _check_replaceable(engine_dir: Path) -> None:
 
 def _leftovers(engine_dir: Path) -> Iterator[tuple[Path, str, int]]:
     """``(path, "building" | "old", pid)`` of the temporary and moved-aside folders of ``engine_dir``'s builds."""
-    pattern = re.compile(rf"\.{re.escape(engine_dir.name)}\.(\d+)\.(?:.*\.(building)|(old))")
     for path in engine_dir.parent.iterdir():
-        if (m := pattern.fullmatch(path.name)) and path.is_dir() and not path.is_symlink():
-            yield path, m.group(2) or m.group(3), int(m.group(1))
+        m = LEFTOVER.fullmatch(path.name)
+        if m and m.group(1) == engine_dir.name and path.is_dir() and not path.is_symlink():
+            yield path, m.group(3) or m.group(4), int(m.group(2))
 
 
 def recover(engine_dir: Path) -> list[str]:

@@ -264,7 +264,9 @@ def _is_leftover(engine_dir: Path) -> bool:
     return bool(m) and int(m.group(2)) != os.getpid()
 
 
-LEFTOVER = re.compile(r"\.(.+)\.(\d+)\.(?:.*\.building|old)")
+# ``.NAME.<pid>.<anything>.building`` (a build's temporary folder) or ``.NAME.<pid>.old`` (a moved-aside
+# engine): groups name, pid, and "building" or "old"
+LEFTOVER = re.compile(r"\.(.+)\.(\d+)\.(?:.*\.(building)|(old))")
 
 
 def check_manifest(path: Path, manifest: dict) -> None:

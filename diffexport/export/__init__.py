@@ -62,30 +62,36 @@ def _aoti(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str
     return export_aoti(program, io, out_dir / filename, precision=precision, device=device)
 
 
-def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None, **_) -> dict:
+def _from_onnx(program: ExportedProgram, io: IOSpec, onnx_path: Path | None, onnx_precision: str, opset: int,
+               build: Callable[[Path, str | None], dict]) -> dict:
+    """``build(onnx_file, source)`` on the build's own ONNX (``source``: its file name) when given,
+    else on one lowered at ``onnx_precision`` to a temporary file (``source`` None)."""
+    if onnx_path is not None:
+        return build(onnx_path, onnx_path.name)
     from diffexport.export.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:  # no ONNX target built: lower to ONNX on the side
+        path = Path(tmp) / FILENAMES["onnx"]
+        export_onnx(program, io, path, precision=onnx_precision, opset=opset)
+        return build(path, None)
+
+
+def _tensorrt(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None,
+              filename: str, **_) -> dict:
     from diffexport.export.tensorrt import build_tensorrt, require
 
     require("tensorrt")  # fail before lowering anything
-    if onnx_path is not None:
-        return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
-    with tempfile.TemporaryDirectory() as tmp:  # no ONNX target built: lower to ONNX on the side
-        onnx_path = Path(tmp) / FILENAMES["onnx"]
-        export_onnx(program, io, onnx_path, precision=precision, opset=opset)
-        return build_tensorrt(onnx_path, io, out_dir / FILENAMES["tensorrt"], precision=precision)
+    return _from_onnx(program, io, onnx_path, precision, opset,
+                      lambda onnx, _: build_tensorrt(onnx, io, out_dir / filename, precision=precision))
 
 
 def _openvino(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, onnx_path: Path | None,
               filename: str, **_) -> dict:
-    from diffexport.export.onnx import export_onnx
     from diffexport.export.openvino import export_openvino
 
-    if onnx_path is not None:  # the build's fp32 ONNX: the loader may recompile it
-        return export_openvino(onnx_path, io, out_dir / filename, precision=precision, source=onnx_path.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / FILENAMES["onnx"]
-        export_onnx(program, io, onnx_path, precision="fp32", opset=opset)
-        return export_openvino(onnx_path, io, out_dir / filename, precision=precision)
+    # the build's fp32 ONNX (named as ``source``: the loader may recompile it) or an fp32 one on the side
+    return _from_onnx(program, io, onnx_path, "fp32", opset,
+                      lambda onnx, source: export_openvino(onnx, io, out_dir / filename, precision=precision, source=source))
 
 
 TARGETS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "aoti": _aoti, "tensorrt": _tensorrt, "openvino": _openvino}

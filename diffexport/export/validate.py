@@ -224,12 +224,13 @@ def _solver_problems(recipe: Recipe, scheduler: Any) -> list[str]:
     except ValueError as e:
         return [f"sampler.solver: {e}"]
     cls = samplers.SOLVERS[s.solver]
-    supplied = {k: why for k, why in (("num_steps", "set by sampler.num_steps"), ("generator", "set by the sampler's seed"),
-                                      ("noise_scheduler", "set by sampler.scheduler"), ("denoiser", "set by the engine"))}
+    why = {"num_steps": "set by sampler.num_steps", "generator": "set by the sampler's seed",
+           "noise_scheduler": "set by sampler.scheduler", "denoiser": "set by the engine"}
+    supplied = {k: why[k] for k in samplers.SUPPLIED}
     if problems := _call_problems("sampler.solver_options", cls, s.solver_options, skip=1, supplied=supplied):
         return problems
-    extra = {k: v for k, v in (("num_steps", s.num_steps), ("noise_scheduler", scheduler)) if k in inspect.signature(cls).parameters}
-    return _construct("sampler.solver_options", cls.__name__, lambda: cls(lambda x, t: x, **s.solver_options, **extra))[1]
+    return _construct("sampler.solver_options", cls.__name__,
+                      lambda: samplers.make_solver(s.solver, lambda x, t: x, s.solver_options, scheduler, s.num_steps))[1]
 
 
 def _patching_problems(recipe: Recipe) -> list[str]:

@@ -211,18 +211,18 @@ def default_cache_dir(engine_dir: Path) -> Path:
     return Path(env) if env else Path(engine_dir) / ".cache" / "parity"
 
 
-def _key(v: float) -> float:
+def nan_worst(v: float) -> float:
     """Sort/compare key treating NaN as worst."""
     return math.inf if isinstance(v, float) and math.isnan(v) else v
 
 
 def call_passed(record: dict, tol: dict) -> bool:
     """Whether one per-call record is inside both the D and the F tolerance."""
-    return _key(record["rel_l2"]) <= tol["per_call_rtol"] and _key(record["f_rel_l2"]) <= tol["per_call_f_rtol"]
+    return nan_worst(record["rel_l2"]) <= tol["per_call_rtol"] and nan_worst(record["f_rel_l2"]) <= tol["per_call_f_rtol"]
 
 
 def trajectory_passed(entry: dict, tol: dict) -> bool:
-    return bool(entry.get("trajectory")) and _key(entry["trajectory"]["final"]["rel_l2"]) <= tol["final_rtol"]
+    return bool(entry.get("trajectory")) and nan_worst(entry["trajectory"]["final"]["rel_l2"]) <= tol["final_rtol"]
 
 
 class ParityRun:
@@ -301,8 +301,8 @@ class ParityRun:
         entry["per_call"] = checks.compare_calls(self.plan.sigmas, calls.outputs, outs, calls.inputs, calls.coefs)
         traj = self.reference.trajectory(engine.device)
         entry["trajectory"] = checks.compare_steps(self.plan.spec, traj.states, checks.trajectory_states(engine, self.plan.spec, traj.inputs))
-        entry["per_call_worst"] = max(entry["per_call"], key=lambda r: _key(r["rel_l2"]))
-        entry["per_call_f_worst"] = max(entry["per_call"], key=lambda r: _key(r["f_rel_l2"]))
+        entry["per_call_worst"] = max(entry["per_call"], key=lambda r: nan_worst(r["rel_l2"]))
+        entry["per_call_f_worst"] = max(entry["per_call"], key=lambda r: nan_worst(r["f_rel_l2"]))
         entry["passed"] = all(call_passed(r, tol) for r in entry["per_call"]) and trajectory_passed(entry, tol)
 
     def _locate(self, record: dict, tol: dict, entry: dict) -> dict | None:
@@ -310,7 +310,7 @@ class ParityRun:
         from diffexport.parity.onnx_locate import locate_divergence
 
         def excess(r: dict) -> float:
-            return max(_key(r["rel_l2"]) / tol["per_call_rtol"], _key(r["f_rel_l2"]) / tol["per_call_f_rtol"])
+            return max(nan_worst(r["rel_l2"]) / tol["per_call_rtol"], nan_worst(r["f_rel_l2"]) / tol["per_call_f_rtol"])
 
         worst = max(range(len(self.plan.sigmas)), key=lambda i: excess(entry["per_call"][i]))
         ref = self.reference.engine("cpu")

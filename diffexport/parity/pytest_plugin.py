@@ -85,16 +85,16 @@ class _Item(pytest.Item):
 
     def _manifest(self) -> None:
         from diffexport.engines.base import EngineError
-        from diffexport.engines.manifest import read_manifest, verify_files
+        from diffexport.engines.manifest import engine_problems, read_manifest
         from diffexport.engines.verdict import refusal
 
         try:
             manifest = read_manifest(self.engine_dir)
-            verify_files(self.engine_dir, manifest["weights"])
-            for record in manifest.get("artifacts", {}).values():
-                verify_files(self.engine_dir, record)
+            problems = engine_problems(self.engine_dir, manifest)  # every hashed file, as `diffexport inspect` checks them
         except (EngineError, KeyError, TypeError) as e:
             _fail(f"{self.engine_dir}: {type(e).__name__ + ': ' if not isinstance(e, EngineError) else ''}{e}")
+        if problems:
+            _fail("\n".join(problems))
         message = refusal(self.engine_dir, manifest)
         if message:
             _fail(message)
@@ -122,12 +122,12 @@ class _Item(pytest.Item):
             _fail(f"{self.backend} ({entry['precision']}): " + "\n".join(lines))
 
     def _trajectory(self) -> None:
-        from diffexport.parity.harness import trajectory_passed
+        from diffexport.parity.harness import nan_worst, trajectory_passed
 
         entry = self._entry()
         if not trajectory_passed(entry, entry["tolerances"]):
             final, steps = entry["trajectory"]["final"], entry["trajectory"]["steps"]
-            worst = max(steps, key=lambda r: r["rel_l2"] if r["rel_l2"] == r["rel_l2"] else float("inf"))
+            worst = max(steps, key=lambda r: nan_worst(r["rel_l2"]))
             _fail(f"{self.backend} ({entry['precision']}): final-sample rel L2 {final['rel_l2']:.3g} > "
                   f"{entry['tolerances']['final_rtol']:g} (worst step {worst['step']} at sigma={worst['sigma']:.4g}: "
                   f"rel L2 {worst['rel_l2']:.3g})")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from diffexport.engines.base import Engine
 from diffexport.runtime.inputs import condition_specs
-from diffexport.runtime.sampler import SamplerSpec, sample
+from diffexport.runtime.sampler import SamplerSpec, one_hot_condition, sample
 
 __all__ = ["check_task", "frechet_distance", "judge_samples", "markdown_lines", "requested", "resolve_judge"]
 
@@ -97,8 +97,8 @@ def requested(engine: Engine, n: int) -> tuple[dict[str, Tensor], np.ndarray | N
     if len(specs) > 1 or specs[0].kind != "vector":
         raise ValueError(f"parity.judge: task parity needs an engine whose only condition is a vector, got {[s.name for s in specs]}")
     k = specs[0].shape[-1]
-    labels = np.arange(n) % k
-    return {specs[0].name: torch.nn.functional.one_hot(torch.as_tensor(labels), k).float()}, labels
+    name, one_hot = one_hot_condition(engine, list(range(k)), n)
+    return {name: one_hot}, np.arange(n) % k
 
 
 def _task_samples(engine: Engine, spec: SamplerSpec, n: int, seed: int) -> Tensor:
