@@ -162,3 +162,28 @@ def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
         assert r["nfe"] == 11 and r["pct_peak"] > 0 and r["loop_overhead"] < 1 and 0 < r["sampler_only_s"] < r["sample_s"]
     assert [r["precision"] for r in rows[:3]] == ["fp32", "fp32", "bf16"] and rows[0]["call_vs_torch"] == 1.0
     assert "matmul peak GFLOP/s" in out.output and "loop: share" in out.output
+
+
+@pytest.mark.parametrize("winner,hint", [("openvino", None), ("openvino-bf16", "YES"), ("onnxruntime", None)])
+def test_full_triton_repository_serves_the_ranked_openvino_engine(tmp_path, auto_engine, winner, hint):
+    """When the ranking's winner is an OpenVINO candidate, the full ``triton/`` repository's denoiser
+    is Triton's OpenVINO backend on the engine's ONNX (byte for byte), with the bf16 hint for the bf16
+    candidate; otherwise ONNX Runtime. (Parsed only: this Triton has only the Python backend.)"""
+    from diffexport.deploy.triton import model_names, write_repository
+    from diffexport.deploy.triton.config import parse_pbtxt
+
+    engine = shutil.copytree(auto_engine, tmp_path / "engine")
+    m = read_manifest(engine)
+    m["default_backend"] = winner
+    write_manifest(engine, m)
+    repo = write_repository(engine)
+    denoiser, _ = model_names(m["name"])
+    cfg = parse_pbtxt((repo / denoiser / "config.pbtxt").read_text())
+    served = repo / denoiser / "1" / "model.onnx"
+    assert sha256_file(served) == m["artifacts"]["onnx"]["sha256"]
+    if winner == "onnxruntime":
+        assert cfg.platform == "onnxruntime_onnx" and not cfg.backend
+        return
+    assert cfg.backend == "openvino" and not cfg.platform and cfg.default_model_filename == "model.onnx"
+    assert (cfg.parameters["HINT_BF16"].string_value if "HINT_BF16" in cfg.parameters else None) == hint
+    assert cfg.max_batch_size == m["io"]["batch"]["max"] and [t.name for t in cfg.input] == [s["name"] for s in m["io"]["inputs"]]

@@ -120,17 +120,20 @@ def _dynamic_batching(config: Any, io: IOSpec, delay_ms: float | None) -> None:
 
 def denoiser_config(
     name: str, io: IOSpec, *, platform: str | None = None, instances: Instances = Instances(),
-    parameters: dict[str, str] | None = None,
+    parameters: dict[str, str] | None = None, model_file: str | None = None,
 ) -> Any:
     """The denoiser ``name``: batched (``max_batch_size`` = ``io.batch["max"]``) with dynamic batching.
 
-    ``platform`` is ``tensorrt_plan`` or ``onnxruntime_onnx``; ``None`` makes it a Python model.
+    ``platform`` is ``tensorrt_plan`` or ``onnxruntime_onnx`` (a Triton platform), ``openvino``
+    (Triton's OpenVINO backend, reading ``model_file``), or ``None``: a Python model.
     """
     cfg = pb2().ModelConfig(name=name, max_batch_size=max_batch(io))
-    if platform:
-        cfg.platform = platform
+    if platform in ("openvino", None):
+        cfg.backend = platform or "python"
     else:
-        cfg.backend = "python"
+        cfg.platform = platform
+    if model_file:
+        cfg.default_model_filename = model_file
     for s in io.inputs:
         _tensor(cfg.input, s, batched=True)
     for s in io.outputs:

@@ -33,8 +33,13 @@ from diffexport.recipes import IOSpec
 FULL, PYTHON_ONLY = "triton", "triton-python"
 ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
 PYTHON_BACKENDS = ("onnxruntime", "aoti", "openvino")  # in-process runtimes of the self-contained denoiser, preferred first
-NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnx": ("onnxruntime_onnx", "model.onnx")}
-NATIVE_BACKENDS = {"tensorrt": "tensorrt", "onnx": "onnxruntime"}  # engine target -> Triton backend serving it
+# engine artifact -> (Triton platform or backend, the file it loads). The OpenVINO artifacts are served
+# by Triton's OpenVINO backend from the engine's ONNX (the one they were compiled from), compiled
+# there with the same precision hint; the cached blobs are for diffexport's own loader.
+NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "openvino": ("openvino", "model.onnx"),
+                    "openvino-bf16": ("openvino", "model.onnx"), "onnx": ("onnxruntime_onnx", "model.onnx")}
+NATIVE_BACKENDS = {"tensorrt": "tensorrt", "openvino": "openvino", "openvino-bf16": "openvino", "onnx": "onnxruntime"}
+OPENVINO_PRECISION = {"fp32": {}, "bf16": {"HINT_BF16": "YES"}}  # the OpenVINO backend's precision parameters
 
 
 def repository_dir(engine_dir: str | Path, python_only: bool = False) -> Path:
@@ -52,11 +57,18 @@ def _built(manifest: dict) -> str:
 
 
 def native_target(manifest: dict) -> str:
-    """The artifact served by Triton's own backend in the full repository: ``tensorrt`` if built, else ``onnx``."""
-    target = next((t for t in NATIVE_PLATFORMS if t in manifest.get("artifacts", {})), None)
-    if target is None:
-        raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact {_built(manifest)}")
-    return target
+    """The artifact served by Triton's own backend in the full repository: ``tensorrt`` if built;
+    else the OpenVINO artifact that the build ranked fastest (``default_backend``), when it was
+    compiled from the engine's ONNX; else ``onnx``."""
+    arts = manifest.get("artifacts", {})
+    if "tensorrt" in arts:
+        return "tensorrt"
+    chosen = BACKENDS.get(manifest.get("default_backend") or "")
+    if chosen in ("openvino", "openvino-bf16") and chosen in arts and arts[chosen].get("source") == arts.get("onnx", {}).get("file"):
+        return chosen
+    if "onnx" in arts:
+        return "onnx"
+    raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact {_built(manifest)}")
 
 
 def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = False) -> str | None:
@@ -158,7 +170,11 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         art = manifest["artifacts"][target]
         if target == "tensorrt" and not instances.on_gpu:
             instances = Instances(instances.count, instances.gpus, gpu=True)
-        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances)
+        openvino = platform == "openvino"
+        den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, model_file=fname if openvino else None,
+                                  parameters=OPENVINO_PRECISION[art["precision"]] if openvino else None)
+        if openvino:  # the ONNX it was compiled from, with its external data
+            art = manifest["artifacts"]["onnx"]
         extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
         den_files = {fname: engine_dir / art["file"], **{name: engine_dir / name for name in extra}}
         for f in den_files.values():
