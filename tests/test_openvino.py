@@ -28,6 +28,11 @@ from diffexport.runtime.bench import bench_engine, rank_stage
 openvino = pytest.importorskip("openvino", reason="the openvino package is not installed")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+from diffexport.export.openvino import precision_unavailable  # noqa: E402
+
+NO_BF16 = precision_unavailable("bf16")  # a CPU without native bf16: no openvino-bf16 candidate
+OPENVINO = ["openvino"] + ([] if NO_BF16 else ["openvino-bf16"])  # the OpenVINO candidates built here
+needs_bf16 = pytest.mark.skipif(NO_BF16 is not None, reason=f"this CPU: {NO_BF16}")
 TINY = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[8], dropout=0.0)
 RECIPE = {
@@ -64,16 +69,22 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_artifacts_are_the_candidates(auto_engine):
     m = read_manifest(auto_engine)
-    assert list(m["artifacts"]) == ["onnx", "openvino", "openvino-bf16"], m["skipped"]
+    assert list(m["artifacts"]) == ["onnx", *OPENVINO], m["skipped"]
+    if NO_BF16:  # skipped with the reason, never an f32 blob recorded as bf16
+        assert m["skipped"]["openvino-bf16"] == NO_BF16
+        return
     for key, hint in (("openvino", "f32"), ("openvino-bf16", "bf16")):
         art = m["artifacts"][key]
         assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
         assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"]} == set(art["files"])
         assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
+        for blob in art["files"]:  # the blob was compiled with that precision (the CPU plugin may fall back silently)
+            compiled = openvino.Core().import_model((auto_engine / blob).read_bytes(), "CPU", art["config"])
+            assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == hint
     assert m["artifacts"]["openvino"]["file"] != m["artifacts"]["openvino-bf16"]["file"]
 
 
-@pytest.mark.parametrize("backend,rtol", [("openvino", 1e-5), ("openvino-bf16", 2e-2)])
+@pytest.mark.parametrize("backend,rtol", [("openvino", 1e-5), pytest.param("openvino-bf16", 2e-2, marks=needs_bf16)])
 def test_openvino_matches_torch_reference(auto_engine, backend: str, rtol: float):
     for batch in (1, 3, 4):  # static blobs for min and max, the dynamic one for 3
         got, want = _call(auto_engine, backend, batch)
@@ -85,8 +96,9 @@ def test_openvino_matches_torch_reference(auto_engine, backend: str, rtol: float
 
 def test_parity_stage_checks_openvino(auto_engine):
     backends = read_manifest(auto_engine)["parity"]["backends"]
-    assert {"onnxruntime", "openvino", "openvino-bf16"} <= set(backends)
-    assert backends["openvino-bf16"]["precision"] == "bf16" and backends["openvino-bf16"]["tolerances"]["per_call_rtol"] == 2e-2
+    assert {"onnxruntime", *OPENVINO} <= set(backends)
+    if not NO_BF16:
+        assert backends["openvino-bf16"]["precision"] == "bf16" and backends["openvino-bf16"]["tolerances"]["per_call_rtol"] == 2e-2
     assert all(b["passed"] for b in backends.values()), backends
 
 
@@ -121,7 +133,7 @@ def test_engine_module_does_not_import_the_exporter():
 def test_ranking_makes_the_fastest_verified_backend_the_default(auto_engine):
     m = read_manifest(auto_engine)
     r = m["ranking"]
-    assert sorted(r["order"]) == ["onnxruntime", "openvino", "openvino-bf16"] and r["failed"] == []
+    assert sorted(r["order"]) == ["onnxruntime", *OPENVINO] and r["failed"] == []
     scores = [r["candidates"][b]["score"] for b in r["order"]]
     assert m["default_backend"] == r["order"][0] and scores == sorted(scores) and scores[0] >= 1.0
     assert all(set(c["call_ms"]) == {"2", "4"} for c in r["candidates"].values())  # batch opt and max
@@ -143,28 +155,28 @@ def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
     m.pop("default_backend")
     m["status"] = "failed"
     rank_stage(engine_dir, m)
-    assert "default_backend" not in m and "order" not in m["ranking"] and len(m["ranking"]["failed"]) == 3 and m["status"] == "failed"
+    assert "default_backend" not in m and "order" not in m["ranking"] and len(m["ranking"]["failed"]) == 1 + len(OPENVINO) and m["status"] == "failed"
 
 
 def test_bench_reports_ratio_peak_and_loop_overhead(tmp_path, auto_engine):
     path = tmp_path / "bench.json"
     out = CliRunner().invoke(app, ["bench", str(auto_engine), "--repeats", "1", "--warmup", "0",  # default batches 1 and 8
-                                   "-b", "openvino", "-b", "openvino-bf16", "--json", str(path)], terminal_width=240)
+                                   *[a for b in OPENVINO for a in ("-b", b)], "--json", str(path)], terminal_width=240)
     assert out.exit_code == 0, out.output
     result = json.loads(path.read_text())
     assert {"load_average", "cores", "warning", "peak_gflops", "omp_wait_policy", "pause_s"} <= set(result)
     assert set(result["peak_gflops"]) == {"fp32", "bf16"} and all(v > 0 for v in result["peak_gflops"].values())
     rows = result["rows"]
-    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for n in (1, 4) for b in ("torch", "openvino", "openvino-bf16")]
+    assert [(r["backend"], r["batch"]) for r in rows] == [(b, n) for n in (1, 4) for b in ("torch", *OPENVINO)]
     for r in rows:  # batch 8 is clamped to the engine's max, 4
         assert {"precision", "call_ms", "call_vs_torch", "gflops", "pct_peak", "sample_s", "sample_vs_torch", "nfe", "loop_overhead",
                 "sampler_only_s"} <= set(r)
         assert r["nfe"] == 11 and r["pct_peak"] > 0 and r["loop_overhead"] < 1 and 0 < r["sampler_only_s"] < r["sample_s"]
-    assert [r["precision"] for r in rows[:3]] == ["fp32", "fp32", "bf16"] and rows[0]["call_vs_torch"] == 1.0
+    assert [r["precision"] for r in rows[:1 + len(OPENVINO)]] == ["fp32", "fp32", "bf16"][:1 + len(OPENVINO)] and rows[0]["call_vs_torch"] == 1.0
     assert "matmul peak GFLOP/s" in out.output and "loop: share" in out.output
 
 
-@pytest.mark.parametrize("winner,hint", [("openvino", None), ("openvino-bf16", "YES"), ("onnxruntime", None)])
+@pytest.mark.parametrize("winner,hint", [("openvino", None), pytest.param("openvino-bf16", "YES", marks=needs_bf16), ("onnxruntime", None)])
 def test_full_triton_repository_serves_the_ranked_openvino_engine(tmp_path, auto_engine, winner, hint):
     """When the ranking's winner is an OpenVINO candidate, the full ``triton/`` repository's denoiser
     is Triton's OpenVINO backend on the engine's ONNX (byte for byte), with the bf16 hint for the bf16

@@ -176,15 +176,17 @@ def _filename(c: Candidate) -> str:
     return name if c.key == c.target else name.replace("denoiser.", f"denoiser.{c.precision}.", 1)
 
 
-def unavailable(target: str) -> str | None:
-    """Why ``target`` cannot be built here (``None`` when it can): TensorRT needs its package and a
-    GPU, OpenVINO its package."""
+def unavailable(target: str, precision: str = "fp32") -> str | None:
+    """Why ``target`` cannot be built here at ``precision`` (``None`` when it can): TensorRT needs
+    its package and a GPU, OpenVINO its package (and for bf16 a CPU with native bf16)."""
     if target == "openvino":
         try:
             import openvino  # noqa: F401
         except ImportError as e:
             return f"the openvino package is not installed ({e}); pip install openvino"
-        return None
+        from diffexport.export.openvino import precision_unavailable
+
+        return precision_unavailable(precision)
     if target != "tensorrt":
         return None
     try:
@@ -380,7 +382,7 @@ def build_engine(
     engine_dir = engine_dir_for(recipe, out_dir)
     _check_replaceable(engine_dir)
     stages, todo = _Stages(progress), candidates(recipe)
-    skipped = {c.key: why for c in todo if (why := unavailable(c.target))}
+    skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision))}
     if len(skipped) == len(todo):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffexport.export.tensorrt import TargetUnavailable
 from diffexport.fileio import write_atomic
 from diffexport.recipes import IOSpec
 
@@ -31,6 +32,21 @@ def compile_config(precision: str) -> dict[str, str]:
     if precision not in HINTS:
         raise ValueError(f"the openvino target supports precision {' or '.join(HINTS)}, got {precision!r}")
     return {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY"}
+
+
+def precision_unavailable(precision: str) -> str | None:
+    """Why OpenVINO's CPU plugin cannot run ``precision`` on this CPU (``None``: it can). Without
+    native bf16 (no AVX512-BF16 / AMX) it silently compiles a bf16 hint as f32, which would be an
+    fp32 engine recorded as bf16."""
+    if precision != "bf16":
+        return None
+    import openvino as ov
+
+    caps = list(ov.Core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+    if "BF16" in caps:
+        return None
+    return (f"OpenVINO's CPU plugin has no bf16 on this CPU (its capabilities: {', '.join(caps)}; bf16 needs AVX512-BF16 or AMX): "
+            "the bf16 hint would compile f32")
 
 
 def static_batches(io: IOSpec) -> list[int]:
@@ -52,6 +68,8 @@ def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, prec
     import openvino as ov
 
     path, config = Path(path), compile_config(precision)
+    if why := precision_unavailable(precision):
+        raise TargetUnavailable(why)
     core = ov.Core()
     lo, hi = io.batch.get("min", 1), io.batch.get("max", -1)
     files, static = [path.name], {}
@@ -61,7 +79,10 @@ def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, prec
         dim = ov.Dimension(lo, hi) if batch is None else ov.Dimension(batch)
         model.reshape({p.get_any_name(): ov.PartialShape([dim, *p.get_partial_shape()[1:]]) for p in model.inputs})
         target = path if batch is None else path.with_name(path.name.replace(".blob", f".b{batch}.blob"))
-        write_atomic(target, core.compile_model(model, DEVICE, config).export_model().getvalue())
+        compiled = core.compile_model(model, DEVICE, config)
+        if (got := compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()) != HINTS[precision]:
+            raise TargetUnavailable(f"OpenVINO compiled the {precision} hint ({HINTS[precision]}) as {got} on this CPU")
+        write_atomic(target, compiled.export_model().getvalue())
         if batch is not None:
             files.append(target.name)
             static[str(batch)] = target.name
