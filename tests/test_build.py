@@ -246,3 +246,17 @@ def test_cli_inspect_shows_the_parity_summary(tmp_path: Path, built_quickstart: 
     assert r.exit_code == 0, r.output
     for text in ("status failed", "parity passed False", "onnxruntime", "3.25e-04"):
         assert text in r.stdout, text
+
+
+def test_auto_bf16_aoti_candidate_is_left_out_where_bf16_is_emulated(monkeypatch):
+    """``precision: auto`` adds aoti-bf16 only on a CPU with native bf16 (AVX512-BF16 or AMX);
+    an explicit bf16 target, fp32 candidates and CUDA builds are never left out."""
+    from diffexport.engines.build import Candidate, emulated_bf16
+
+    auto, explicit, fp32 = Candidate("aoti-bf16", "aoti", "bf16"), Candidate("aoti", "aoti", "bf16"), Candidate("aoti", "aoti", "fp32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert "no native bf16" in emulated_bf16(auto, "cpu")
+    assert emulated_bf16(explicit, "cpu") is None and emulated_bf16(fp32, "cpu") is None and emulated_bf16(auto, "cuda") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert emulated_bf16(auto, "cpu") is None
