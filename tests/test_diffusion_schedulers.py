@@ -120,7 +120,7 @@ def test_vp_matches_edm_paper_sigma():
     t = torch.linspace(1e-3, 1, 7, dtype=torch.float64)
     torch.testing.assert_close(vp.edm_sigma(t), (torch.exp(0.5 * 19.9 * t**2 + 0.1 * t) - 1).sqrt())
     torch.testing.assert_close(vp.alpha(t) ** 2 + vp.sigma(t) ** 2, torch.ones_like(t))
-    assert vp.beta_d == 19.9 and VPNoiseScheduler(beta_d=19.1).beta_d == 19.1
+    assert vp.beta_d == 19.9 and VPNoiseScheduler().beta_d == 19.1  # PhysicsNeMo 2.2 default
 
 
 @pytest.mark.parametrize("sched", CONTINUOUS, ids=lambda s: type(s).__name__)

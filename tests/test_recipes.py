@@ -317,7 +317,7 @@ def test_vp_recipe_exports_with_the_sigma_contract(tmp_path: Path):
     engine = build_engine(path, tmp_path / "vp").engine_dir
     manifest = read_manifest(engine)
     sampler, io = manifest["sampler"], IOSpec.from_dict(manifest["io"])
-    assert sampler["scheduler"]["args"] == {"beta_min": 0.1, "beta_d": 19.9, "epsilon_s": 1e-3, "t_max": 1.0}
+    assert sampler["scheduler"]["args"] == {"beta_min": 0.1, "beta_d": 19.1, "epsilon_s": 1e-3, "t_max": 1.0}  # PhysicsNeMo 2.2's defaults
     ort, ref = OnnxRuntimeEngine(engine / manifest["artifacts"]["onnx"]["file"], io), TorchEngine(engine, io)
     sigma = torch.tensor([sampler["sigmas"][0], sampler["sigmas"][-2]], dtype=torch.float32)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * sigma.reshape(-1, 1, 1, 1)

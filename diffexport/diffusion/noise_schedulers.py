@@ -299,9 +299,13 @@ class VENoiseScheduler(LinearGaussianNoiseScheduler):
 
 class VPNoiseScheduler(LinearGaussianNoiseScheduler):
     """Variance preserving: beta(t) = beta_min + beta_d t, a(t) = beta_d t^2 / 2 + beta_min t,
-    alpha = exp(-a/2), sigma = sqrt(1 - alpha^2); EDM sigma = sqrt(e^a - 1). Steps t: t_max -> epsilon_s."""
+    alpha = exp(-a/2), sigma = sqrt(1 - alpha^2); EDM sigma = sqrt(e^a - 1). Steps t: t_max -> epsilon_s.
 
-    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.9, epsilon_s: float = 1e-3, t_max: float = 1.0) -> None:
+    ``beta_d`` defaults to 19.1 as in PhysicsNeMo 2.2's ``VPNoiseScheduler`` (EDM's VP and
+    :class:`~diffexport.diffusion.preconditioners.VPPreconditioner` use 19.9; the denoiser takes
+    sigma, so the two need not agree)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_d: float = 19.1, epsilon_s: float = 1e-3, t_max: float = 1.0) -> None:
         require(beta_min > 0, "beta_min", "> 0", beta_min)
         require(beta_d > 0, "beta_d", "> 0", beta_d)
         require(t_max > 0, "t_max", "> 0", t_max)
