@@ -308,7 +308,7 @@ def test_symlinked_artifact_out_of_the_engine_is_refused(tmp_path, engine):
         load(engine, "onnxruntime")
 
 
-@pytest.mark.parametrize("edit", ["no io", "no sampler", "no name", "io shape", "io dtype", "status", "sigmas NaN", "not json"])
+@pytest.mark.parametrize("edit", ["no io", "no sampler", "no name", "io shape", "io dtype", "io key", "status", "sigmas NaN", "not json"])
 def test_damaged_manifests_are_one_line_everywhere(tmp_path, capsys, engine, edit):
     path = engine / "manifest.json"
     m = json.loads(path.read_text())
@@ -318,6 +318,8 @@ def test_damaged_manifests_are_one_line_everywhere(tmp_path, capsys, engine, edi
         m["io"]["inputs"][0]["shape"] = [-1, 3, 8, 8]
     elif edit == "io dtype":
         m["io"]["inputs"][1]["dtype"] = "complex64"
+    elif edit == "io key":  # a key TensorSpec does not take (found by the manifest fuzzer): named, not a TypeError
+        m["io"]["inputs"][0] = {"0": 1}
     elif edit == "status":
         m["status"] = "trust me"
     elif edit == "sigmas NaN":
@@ -327,6 +329,8 @@ def test_damaged_manifests_are_one_line_everywhere(tmp_path, capsys, engine, edi
                  ["bench", engine, "--repeats", "1", "--no-sample"]):  # fmt: skip
         line = one_line_error(*cli(capsys, *args))
         assert "manifest.json" in line, (args, line)
+        if edit == "io key":
+            assert "io.inputs[0] has unknown keys ['0']" in line and "TypeError" not in line, line
 
 
 def test_png_grid_is_written_by_a_library_and_round_trips(tmp_path):

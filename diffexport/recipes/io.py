@@ -3,7 +3,7 @@ loading and running an engine does not import the recipe schema)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,22 @@ class IOSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> IOSpec:
-        return cls([TensorSpec(**s) for s in d["inputs"]], [TensorSpec(**s) for s in d["outputs"]], dict(d.get("batch", {})))
+        """The contract of ``d`` (``to_dict``'s form); ``ValueError`` naming the entry that is not one."""
+        if not isinstance(d, dict) or not isinstance(d.get("inputs"), list) or not isinstance(d.get("outputs"), list):
+            raise ValueError("io must be an object with lists 'inputs' and 'outputs'")
+        return cls([_spec(s, f"io.inputs[{i}]") for i, s in enumerate(d["inputs"])],
+                   [_spec(s, f"io.outputs[{i}]") for i, s in enumerate(d["outputs"])], dict(d.get("batch", {})))
+
+
+def _spec(entry: object, where: str) -> TensorSpec:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {type(entry).__name__}")
+    known = {f.name for f in fields(TensorSpec)}
+    if unknown := sorted(map(str, set(entry) - known)):
+        raise ValueError(f"{where} has unknown keys {unknown} (expected {sorted(known)})")
+    if missing := sorted({"name", "shape"} - set(entry)):
+        raise ValueError(f"{where} lacks {missing}")
+    return TensorSpec(**entry)
 
 
 def global_index_spec(h: int, w: int, grid: tuple[int, int]) -> TensorSpec:
