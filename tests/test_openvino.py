@@ -199,3 +199,18 @@ def test_full_triton_repository_serves_the_ranked_openvino_engine(tmp_path, auto
     assert cfg.backend == "openvino" and not cfg.platform and cfg.default_model_filename == "model.onnx"
     assert (cfg.parameters["HINT_BF16"].string_value if "HINT_BF16" in cfg.parameters else None) == hint
     assert cfg.max_batch_size == m["io"]["batch"]["max"] and [t.name for t in cfg.input] == [s["name"] for s in m["io"]["inputs"]]
+
+
+def test_openvino_without_the_engines_onnx_gets_only_the_self_contained_repository(tmp_path, auto_engine):
+    """An OpenVINO artifact compiled from a temporary ONNX (no onnx target) has nothing for Triton's
+    OpenVINO backend to read: the build's Triton stage writes ``triton-python/`` only."""
+    from diffexport.deploy.triton import native_target, triton_stage
+
+    engine = shutil.copytree(auto_engine, tmp_path / "engine")
+    m = read_manifest(engine)
+    del m["artifacts"]["onnx"]
+    m["artifacts"]["openvino"]["source"] = None
+    m["default_backend"] = "openvino"
+    with pytest.raises(EngineError, match="needs a tensorrt or onnx artifact"):
+        native_target(m)
+    assert [p.name for p in triton_stage(engine, m)] == ["triton-python"]

@@ -33,12 +33,17 @@ from diffexport.recipes import IOSpec
 FULL, PYTHON_ONLY = "triton", "triton-python"
 ENGINE_DIR_PARAM = "../.."  # from <repository>/<model>/ back to the engine directory
 PYTHON_BACKENDS = ("onnxruntime", "aoti", "openvino")  # in-process runtimes of the self-contained denoiser, preferred first
-# engine artifact -> (Triton platform or backend, the file it loads). The OpenVINO artifacts are served
-# by Triton's OpenVINO backend from the engine's ONNX (the one they were compiled from), compiled
-# there with the same precision hint; the cached blobs are for diffexport's own loader.
-NATIVE_PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "openvino": ("openvino", "model.onnx"),
-                    "openvino-bf16": ("openvino", "model.onnx"), "onnx": ("onnxruntime_onnx", "model.onnx")}
-NATIVE_BACKENDS = {"tensorrt": "tensorrt", "openvino": "openvino", "openvino-bf16": "openvino", "onnx": "onnxruntime"}
+# engine artifact -> (config.pbtxt platform or backend, the file it loads, the Triton backend serving it).
+# The OpenVINO artifacts are served by Triton's OpenVINO backend from the engine's ONNX (the one they
+# were compiled from), compiled there with the same precision hint; the cached blobs are for
+# diffexport's own loader.
+NATIVE = {
+    "tensorrt": ("tensorrt_plan", "model.plan", "tensorrt"),
+    "openvino": ("openvino", "model.onnx", "openvino"),
+    "openvino-bf16": ("openvino", "model.onnx", "openvino"),
+    "onnx": ("onnxruntime_onnx", "model.onnx", "onnxruntime"),
+}
+NATIVE_NEEDS = ("tensorrt", "onnx")  # the full repository needs one of these artifacts (OpenVINO serves the ONNX)
 OPENVINO_PRECISION = {"fp32": {}, "bf16": {"HINT_BF16": "YES"}}  # the OpenVINO backend's precision parameters
 
 
@@ -61,14 +66,14 @@ def native_target(manifest: dict) -> str:
     else the OpenVINO artifact that the build ranked fastest (``default_backend``), when it was
     compiled from the engine's ONNX; else ``onnx``."""
     arts = manifest.get("artifacts", {})
+    if not any(t in arts for t in NATIVE_NEEDS):
+        raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact {_built(manifest)}")
     if "tensorrt" in arts:
         return "tensorrt"
     chosen = BACKENDS.get(manifest.get("default_backend") or "")
-    if chosen in ("openvino", "openvino-bf16") and chosen in arts and arts[chosen].get("source") == arts.get("onnx", {}).get("file"):
+    if chosen in arts and NATIVE.get(chosen, ("",))[0] == "openvino" and arts[chosen].get("source") == arts["onnx"]["file"]:
         return chosen
-    if "onnx" in arts:
-        return "onnx"
-    raise EngineError(f"engine '{manifest.get('name')}': the Triton repository needs a tensorrt or onnx artifact {_built(manifest)}")
+    return "onnx"
 
 
 def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = False) -> str | None:
@@ -78,7 +83,7 @@ def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = Fal
     if manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"):
         return "the recipe sets deploy.triton_python_only"
     try:
-        backend = NATIVE_BACKENDS[native_target(manifest)]
+        backend = NATIVE[native_target(manifest)][2]
     except EngineError:
         return "the engine has no onnx or tensorrt artifact for a native backend"
     return None if backend in backends else f"this Triton has no {backend} backend (only {', '.join(sorted(backends))})"
@@ -166,7 +171,7 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         den_files: dict[str, str | Path] = {"model.py": _model_source("denoiser")}
     else:
         target = native_target(manifest)
-        platform, fname = NATIVE_PLATFORMS[target]
+        platform, fname, _ = NATIVE[target]
         art = manifest["artifacts"][target]
         if target == "tensorrt" and not instances.on_gpu:
             instances = Instances(instances.count, instances.gpus, gpu=True)
@@ -210,7 +215,7 @@ def triton_stage(engine_dir: str | Path, manifest: dict) -> list[Path]:
     artifact and ``deploy.triton_python_only`` is off, the self-contained one when it has an
     onnx/aoti artifact (always when ``triton_python_only``); returns the folders written."""
     arts, python_only = manifest.get("artifacts", {}), bool(manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"))
-    full = not python_only and any(t in arts for t in NATIVE_PLATFORMS)
+    full = not python_only and any(t in arts for t in NATIVE_NEEDS)
     written = [write_repository(engine_dir, manifest=manifest)] if full else []
     if python_only or not full or any(BACKENDS[b] in arts for b in PYTHON_BACKENDS):
         written.append(write_repository(engine_dir, python_only=True, manifest=manifest))
