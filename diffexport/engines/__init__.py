@@ -11,21 +11,14 @@ onnxscript, TensorRT).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from diffexport.engines.base import Engine, EngineError, check_inputs
 from diffexport.engines.load import BACKENDS, load
 from diffexport.engines.manifest import mark, read_manifest
+from diffexport.lazy import lazy_getattr
 
-_LAZY = {"BuildResult": "diffexport.engines.build", "build_engine": "diffexport.engines.build"}
+_LAZY = {"BuildResult": "build", "build_engine": "build"}
 
 __all__ = ["BACKENDS", "BuildResult", "Engine", "EngineError", "build_engine", "check_inputs", "load", "mark", "read_manifest"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -10,11 +10,11 @@ hash them with ``diffexport.engines.manifest.file_record``), ``precision`` and i
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
+from diffexport.lazy import lazy_getattr
 from diffexport.recipes import IOSpec
 
 if TYPE_CHECKING:
@@ -39,12 +39,7 @@ GROUP_NORM_OPSET = 21  # first ONNX opset whose GroupNormalization matches torch
 __all__ = sorted({*_LAZY, "FILENAMES", "GROUP_NORM_OPSET", "TARGETS", "export_target"})
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan", "openvino": "denoiser.openvino.blob"}

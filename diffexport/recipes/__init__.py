@@ -10,8 +10,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from diffexport.lazy import lazy_getattr
 
 from .io import IOSpec, TensorSpec, global_index_spec
 
@@ -25,9 +24,4 @@ __all__ = ["Recipe", "RecipeError", "YAMLInputError", "parse_yaml", "read_yaml",
            "global_index_spec", "parse_recipe", "io_spec", "image_shape", "resolve_path"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
