@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -433,3 +434,74 @@ def test_is_tensordict_matches_isinstance_without_importing_tensordict():
     td = TensorDict({"a": torch.zeros(2, 3)}, batch_size=[2])
     assert is_tensordict(td) and not is_tensordict({"a": torch.zeros(2, 3)}) and not is_tensordict(torch.zeros(2))
     assert not is_tensordict(None)
+
+
+# --- the AOTInductor worker process (engines.build compiles AOTI there beside the other targets) ---
+
+def _linear_program():
+    """A tiny exported program (Linear + sin, dynamic batch) that AOTInductor compiles in seconds."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
+    x = torch.randn(2, 4)
+    return net, torch.export.export(net, (x,), dynamic_shapes=({0: Dim("batch", min=1, max=8)},))
+
+
+def test_aoti_worker_compiles_in_a_child_and_reraises_its_errors(tmp_path):
+    from diffexport.export.worker import AotiWorker
+
+    net, program = _linear_program()
+    io = io_spec(tiny_recipe())  # any IOSpec: export_aoti only passes it through
+    worker = AotiWorker({"good": (program, tmp_path / "a.pt2", "fp32"), "next": (program, tmp_path / "b.pt2", "fp32")}, io, "cpu",
+                        tmp_path / "work")  # close() kills the child still compiling "next"
+    try:
+        fields, seconds = worker.result("good")
+        assert fields["file"] == "a.pt2" and seconds > 0 and (tmp_path / "a.pt2").is_file()
+        x = torch.randn(5, 4)
+        assert torch.allclose(torch._inductor.aoti_load_package(str(tmp_path / "a.pt2"))(x), net(x), atol=1e-6)
+    finally:
+        worker.close()
+    assert not (tmp_path / "work").exists() and all(p.returncode is not None for p in worker.processes)
+
+    worker = AotiWorker({"cuda": (program, tmp_path / "c.pt2", "fp32")}, io, "tpu", tmp_path / "work")  # device refused
+    try:
+        with pytest.raises(ValueError, match="export.device must be 'cpu' or 'cuda', got 'tpu'"):
+            worker.result("cuda")
+    finally:
+        worker.close()
+    assert not (tmp_path / "c.pt2").exists()
+
+
+def test_aoti_worker_dies_with_its_killed_parent(tmp_path):
+    """A build killed with SIGKILL leaves no compile running (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import time
+
+    from diffexport.export.worker import AotiWorker
+
+    _, program = _linear_program()
+    io, pid_file = io_spec(tiny_recipe()), tmp_path / "worker.pid"
+    pid = os.fork()
+    if pid == 0:  # the "build": starts the worker, then is killed
+        try:
+            worker = AotiWorker({"a": (program, tmp_path / "a.pt2", "fp32")}, io, "cpu", tmp_path / "work")
+            pid_file.write_text(str(worker.processes[0].pid))
+            time.sleep(1.0)  # the child is importing torch / compiling
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(3)
+    os.waitpid(pid, 0)
+    child = int(pid_file.read_text())
+
+    def alive() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split(") ")[1][0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(), "the AOTI worker outlived its killed parent"

@@ -21,7 +21,7 @@ from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines import load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
-from diffexport.runtime.bench import bench_engine
+from diffexport.runtime.bench import bench_engine, round_robin
 from diffexport.runtime.images import to_grid
 
 FINAL_RTOL = 1e-4  # the fp32 trajectory tolerance
@@ -196,6 +196,19 @@ def test_png_grid_roundtrip(tmp_path):
     x = np.random.default_rng(0).normal(size=(5, 1, 4, 6)).astype(np.float32)
     path = save_png_grid(x, tmp_path / "grid.png")
     assert np.array_equal(np.round(matplotlib.image.imread(path) * 255).astype(np.uint8), to_grid(x)[..., 0])
+
+
+def test_round_robin_times_blocks_of_back_to_back_calls_in_turn():
+    """Each turn: one untimed wake-up call, then up to ``block`` timed calls; runners alternate per
+    turn; exactly ``repeats`` calls are timed (the median of those is reported)."""
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    result = round_robin(fns, set(), repeats=4, warmup=1, pause=0, block=3)
+    assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
+    assert order == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["a"] * 2 + ["b"] * 2  # warm-up, turn (1 + 3), turn (1 + 1)
+    order.clear()
+    round_robin(fns, set(), repeats=2, warmup=0, pause=0)  # block 1: single calls, no wake-up call
+    assert order == ["a", "b", "a", "b"]
 
 
 def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):

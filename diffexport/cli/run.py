@@ -231,7 +231,7 @@ def bench(
     backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact. torch always runs."),
     batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: 1 and 8, clamped to the engine's range)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
-    repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch (median reported)."),
+    repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch, in turns of 3 back-to-back calls after an untimed one (median reported)."),
     warmup: int = typer.Option(2, min=0, help="Untimed calls first."),
     sample_repeats: int = typer.Option(1, min=1, help="Timed full samples per backend and batch."),
     no_sample: bool = typer.Option(False, "--no-sample", help="Time single calls only."),

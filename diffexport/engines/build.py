@@ -37,6 +37,7 @@ from diffexport.fileio import write_atomic
 from diffexport.engines.torch_engine import backbone
 from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
 from diffexport.export.validate import resolved_args, scheduler_of
+from diffexport.export.worker import AotiWorker
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
 
 Progress = Callable[[str, str, float, str], None]  # (stage, "start" | "done" | "skip", seconds, detail)
@@ -69,7 +70,10 @@ class _Stages:
         self.progress(name, "start", 0.0, detail)
         start = time.perf_counter()
         yield
-        self.times[name] = round(time.perf_counter() - start, 3)
+        self.done(name, time.perf_counter() - start, detail)
+
+    def done(self, name: str, seconds: float, detail: str = "") -> None:
+        self.times[name] = round(seconds, 3)
         self.progress(name, "done", self.times[name], detail)
 
     def skip(self, name: str, why: str) -> None:
@@ -430,13 +434,19 @@ def build_engine(
         programs = _Programs(denoiser, io, stages)
         for precision in _precisions([c for c in todo if c.key not in skipped]):
             programs(precision)
-        for c in todo:  # ``skipped`` is ``manifest["skipped"]``; ``_export`` may add to it
-            if c.key not in skipped:
-                _export(c, programs, io, recipe, tmp, manifest, stages)
-            if c.key in skipped:
-                stages.skip(f"export:{c.key}", skipped[c.key])
-                if progress is None and not recipe.export.auto:
-                    warnings.warn(f"{recipe.name}: target {c.key} skipped: {skipped[c.key]}", stacklevel=2)
+        worker = _aoti_worker([c for c in todo if c.key not in skipped], programs, io, recipe, tmp)
+        try:  # the worker's compiles are collected last: the other targets are lowered meanwhile
+            for c in sorted(todo, key=lambda c: worker is not None and c.key in worker.keys):
+                if c.key not in skipped:  # ``skipped`` is ``manifest["skipped"]``; ``_export`` may add to it
+                    _export(c, programs, io, recipe, tmp, manifest, stages, worker)
+                if c.key in skipped:
+                    stages.skip(f"export:{c.key}", skipped[c.key])
+                    if progress is None and not recipe.export.auto:
+                        warnings.warn(f"{recipe.name}: target {c.key} skipped: {skipped[c.key]}", stacklevel=2)
+        finally:
+            if worker is not None:
+                worker.close()
+        manifest["artifacts"] = {c.key: manifest["artifacts"][c.key] for c in todo if c.key in manifest["artifacts"]}
         if not manifest["artifacts"]:
             raise TargetUnavailable("nothing was built: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
         write_manifest(tmp, manifest)
@@ -471,8 +481,21 @@ class _Programs:
         return self.done[precision]
 
 
-def _export(c: Candidate, programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path, manifest: dict, stages: _Stages) -> None:
-    """Lower the program to candidate ``c`` in ``tmp`` and record it, or record why it was skipped.
+def _aoti_worker(todo: list[Candidate], programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path) -> AotiWorker | None:
+    """An :class:`~diffexport.export.worker.AotiWorker` compiling the AOTInductor candidates of
+    ``todo`` while this process lowers the others; ``None`` (compile in-process) when there are no
+    others to overlap with."""
+    aoti = [c for c in todo if c.target == "aoti"]
+    if not aoti or len(aoti) == len(todo):
+        return None
+    jobs = {c.key: (programs(c.precision), tmp / _filename(c), c.precision) for c in aoti}
+    return AotiWorker(jobs, io, recipe.export.device, tmp / ".aoti-worker.tmp")  # inside: cleaned up with the build folder
+
+
+def _export(c: Candidate, programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path, manifest: dict, stages: _Stages,
+            worker: AotiWorker | None = None) -> None:
+    """Lower the program to candidate ``c`` in ``tmp`` (or collect it from ``worker``) and record
+    it, or record why it was skipped.
 
     OpenVINO compiles an fp32 graph (its precision is a compile hint): the build's ONNX when that
     is fp32, else an fp32 program. With ``targets: auto`` a target whose export fails is skipped
@@ -483,10 +506,16 @@ def _export(c: Candidate, programs: _Programs, io: IOSpec, recipe: Recipe, tmp: 
     fp32_graph = c.target == "openvino"
     onnx_path = tmp / onnx["file"] if onnx and (not fp32_graph or onnx["precision"] == "fp32") else None
     try:
-        with stages(f"export:{c.key}", _filename(c)):
-            program = programs("fp32" if fp32_graph else c.precision)
-            fields = export_target(c.target, program, io, tmp, precision=c.precision, opset=e.opset, device=e.device,
-                                   onnx_path=onnx_path, filename=_filename(c))
+        if worker is not None and c.key in worker.keys:
+            detail = f"{_filename(c)} (compiled in a worker process beside the other targets)"
+            stages.progress(f"export:{c.key}", "start", 0.0, detail)
+            fields, seconds = worker.result(c.key)
+            stages.done(f"export:{c.key}", seconds, detail)
+        else:
+            with stages(f"export:{c.key}", _filename(c)):
+                program = programs("fp32" if fp32_graph else c.precision)
+                fields = export_target(c.target, program, io, tmp, precision=c.precision, opset=e.opset, device=e.device,
+                                       onnx_path=onnx_path, filename=_filename(c))
     except TargetUnavailable as err:
         manifest["skipped"][c.key] = str(err)
         return

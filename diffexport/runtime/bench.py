@@ -1,12 +1,15 @@
 """Latency of each backend beside the torch reference, and the ranking of a ``targets: auto`` build.
 
-Backends are timed round-robin (one call of each in turn, repeated, with a pause between runners
-so that one runtime's spinning threads do not slow the next), so drifts in machine load hit them
-alike; medians over ``repeats`` after ``warmup`` untimed rounds. ``vs_torch`` is a time over the
-torch reference's in the same run (below 1: faster). FLOPs are counted once per batch on the
+Backends are timed round-robin (a few back-to-back calls of each in turn, repeated, with a pause
+between runners so that one runtime's spinning threads do not slow the next), so drifts in machine
+load hit them alike. After each pause one untimed call wakes the runner up, then the next
+:data:`BLOCK` calls are timed one by one, as a sampler calls the engine: a lone call after a pause
+measured up to 1.3x slower (torch eager, EDM CIFAR-10, batch 1) than the calls that follow it.
+Medians over ``repeats`` timed calls after ``warmup`` untimed rounds. ``vs_torch`` is a time over
+the torch reference's in the same run (below 1: faster). FLOPs are counted once per batch on the
 reference with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, linear layers, attention
-products; not normalisations or pointwise ops); ``pct_peak`` compares the achieved rate with a
-dense matmul of the backend's precision measured on the spot (:func:`peak_gflops`).
+products; not normalisations or pointwise ops); ``pct_peak`` compares the achieved rate with the
+best dense kernel of the backend's precision measured on the spot (:func:`peak_gflops`).
 
 Benchmark processes should run with ``OMP_WAIT_POLICY=PASSIVE`` (read when OpenMP starts, so it
 must be in the environment before Python starts); the result says whether it was.
@@ -34,6 +37,7 @@ from diffexport.runtime.sampler import SamplerSpec, sample
 REFERENCE = "torch"
 BATCHES = (1, 8)
 PAUSE_S = 0.3  # between runners: lets OpenMP workers of the previous one go to sleep
+BLOCK = 3  # timed calls in a row per runner and round (after one untimed wake-up call)
 LOADED = 0.5  # 1-minute load average per core above which timings are flagged as noisy
 
 
@@ -44,22 +48,26 @@ def _sync(devices: set[torch.device]) -> None:
 
 
 def round_robin(fns: dict[str, Callable[[], object]], devices: set[torch.device], repeats: int, warmup: int,
-                pause: float = PAUSE_S) -> dict[str, float]:
-    """Median wall seconds of each ``fns[name]()``, run in turn ``warmup`` untimed then ``repeats`` timed
-    rounds, ``pause`` seconds of sleep before each runner; CUDA ``devices`` synchronised around timings."""
+                pause: float = PAUSE_S, block: int = 1) -> dict[str, float]:
+    """Median wall seconds of each ``fns[name]()`` over ``repeats`` timed calls, after ``warmup``
+    untimed rounds. Runners take turns: ``pause`` seconds of sleep, then (when ``block`` > 1) one
+    untimed call and ``block`` timed calls in a row; CUDA ``devices`` synchronised around timings."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(math.ceil(repeats / block)):
         for name, fn in fns.items():
             if pause and len(fns) > 1:
                 time.sleep(pause)
-            _sync(devices)
-            start = time.perf_counter()
-            fn()
-            _sync(devices)
-            times[name].append(time.perf_counter() - start)
+            if block > 1:
+                fn()
+            for _ in range(min(block, repeats - len(times[name]))):
+                _sync(devices)
+                start = time.perf_counter()
+                fn()
+                _sync(devices)
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -77,19 +85,28 @@ def machine_load() -> dict:
 
 
 def peak_gflops(n: int = 1024, seconds: float = 0.3) -> dict[str, float]:
-    """The best GFLOP/s of a dense ``n``×``n`` torch matmul in fp32 and bf16 (CPU, this process's
-    threads), each repeated for about ``seconds``: the peak that ``pct_peak`` refers to."""
+    """The best GFLOP/s in fp32 and bf16 (CPU, this process's threads) of two dense kernels, each
+    repeated for about ``seconds``: an ``n``×``n`` matmul, and a 3×3 convolution of 256 channels at
+    32×32 (oneDNN: torch's fp32 matmul goes to MKL, which on AMD CPUs ran at half the rate of the
+    AVX-512 convolutions). ``pct_peak`` refers to this."""
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        best, end = math.inf, time.perf_counter() + seconds
-        while time.perf_counter() < end or best == math.inf:
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - start)
-        out[name] = 2 * n**3 / best / 1e9
+        x, w = torch.randn(1, 256, 32, 32, dtype=dtype), torch.randn(256, 256, 3, 3, dtype=dtype)
+        kernels = ((lambda: torch.mm(a, b), 2 * n**3), (lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 256 * 256 * 9 * 32 * 32))
+        out[name] = max(flops / _best_seconds(fn, seconds) / 1e9 for fn, flops in kernels)
     return out
+
+
+def _best_seconds(fn: Callable[[], object], seconds: float) -> float:
+    """The fastest of repeated ``fn()`` calls over about ``seconds`` (after one untimed call)."""
+    fn()
+    best, end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < end or best == math.inf:
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 @torch.no_grad()
@@ -153,7 +170,7 @@ def time_calls(engines: dict[str, Engine], inputs: dict[str, torch.Tensor], repe
     devices = {e.device for e in engines.values()}
     with torch.no_grad():
         return round_robin({n: (lambda e=e: e(**{k: v.to(e.device) for k, v in inputs.items()})) for n, e in engines.items()},
-                           devices, repeats, warmup)
+                           devices, repeats, warmup, block=BLOCK)
 
 
 def bench_engine(
@@ -214,7 +231,7 @@ def bench_engine(
     _ratios(rows)
     after = machine_load()
     return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
-            "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S,
+            "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S, "block": BLOCK,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
             "load_average": before["load_average"], "load_average_after": after["load_average"], "cores": before["cores"],
             "warning": before["warning"] or after["warning"], "peak_gflops": peak, "rows": rows}
