@@ -247,8 +247,9 @@ def _ratios(rows: list[dict]) -> None:
             r["sample_vs_torch"] = r["sample_s"] / base["sample_s"] if base and base.get("sample_s") else None
 
 
-def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int], *, repeats: int = 3, warmup: int = 1) -> dict:
-    """Time one call of each of ``backends`` at each of ``batches`` (round-robin) and rank them by
+def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int], *, repeats: int = 2, warmup: int = 0) -> dict:
+    """Time ``repeats`` back-to-back calls of each of ``backends`` at each of ``batches`` (round-robin,
+    :func:`time_calls`: the untimed wake-up call of each turn is the warm-up) and rank them by
     the geometric mean over batches of time / the fastest time at that batch (1.0: fastest everywhere).
 
     Returns ``{"batches", "repeats", "load_average", "warning", "order", "candidates": {backend:
