@@ -98,7 +98,7 @@ def build(
         raise fail(str(e) if isinstance(e, KNOWN_ERRORS) else _unexpected(e, recipe, progress.stage)) from None
     progress.stop()
     if result.built:  # (a no-op was reported by the progress line)
-        summary(result.engine_dir, result.manifest)
+        summary(result.engine_dir, result.manifest, result.seconds)
         console.print(escape(result.message), soft_wrap=True)
     typer.echo(result.engine_dir)
     if result.manifest.get("status") == "failed":
@@ -111,8 +111,8 @@ def _unexpected(e: BaseException, recipe: Path, stage: str) -> str:
     return f"{recipe}: stage '{stage}' failed: {type(e).__name__}: {first} (--debug shows the traceback)"
 
 
-def summary(engine_dir: Path, manifest: dict) -> None:
-    """Artifacts with sizes and stage times, after a build."""
+def summary(engine_dir: Path, manifest: dict, seconds: float) -> None:
+    """Artifacts with sizes and stage times, after a build of ``seconds`` (wall clock)."""
     table = Table(title=f"{manifest['name']} -> {engine_dir}", title_justify="left", box=None)
     for column in ("artifact", "file", "size", "seconds"):
         table.add_column(column, justify="right" if column in ("size", "seconds") else "left")
@@ -124,7 +124,7 @@ def summary(engine_dir: Path, manifest: dict) -> None:
         table.add_row(target, f"[yellow]skipped[/]: {escape(why)}", "", "")
     console.print(table)
     status = manifest.get("status", "?")
-    console.print(f"status [{STATUS_STYLE.get(status, 'white')}]{status}[/], total {sum(stages.values()):.1f} s")
+    console.print(f"status [{STATUS_STYLE.get(status, 'white')}]{status}[/], {seconds:.1f} s in all")
 
 
 @app.command()
