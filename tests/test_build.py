@@ -134,6 +134,43 @@ def test_interrupt_inside_a_target_stage_keeps_the_old_engine(tmp_path: Path, bu
     assert snapshot(engine_dir) == before and leftovers(engine_dir) == []
 
 
+def test_ctrl_c_while_the_aoti_worker_compiles_kills_it_and_keeps_the_old_engine(tmp_path: Path, built_quickstart: Path,
+                                                                                 tiny_recipe_paths, monkeypatch):
+    import diffexport.engines.build as build
+
+    started = []
+
+    class Recorded(build.AotiWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(build, "AotiWorker", Recorded)
+    engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
+    before = snapshot(engine_dir)
+    with pytest.raises(KeyboardInterrupt):  # ONNX is lowered while the worker compiles AOTI
+        build_engine(tiny_recipe_paths["quickstart"], engine_dir, ["onnx", "aoti"], force=True,
+                     progress=_raise_at("export:onnx", KeyboardInterrupt()))
+    assert len(started) == 1 and all(p.returncode is not None for p in started[0].processes)
+    assert snapshot(engine_dir) == before and leftovers(engine_dir) == []
+
+
+def test_aoti_compiles_in_process_when_its_program_cannot_go_to_a_worker(tmp_path: Path, tiny_recipe_paths, monkeypatch):
+    import diffexport.export.worker as worker
+
+    def unsaveable(*args, **kwargs):
+        raise TypeError("cannot serialise this program")
+
+    monkeypatch.setattr(worker.torch.export, "save", unsaveable)
+    events = []
+    result = build_engine(tiny_recipe_paths["quickstart"], tmp_path / "e", ["onnx", "aoti"],
+                          progress=lambda stage, event, seconds, detail: events.append((stage, event, detail)))
+    assert set(result.manifest["artifacts"]) == {"onnx", "aoti"} and (tmp_path / "e" / "denoiser.pt2").is_file()
+    assert [e for e in events if e[0] == "aoti-worker"] == [("aoti-worker", "skip",
+            "AOTInductor compiles in this process: no worker process (TypeError: cannot serialise this program)")]
+    assert ("export:aoti", "done", "denoiser.pt2") in events and leftovers(tmp_path / "e") == []
+
+
 def test_force_rebuilds_skips_missing_tensorrt_and_runs_finalize(tmp_path: Path, built_quickstart: Path, tiny_recipe_paths):
     engine_dir = shutil.copytree(built_quickstart, tmp_path / "quickstart")
     old = read_manifest(engine_dir)

@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from diffexport.engines.onnxruntime import make_session
-from diffexport.export import build_denoiser, check_recipe, example_inputs, export_aoti, export_onnx, export_program
+from diffexport.export import build_denoiser, check_recipe, example_inputs, export_onnx
+from diffexport.export.worker import AotiWorker
 from diffexport.parity.metrics import errors
 from diffexport.parity.tolerances import PRESETS
 from diffexport.recipes import IOSpec, RecipeError, io_spec, parse_recipe
@@ -199,6 +200,10 @@ def test_onnx_sweep(tmp_path_factory, drawn):
             continue
         path = Path(tmp_path_factory.mktemp("sweep")) / "denoiser.onnx"
         export_onnx(program, io, path)
+        torch.export.save(program, path.with_suffix(".pt2"))  # what the build hands its AOTI worker
+        with torch.no_grad():
+            again = torch.export.load(path.with_suffix(".pt2")).module()(*flat[0])
+            assert all(torch.equal(a, b) for a, b in zip(again, program.module()(*flat[0]))), "torch.export.save/load changed a program"
         session = make_session(path, threads=1)
         got = [session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)}) for args in flat]
         check_all(configs, got, wants)
@@ -212,12 +217,17 @@ def test_onnx_sweep(tmp_path_factory, drawn):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(st.lists(recipes(), min_size=AOTI_CONFIGS, max_size=AOTI_CONFIGS, unique_by=repr))
 def test_aoti_sweep(tmp_path_factory, drawn):
-    """``SWEEP_AOTI`` drawn configs compiled by ``export_aoti`` into one AOTInductor package."""
+    """``SWEEP_AOTI`` drawn configs compiled by ``export_aoti`` into one AOTInductor package, in the
+    build's worker process (the program goes through ``torch.export.save`` / ``load``)."""
     print(f"SWEEP_SEED={SEED}")  # shown with a failure: replay with this environment variable
     configs, program, io, flat, wants = side_by_side(drawn)
-    path = Path(tmp_path_factory.mktemp("sweep")) / "side.pt2"
-    export_aoti(program, io, path)
-    runner = torch._inductor.aoti_load_package(str(path))
+    folder = Path(tmp_path_factory.mktemp("sweep"))
+    worker = AotiWorker({"side": (program, folder / "side.pt2", "fp32")}, io, "cpu", folder / "work")  # as engines.build compiles
+    try:
+        worker.result("side")
+    finally:
+        worker.close()
+    runner = torch._inductor.aoti_load_package(str(folder / "side.pt2"))
     with torch.no_grad():
         got = [runner(*args) for args in flat]
     check_all(configs, got, wants)

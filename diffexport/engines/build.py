@@ -436,7 +436,7 @@ def build_engine(
         programs = _Programs(denoiser, io, stages)
         for precision in _precisions([c for c in todo if c.key not in skipped]):
             programs(precision)
-        worker = _aoti_worker([c for c in todo if c.key not in skipped], programs, io, recipe, tmp)
+        worker = _aoti_worker([c for c in todo if c.key not in skipped], programs, io, recipe, tmp, stages)
         try:  # the worker's compiles are collected last: the other targets are lowered meanwhile
             for c in sorted(todo, key=lambda c: worker is not None and c.key in worker.keys):
                 if c.key not in skipped:  # ``skipped`` is ``manifest["skipped"]``; ``_export`` may add to it
@@ -483,15 +483,21 @@ class _Programs:
         return self.done[precision]
 
 
-def _aoti_worker(todo: list[Candidate], programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path) -> AotiWorker | None:
+def _aoti_worker(todo: list[Candidate], programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path, stages: _Stages) -> AotiWorker | None:
     """An :class:`~diffexport.export.worker.AotiWorker` compiling the AOTInductor candidates of
     ``todo`` while this process lowers the others; ``None`` (compile in-process) when there are no
-    others to overlap with."""
+    others to overlap with, or when the programs cannot be handed to a worker (reported)."""
     aoti = [c for c in todo if c.target == "aoti"]
     if not aoti or len(aoti) == len(todo):
         return None
     jobs = {c.key: (programs(c.precision), tmp / _filename(c), c.precision) for c in aoti}
-    return AotiWorker(jobs, io, recipe.export.device, tmp / ".aoti-worker.tmp")  # inside: cleaned up with the build folder
+    work = tmp / ".aoti-worker.tmp"  # inside the build folder: cleaned up with it
+    try:
+        return AotiWorker(jobs, io, recipe.export.device, work)
+    except Exception as e:  # noqa: BLE001 -- e.g. a program torch.export.save cannot serialise
+        shutil.rmtree(work, ignore_errors=True)
+        stages.skip("aoti-worker", f"AOTInductor compiles in this process: no worker process ({type(e).__name__}: {e})")
+        return None
 
 
 def _export(c: Candidate, programs: _Programs, io: IOSpec, recipe: Recipe, tmp: Path, manifest: dict, stages: _Stages,

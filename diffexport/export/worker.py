@@ -48,11 +48,15 @@ class AotiWorker:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(diffexport.__file__).resolve().parents[1]),
                                                              *filter(None, [os.environ.get("PYTHONPATH")])])}
         self.processes: list[subprocess.Popen] = []
-        for i in range(len(records)):
-            with open(self.work / f"{i}.log", "wb") as log:
-                self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "diffexport.export.worker", str(self.work), str(os.getpid()), str(i)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+        try:
+            for i in range(len(records)):
+                with open(self.work / f"{i}.log", "wb") as log:
+                    self.processes.append(subprocess.Popen(
+                        [sys.executable, "-m", "diffexport.export.worker", str(self.work), str(os.getpid()), str(i)],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+        except BaseException:
+            self.close()
+            raise
 
     def result(self, key: str) -> tuple[dict, float]:
         """``(manifest fields, compile seconds)`` of job ``key``, waiting for it; its error re-raised
