@@ -93,7 +93,8 @@ def main() -> None:
         print(f"| {r['backend']} | {r['precision']} | {r['batch']} | {r['call_ms']:.1f} | {r['call_vs_torch']:.2f}x | {r['gflops']:.0f} | "
               f"{r['pct_peak']:.0f} | {r['sample_s']:.2f} | {r['sample_vs_torch']:.2f}x | {100 * r['loop_overhead']:.1f}% |")
     b = summary["bench"]
-    print(f"peak {b['peak_gflops']}, load average {b['load_average']} -> {b['load_average_after']} on {b['cores']} cores; {b['warning']}")
+    print(f"peak {b['peak_gflops']}, load average {b['load_average']} -> {b['load_average_after']} on {b['cores']} cores, "
+          f"meanwhile other processes {b['others_cpus']} CPUs, steal {b['steal_cpus']}; {b['warning']}")
 
 
 if __name__ == "__main__":

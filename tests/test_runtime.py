@@ -21,7 +21,7 @@ from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines import load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
-from diffexport.runtime.bench import bench_engine, round_robin
+from diffexport.runtime.bench import CpuShare, bench_engine, round_robin
 from diffexport.runtime.images import to_grid
 
 FINAL_RTOL = 1e-4  # the fp32 trajectory tolerance
@@ -209,6 +209,27 @@ def test_round_robin_times_blocks_of_back_to_back_calls_in_turn():
     order.clear()
     round_robin(fns, set(), repeats=2, warmup=0, pause=0)  # block 1: single calls, no wake-up call
     assert order == ["a", "b", "a", "b"]
+
+
+def test_cpu_share_sees_another_process_and_not_its_own_work():
+    """The load average counts the benchmark's own threads; CpuShare separates them from others'."""
+    import subprocess
+    import sys
+    import time
+
+    share = CpuShare()
+    time.sleep(1.0)
+    idle = share.stop()  # whatever else runs on the machine anyway
+    share = CpuShare()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:  # this process busy (one CPU): not "others"
+        pass
+    own = share.stop()
+    assert own["others_cpus"] is not None and own["others_cpus"] - idle["others_cpus"] < 0.5, (idle, own)
+    share = CpuShare()
+    subprocess.run([sys.executable, "-c", "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"], check=True)
+    other = share.stop()
+    assert other["others_cpus"] > 0.5 and "other processes" in other["warning"], other
 
 
 def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):

@@ -253,8 +253,10 @@ def bench(
         raise fail(str(e)) from None
     peak = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items()) or "-"
     table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; {sample_repeats} sample(s) of "
-                        f"{result['solver']} x {result['num_steps']}); matmul peak GFLOP/s {peak}; load average "
-                        f"{result['load_average']} on {result['cores']} cores", title_justify="left")
+                        f"{result['solver']} x {result['num_steps']}); peak GFLOP/s {peak}; load average "
+                        f"{result['load_average']} on {result['cores']} cores before; meanwhile other processes "
+                        f"{_num(result.get('others_cpus'), '.2f')} CPUs, steal {_num(result.get('steal_cpus'), '.2f')}",
+                  title_justify="left")
     columns = ("backend", "precision", "batch", "call ms", "vs torch", "GFLOP/call", "GFLOP/s", "% peak", "sample s", "vs torch", "NFE", "loop")
     for column in columns:
         table.add_column(column, justify="left" if column in ("backend", "precision") else "right")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -82,6 +83,42 @@ def machine_load() -> dict:
         note = "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads may slow the runner after it"
         warning = f"{warning}; {note}" if warning else note
     return {"load_average": round(load1, 2), "cores": cores, "warning": warning}
+
+
+OTHERS = 0.25  # CPUs' worth of other processes' (or the hypervisor's steal) time during a bench that makes it noisy
+
+
+class CpuShare:
+    """What else used the CPUs while a benchmark ran: other processes' CPU time (``/proc/stat``'s busy
+    time minus this process's own) and the hypervisor's steal time, each in CPUs' worth over the
+    wall time. The load average cannot tell: the benchmark's own threads raise it to ~1 per core."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float] | None:
+        """``(wall, all processes' busy CPU s, steal s, this process's CPU s)``; ``None`` without /proc/stat."""
+        try:
+            with open("/proc/stat") as f:
+                user, nice, system, _, _, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        except (OSError, ValueError):
+            return None
+        tick, own = os.sysconf("SC_CLK_TCK"), resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), (user + nice + system + irq + softirq) / tick, steal / tick, own.ru_utime + own.ru_stime
+
+    def stop(self) -> dict:
+        """``{"others_cpus", "steal_cpus", "warning"}`` since construction (``None``s where unreadable)."""
+        end = self._read()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return {"others_cpus": None, "steal_cpus": None, "warning": None}
+        wall, busy, steal, own = (b - a for a, b in zip(self.start, end))
+        others, stolen = max(busy - own, 0.0) / wall, steal / wall
+        warning = None
+        if others > OTHERS or stolen > OTHERS:
+            warning = (f"other work used the CPUs during the benchmark ({others:.2f} CPUs of other processes, {stolen:.2f} stolen by "
+                       "the hypervisor): timings are noisy; compare ratios, not times")
+        return {"others_cpus": round(others, 3), "steal_cpus": round(stolen, 3), "warning": warning}
 
 
 def peak_gflops(n: int = 1024, seconds: float = 0.3) -> dict[str, float]:
@@ -193,10 +230,11 @@ def bench_engine(
     ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
     ``backends`` default to every built artifact, ``batches`` to 1 and 8 (clamped to the engine's
     range); every engine runs on ``device`` (default: where its artifact runs). The result also holds
-    the machine's load (:func:`machine_load`) and the measured ``peak_gflops``."""
+    the machine's load before (:func:`machine_load`), what else used the CPUs meanwhile
+    (:class:`CpuShare`: ``others_cpus``, ``steal_cpus``) and the measured ``peak_gflops``."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    before = machine_load()
+    before, share = machine_load(), CpuShare()
     names = [REFERENCE] + [b for b in (backends or built_backends(manifest)) if b != REFERENCE]
     engines = {name: _Counting(load(engine_dir, name, device=device, allow_unverified=allow_unverified)) for name in names}
     reference = engines[REFERENCE]
@@ -229,12 +267,13 @@ def bench_engine(
                 row.update(sample_s=runs[n], nfe=nfe, sample_gflops=flops * nfe / runs[n] / 1e9,
                            loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
     _ratios(rows)
-    after = machine_load()
+    after, during = machine_load(), share.stop()
     return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
             "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S, "block": BLOCK,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
             "load_average": before["load_average"], "load_average_after": after["load_average"], "cores": before["cores"],
-            "warning": before["warning"] or after["warning"], "peak_gflops": peak, "rows": rows}
+            "others_cpus": during["others_cpus"], "steal_cpus": during["steal_cpus"],
+            "warning": "; ".join(w for w in (before["warning"], during["warning"]) if w) or None, "peak_gflops": peak, "rows": rows}
 
 
 def _ratios(rows: list[dict]) -> None:
