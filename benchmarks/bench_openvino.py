@@ -49,10 +49,9 @@ def build(recipe: Path, out: Path, targets: str | list[str] = "auto", precision:
     spec = parse_recipe(data, str(recipe))
     spec._source = recipe.resolve()
     load_avg = os.getloadavg()[0]
-    start = time.perf_counter()
     result = build_engine(spec, out, force=True, progress=lambda stage, event, s, detail: event != "start" and print(f"  {stage:<22} {event} {s:7.1f} s {detail}", flush=True))
     stages = result.manifest["stages"]
-    return {"stages": stages, "export_wall_s": round(time.perf_counter() - start - stages["load"], 1), "load_average": load_avg,
+    return {"stages": stages, "export_wall_s": round(result.seconds - stages["load"], 1), "load_average": load_avg,
             "artifacts": {k: {"precision": v["precision"], "bytes": v["bytes"]} for k, v in result.manifest["artifacts"].items()},
             "skipped": result.manifest["skipped"]}
 

@@ -107,7 +107,7 @@ def main(work: Path, parent: int, index: int) -> None:
         program = torch.export.load(work / job["program"])
         out = {"fields": export_aoti(program, IOSpec.from_dict(spec["io"]), job["path"], precision=job["precision"], device=spec["device"])}
     except Exception as e:  # noqa: BLE001 -- reported to the parent, which decides
-        out = {"type": type(e).__name__, "error": (str(e).strip().splitlines() or [""])[0]}
+        out = {"type": type(e).__name__, "error": str(e)}  # whole: the build shortens it where it reports it
     out["seconds"] = round(time.perf_counter() - start, 3)
     write_atomic(work / f"{index}.json", json.dumps(out).encode())
 
