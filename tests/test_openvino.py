@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 import diffexport.engines.build as build_module
 from diffexport.cli import app
+from diffexport.cli.build import ranking
 from diffexport.engines import EngineError, build_engine, load, read_manifest
 from diffexport.engines.manifest import sha256_file, write_manifest
 from diffexport.parity import parity_stage
@@ -140,6 +142,10 @@ def test_ranking_makes_the_fastest_verified_backend_the_default(auto_engine):
     assert load(auto_engine).backend == m["default_backend"].removesuffix("-bf16")
     out = CliRunner().invoke(app, ["inspect", str(auto_engine)], terminal_width=200)
     assert out.exit_code == 0 and "ranking" in out.output and f"{m['default_backend']} (default)" in out.output, out.output
+    assert "others_cpus" in r and ("ranking warning" in out.output) == bool(r.get("warning")), out.output
+    console = Console(record=True, width=200)
+    ranking(console, {**r, "warning": "the machine is busy (1.90 CPUs of other processes)"}, m["default_backend"])
+    assert "ranking warning: the machine is busy" in console.export_text()
 
 
 def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):

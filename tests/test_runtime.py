@@ -8,6 +8,7 @@ conditions, onnx and aoti, batch 1..4, Heun x 6).
 from __future__ import annotations
 
 import json
+import time
 
 import matplotlib.image
 import numpy as np
@@ -21,7 +22,7 @@ from diffexport.diffusion.utils import edm_x0_predictor
 from diffexport.engines import load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
-from diffexport.runtime.bench import CpuShare, bench_engine, round_robin
+from diffexport.runtime.bench import CpuShare, bench_engine, machine_load, round_robin
 from diffexport.runtime.images import to_grid
 
 FINAL_RTOL = 1e-4  # the fp32 trajectory tolerance
@@ -230,6 +231,27 @@ def test_cpu_share_sees_another_process_and_not_its_own_work():
     subprocess.run([sys.executable, "-c", "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"], check=True)
     other = share.stop()
     assert other["others_cpus"] > 0.5 and "other processes" in other["warning"], other
+
+
+def test_machine_load_watches_other_processes_not_the_load_average():
+    """Work that just ended (the build's stages before the rank stage) raises the load average but is
+    no reason to call the machine busy; another process spinning during the watch window is."""
+    import subprocess
+    import sys
+
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:  # this process's own work just before: not "busy"
+        pass
+    quiet = machine_load(window=0.3)
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 3\nwhile time.monotonic() < end: pass"])
+    try:
+        time.sleep(0.5)  # the child's interpreter is up and spinning
+        busy = machine_load(window=1.0)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy["others_cpus"] > 0.5 and "busy" in busy["warning"], busy
+    assert quiet["load_average"] > 0 and quiet["cores"] >= 1  # recorded, yet not what the warning is based on
 
 
 def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):

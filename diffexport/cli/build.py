@@ -210,6 +210,8 @@ def ranking(out: Console, r: dict, default: str | None) -> None:
     for name in r.get("failed", []):
         table.add_row("-", f"[red]{name}[/]", "", *("" for _ in batches), "[red]failed parity[/]")
     out.print(table)
+    if r.get("warning"):
+        out.print(f"[yellow]ranking warning[/]: {r['warning']}", soft_wrap=True)
 
 
 def _fmt(value) -> str:

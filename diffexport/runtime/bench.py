@@ -39,7 +39,7 @@ REFERENCE = "torch"
 BATCHES = (1, 8)
 PAUSE_S = 0.3  # between runners: lets OpenMP workers of the previous one go to sleep
 BLOCK = 3  # timed calls in a row per runner and round (after one untimed wake-up call)
-LOADED = 0.5  # 1-minute load average per core above which timings are flagged as noisy
+IDLE_WINDOW_S = 0.5  # how long the machine is watched before a benchmark for other processes' CPU use
 
 
 def _sync(devices: set[torch.device]) -> None:
@@ -72,17 +72,24 @@ def round_robin(fns: dict[str, Callable[[], object]], devices: set[torch.device]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def machine_load() -> dict:
-    """``{"load_average", "cores", "warning"}``: the 1-minute load average, the CPUs this process may
-    use, and a warning line when the load is above :data:`LOADED` per core (``None`` otherwise)."""
+def machine_load(window: float = IDLE_WINDOW_S) -> dict:
+    """``{"load_average", "others_cpus", "cores", "warning"}`` before a benchmark: the 1-minute load
+    average (recorded only: it still counts work that just ended, such as the build stages before
+    the rank stage), the CPUs' worth used by other processes and the hypervisor over the next
+    ``window`` seconds (this process sleeps meanwhile), the CPUs this process may use, and a warning
+    line when that share is above :data:`OTHERS` (``None`` otherwise)."""
     load1, cores = os.getloadavg()[0], len(os.sched_getaffinity(0))
+    share = CpuShare()
+    time.sleep(window)
+    now = share.stop()
     warning = None
-    if load1 > LOADED * cores:
-        warning = f"the machine is loaded (load average {load1:.2f} on {cores} cores): timings are noisy; compare ratios, not times"
+    if now["warning"]:
+        warning = (f"the machine is busy ({now['others_cpus']:.2f} CPUs of other processes, {now['steal_cpus']:.2f} stolen by the "
+                   f"hypervisor, load average {load1:.2f} on {cores} cores): timings are noisy; compare ratios, not times")
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         note = "OMP_WAIT_POLICY is not PASSIVE: torch's spinning OpenMP threads may slow the runner after it"
         warning = f"{warning}; {note}" if warning else note
-    return {"load_average": round(load1, 2), "cores": cores, "warning": warning}
+    return {"load_average": round(load1, 2), "others_cpus": now["others_cpus"], "cores": cores, "warning": warning}
 
 
 OTHERS = 0.25  # CPUs' worth of other processes' (or the hypervisor's steal) time during a bench that makes it noisy
@@ -293,12 +300,12 @@ def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int
     them by the geometric mean over batches of time / the fastest time at that batch (1.0: fastest
     everywhere).
 
-    Returns ``{"batches", "repeats", "load_average", "warning", "order", "candidates": {backend:
+    Returns ``{"batches", "repeats", "load_average", "others_cpus", "warning", "order", "candidates": {backend:
     {"precision", "call_ms": {batch: ms}, "score"}}}``, ``order`` fastest first.
     """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    load_info = machine_load()
+    load_info, share = machine_load(), CpuShare()
     engines = {b: load(engine_dir, b, allow_unverified=True) for b in backends}
     first = next(iter(engines.values()))
     times: dict[str, dict[int, float]] = {b: {} for b in backends}
@@ -312,8 +319,9 @@ def rank_backends(engine_dir: str | Path, backends: list[str], batches: list[int
     order = sorted(backends, key=score.__getitem__)
     candidates = {b: {"precision": precision_of(manifest, b), "call_ms": {str(k): round(v * 1e3, 3) for k, v in times[b].items()},
                       "score": round(score[b], 4)} for b in order}
-    return {"batches": list(best), "repeats": repeats, "load_average": load_info["load_average"], "warning": load_info["warning"],
-            "order": order, "candidates": candidates}
+    during = share.stop()
+    return {"batches": list(best), "repeats": repeats, "load_average": load_info["load_average"], "others_cpus": during["others_cpus"],
+            "warning": "; ".join(w for w in (load_info["warning"], during["warning"]) if w) or None, "order": order, "candidates": candidates}
 
 
 def rank_stage(tmp_engine_dir: Path, manifest: dict) -> None:
