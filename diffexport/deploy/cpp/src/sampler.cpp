@@ -365,7 +365,8 @@ class Run {
     const Tensor h = bv(t_next - t_cur, x), d = ode(x, t_cur), x_euler = x + h * d;
     const Tensor last = t_next == 0;
     if (last.all().item<bool>()) return x_euler;
-    const Tensor t_prime = at::where(last, t_cur, t_cur + (t_next - t_cur) * alpha);
+    // lerp is exact at alpha = 1 (t_prime = t_next), as in Python: t_cur + (t_next - t_cur) can round to 0 in float32
+    const Tensor t_prime = at::where(last, t_cur, at::lerp(t_cur, t_next, alpha));
     const Tensor d_prime = ode(x + h * alpha * d, t_prime);
     const Tensor x_heun = x + h * (d * (1 - w) + d_prime * w);
     return last.any().item<bool>() ? at::where(bv(last, x), x_euler, x_heun) : x_heun;
