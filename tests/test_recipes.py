@@ -121,6 +121,8 @@ BROKEN = {
     "DDPM sigma over float32": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler", "args": {"beta_end": 0.9}}, solver="ddim", num_steps=4),
                                 "sampler.scheduler.args: DDPMScheduler gives noise levels beyond float32"),
     "DDPM steps > T": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler", "args": {"num_train_timesteps": 5}}, solver="ddim", num_steps=10), "sampler.num_steps: DDPMScheduler: must be <= num_train_timesteps = 5"),
+    "image smaller than the patch": (lambda d: d["sampler"].update(patching={"img_shape": [8, 48]}),
+                                     "sampler.patching.img_shape: [8, 48] is smaller than the engine's 16x16 patch"),
     "patch overlap > patch": (lambda d: d["sampler"].update(patching={"img_shape": [32, 32], "overlap_pix": 20}), "sampler.patching: GridPatching2D"),
     "absurd batch": (lambda d: d["inputs"]["batch"].update(max=10**21), "inputs.batch.max: Input should be less than or equal to 4096"),
     "absurd steps": (lambda d: d["sampler"].update(num_steps=10**9), "sampler.num_steps: Input should be less than or equal to 10000"),

@@ -243,3 +243,11 @@ def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(onnx_engine_dir), "--batch", "1", "--repeats", "1", "--no-sample", "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     assert {row["backend"] for row in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"torch", "onnxruntime"}
+
+
+def test_patching_refuses_an_image_smaller_than_the_engines_patch():
+    engine = Recorder()  # 2x2 patches
+    spec = SamplerSpec.from_manifest({"scheduler": {"class": "EDMNoiseScheduler", "args": {}}, "solver": "euler", "num_steps": 2,
+                                      "patching": {"img_shape": [1, 6], "overlap_pix": 0, "boundary_pix": 0}})
+    with pytest.raises(ValueError, match=r"img_shape: \[1, 6\] is smaller than the engine's 2x2 patch"):
+        sample(engine, spec, batch=2)

@@ -245,6 +245,9 @@ def _patching_problems(recipe: Recipe) -> list[str]:
         _, h, w = image_shape(recipe)
     except ValueError:
         return []
+    if p.img_shape[0] < h or p.img_shape[1] < w:  # GridPatching2D would crop the patches, the engine's size is fixed
+        return [f"sampler.patching.img_shape: {p.img_shape} is smaller than the engine's {h}x{w} patch (the model's "
+                f"img_resolution); sample at least that size"]
     return _construct("sampler.patching", "GridPatching2D",
                       lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
 

@@ -221,8 +221,10 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
 
     from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
 
-    p = spec.patching
-    patching = GridPatching2D(tuple(p["img_shape"]), tuple(engine.io.inputs[0].shape[2:]), p.get("overlap_pix", 0), p.get("boundary_pix", 0))
+    p, patch = spec.patching, tuple(engine.io.inputs[0].shape[2:])
+    if any(i < s for i, s in zip(p["img_shape"], patch)):  # GridPatching2D would crop the patches to the image
+        raise ValueError(f"sampler.patching.img_shape: {list(p['img_shape'])} is smaller than the engine's {patch[0]}x{patch[1]} patch")
+    patching = GridPatching2D(tuple(p["img_shape"]), patch, p.get("overlap_pix", 0), p.get("boundary_pix", 0))
     per_patch = edm_x0_predictor(d, spec.scheduler)
 
     def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None, **kw: Any) -> torch.Tensor:
