@@ -131,7 +131,8 @@ def sample(
     backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the engine's default backend (fastest verified of a targets: auto build), else the first built."),
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the initial noise and of the per-step noise."),
-    latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
+    latents: Path = typer.Option(None, "--latents", help="Initial state [N, C, H, W] .npy at the first time step: unit noise times alphas[0]*sigmas[0] of the manifest "
+                                                   "(sigma_max for EDM/VE, about 1 for VP and DDPM)."),
     condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
                                         "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
     label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),

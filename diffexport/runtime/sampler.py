@@ -175,7 +175,7 @@ class GroupNoise(NoiseSource):
 
 
 def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator | GroupNoise, device: torch.device) -> torch.Tensor:
-    """``scheduler.init_latents`` at the first time step: noise scaled to σ_max, [B, C, H, W] float32
+    """``scheduler.init_latents`` at the first time step: ε·α(t₀)σ(t₀) (σ_max·ε for EDM/VE, about ε for VP/DDPM), [B, C, H, W] float32
     (each row group from its own generator with :class:`GroupNoise`)."""
     if isinstance(generator, GroupNoise):
         return torch.cat([initial_latents(spec, (n, *shape[1:]), g, device) for g, n in zip(generator.generators, generator.rows)])
@@ -262,7 +262,8 @@ def sample(
         seed: seeds the generator of the initial latents and of the per-step noise; a list gives each
             group of rows its own generator (:class:`GroupNoise`), as if each were sampled alone.
         seed_rows: rows per seed of a ``seed`` list (default: one row per seed).
-        latents: explicit initial noise, already scaled to σ_max, [N, C, H, W].
+        latents: explicit initial state x at the first time step, [N, C, H, W]: ε scaled by the manifest's
+            ``alphas[0] * sigmas[0]`` (σ_max for EDM/VE, about 1 for VP and DDPM).
         conditions: engine condition inputs by name, [N, ...] (or one, repeated over N).
         num_steps: re-discretise the schedule with this many steps.
         chunk: rows per engine call (default: the engine's ``batch.max``).
