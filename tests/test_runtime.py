@@ -251,3 +251,14 @@ def test_patching_refuses_an_image_smaller_than_the_engines_patch():
                                       "patching": {"img_shape": [1, 6], "overlap_pix": 0, "boundary_pix": 0}})
     with pytest.raises(ValueError, match=r"img_shape: \[1, 6\] is smaller than the engine's 2x2 patch"):
         sample(engine, spec, batch=2)
+
+
+def test_sample_cli_cycles_labels_over_the_latents_batch(built_dhariwal, tmp_path):
+    """--label (and NAME=0,1) cycle over the number of samples, which --latents sets as --batch does."""
+    np.save(tmp_path / "latents.npy", (80 * np.random.default_rng(0).normal(size=(3, 3, 16, 16))).astype(np.float32))
+    out = tmp_path / "o.npy"
+    for labels in (["--label", "1,2"], ["-c", "class_labels=1,2"]):
+        r = CliRunner().invoke(app, ["sample", str(built_dhariwal), "--latents", str(tmp_path / "latents.npy"), *labels,
+                                     "--steps", "2", "--out", str(out), "--overwrite"])
+        assert r.exit_code == 0, r.output
+        assert np.load(out).shape == (3, 3, 16, 16)

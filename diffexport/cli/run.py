@@ -162,7 +162,7 @@ def sample(
             condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
         except ValueError as e:
             raise fail(f"--label: {e}") from None
-    conditions, files = _parse_conditions(condition, engine, batch)
+    conditions, files = _parse_conditions(condition, engine, batch or (len(x_n) if x_n is not None and x_n.ndim else None))
     if x_n is not None and (x_n.ndim != 4 or tuple(x_n.shape[1:]) != image):
         raise fail(f"{latents}: latents must be [N, {', '.join(map(str, image))}], got shape {list(x_n.shape)}")
     start = time.perf_counter()
