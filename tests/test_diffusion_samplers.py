@@ -303,3 +303,43 @@ def test_ode_solvers_refuse_ddpm_and_ddim_refuses_continuous(solver):
     with pytest.raises(ValueError, match="needs a DDPMScheduler"):
         check_fit("ddim", EDMNoiseScheduler)
     assert solvers_for(DDPMScheduler) == ["ddim"] and "ddim" not in solvers_for(VPNoiseScheduler)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+class _TimeRecorder(GaussianDenoiser):
+    def __init__(self) -> None:
+        super().__init__(MU, S)
+        self.sigmas: list[float] = []
+
+    def __call__(self, x, sigma, **conditions):
+        self.sigmas.append(float(sigma[0]))
+        return super().__call__(x, sigma, **conditions)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sigma_min=st.floats(1e-4, 1.0), ratio=st.floats(2.0, 1e6), steps=st.integers(1, 6),
+       solver=st.sampled_from(["heun", "edm_stochastic_heun"]))
+def test_float32_heun_evaluates_at_the_schedule_times(sigma_min, ratio, steps, solver):
+    """Heun (alpha = 1) takes its second slope at t_next itself: in float32 t_cur + (t_next - t_cur)
+    cancelled to 0 for VE's default range (t from 1e4 to 4e-4), and the step returned NaN."""
+    sched, D = VENoiseScheduler(sigma_min, sigma_min * ratio), _TimeRecorder()
+    ts = sched.timesteps(steps)
+    xN = sched.init_latents((3,), ts[:1].expand(2), generator=0)
+    den = sched.get_denoiser(x0_predictor=edm_x0_predictor(D, sched))
+    out = sample(den, xN, sched, steps, solver, solver_options={"S_churn": 0.0} if solver != "heun" else None)
+    assert torch.isfinite(out).all()
+    allowed = set(sched.edm_sigma(ts[:-1]).tolist())
+    assert set(D.sigmas) <= allowed, sorted(set(D.sigmas) - allowed)
+
+
+def test_ve_default_two_heun_steps_are_finite_in_float32():
+    sched = VENoiseScheduler()  # PhysicsNeMo's defaults: sigma 100 -> 0.02, t = sigma^2
+    xN = sched.init_latents((8,), sched.timesteps(2)[:1].expand(4), generator=0)
+    den = sched.get_denoiser(x0_predictor=edm_x0_predictor(GaussianDenoiser(MU, S), sched))
+    out32 = sample(den, xN, sched, 2, "heun")
+    out64 = sample(den, xN.double(), sched, 2, "heun", time_steps=sched.timesteps(2, dtype=torch.float64))
+    assert torch.isfinite(out32).all()
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)

@@ -172,3 +172,30 @@ def test_ddpm_scheduler_tables_and_steps():
     # the last step (to t = -1) returns the x0 estimate, with no noise even for eta = 1
     t0 = torch.zeros(64, dtype=torch.long)
     torch.testing.assert_close(dd.step(eps, t0, dd.add_noise(x0, t0, eps), eta=1.0, generator=0), x0, rtol=1e-4, atol=1e-4)
+
+
+from hypothesis import example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(sigma_min=st.floats(1e-5, 10.0), log_ratio=st.floats(0.01, 12.0), rho=st.one_of(st.floats(0.05, 1.0), st.floats(1.0, 20.0)),
+       steps=st.integers(2, 40))
+@example(sigma_min=0.002, log_ratio=math.log(80 / 0.002), rho=0.25, steps=4)
+def test_edm_timesteps_end_at_sigma_min_for_any_rho(sigma_min, log_ratio, rho, steps):
+    """The last time step is sigma_min itself: a + 1 * (b - a) cancelled to 0 when sigma_max^(1/rho)
+    dwarfs sigma_min^(1/rho) (rho = 0.25 with the default 80 / 0.002 range), a valid recipe then refused."""
+    sigma_max = sigma_min * math.exp(log_ratio)
+    t = EDMNoiseScheduler(sigma_min, sigma_max, rho).timesteps(steps, dtype=torch.float64)
+    assert t[0].item() == pytest.approx(sigma_max, rel=1e-9) and t[-2].item() == pytest.approx(sigma_min, rel=1e-9)
+    assert bool((t[1:] < t[:-1]).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(t_max=st.floats(1e-2, 10.0), log_ratio=st.floats(0.01, 60.0), steps=st.integers(2, 40))
+@example(t_max=1.0, log_ratio=40.0, steps=3)
+def test_vp_timesteps_end_at_epsilon_s(t_max, log_ratio, steps):
+    eps = t_max * math.exp(-log_ratio)
+    t = VPNoiseScheduler(epsilon_s=eps, t_max=t_max).timesteps(steps, dtype=torch.float64)
+    assert t[0].item() == t_max and t[-2].item() == pytest.approx(eps, rel=1e-9)
+    assert bool((t[1:] < t[:-1]).all())

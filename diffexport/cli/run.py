@@ -131,7 +131,8 @@ def sample(
     backend: str = typer.Option(None, "--backend", "-b", help=BACKEND_HELP + " Default: the engine's default backend (fastest verified of a targets: auto build), else the first built."),
     batch: int = typer.Option(None, "--batch", "-n", min=1, help="Number of samples (default 1, or that of --latents)."),
     seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Seed of the initial noise and of the per-step noise."),
-    latents: Path = typer.Option(None, "--latents", help="Initial noise [N, C, H, W] .npy, already scaled to sigma_max."),
+    latents: Path = typer.Option(None, "--latents", help="Initial state [N, C, H, W] .npy at the first time step: unit noise times alphas[0]*sigmas[0] of the manifest "
+                                                   "(sigma_max for EDM/VE, about 1 for VP and DDPM)."),
     condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
                                         "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
     label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
@@ -161,7 +162,7 @@ def sample(
             condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
         except ValueError as e:
             raise fail(f"--label: {e}") from None
-    conditions, files = _parse_conditions(condition, engine, batch)
+    conditions, files = _parse_conditions(condition, engine, batch or (len(x_n) if x_n is not None and x_n.ndim else None))
     if x_n is not None and (x_n.ndim != 4 or tuple(x_n.shape[1:]) != image):
         raise fail(f"{latents}: latents must be [N, {', '.join(map(str, image))}], got shape {list(x_n.shape)}")
     start = time.perf_counter()

@@ -50,6 +50,12 @@ def _ramp(num_steps: int) -> Tensor:
     return torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
 
 
+def _lerp(a: float, b: float, num_steps: int) -> Tensor:
+    """``a + i/(N-1) (b - a)`` for i = 0..N-1 (float64), exactly ``b`` at the end: the plain formula
+    cancels to 0 there when ``a`` dwarfs ``b`` (e.g. EDM's ``sigma^(1/rho)`` with a small rho)."""
+    return torch.lerp(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), _ramp(num_steps))
+
+
 def _rand(N: int, device, dtype, generator: GeneratorLike) -> Tensor:
     """U[0, 1) of shape [N]."""
     return NoiseSource(generator).rand_like(torch.empty(N, device=device, dtype=dtype))
@@ -250,7 +256,7 @@ class EDMNoiseScheduler(_VarianceExploding):
     def timesteps(self, num_steps: int, *, device=None, dtype=None) -> Tensor:
         """``t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``, then 0."""
         a, b = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
-        return _append_zero((a + _ramp(num_steps) * (b - a)) ** self.rho, device, dtype)
+        return _append_zero(_lerp(a, b, num_steps) ** self.rho, device, dtype)
 
     def sample_time(self, N: int, *, device=None, dtype=None, generator: GeneratorLike = None) -> Tensor:
         """ln sigma ~ N(P_mean, P_std^2)."""
@@ -343,7 +349,7 @@ class VPNoiseScheduler(LinearGaussianNoiseScheduler):
 
     def timesteps(self, num_steps: int, *, device=None, dtype=None) -> Tensor:
         """``t_i = t_max + i/(N-1) (epsilon_s - t_max)``, then 0."""
-        return _append_zero(self.t_max + _ramp(num_steps) * (self.epsilon_s - self.t_max), device, dtype)
+        return _append_zero(_lerp(self.t_max, self.epsilon_s, num_steps), device, dtype)
 
     def sample_time(self, N: int, *, device=None, dtype=None, generator: GeneratorLike = None) -> Tensor:
         """t uniform in [epsilon_s, t_max]."""

@@ -80,7 +80,8 @@ class HeunSolver:
         last = t_next == 0
         if bool(last.all()):
             return x_euler
-        t_prime = torch.where(last, t_cur, t_cur + self.alpha * (t_next - t_cur))
+        # lerp is exact at alpha = 1 (t_prime = t_next): t_cur + (t_next - t_cur) can round to 0 in float32
+        t_prime = torch.where(last, t_cur, torch.lerp(t_cur, t_next, self.alpha))
         d_prime = self.denoiser(x + self.alpha * h * d, t_prime)
         w = 1 / (2 * self.alpha)
         x_heun = x + h * ((1 - w) * d + w * d_prime)
@@ -337,7 +338,7 @@ def step_table(scheduler: NoiseScheduler, solver: str, time_steps: Tensor, optio
         if isinstance(heun, HeunSolver) and t_next != 0:
             w = 1 / (2 * heun.alpha)
             step.update(a21=heun.alpha, b=[1 - w, w])
-            step["evals"].append(_ode_eval(scheduler, t0 + heun.alpha * h))
+            step["evals"].append(_ode_eval(scheduler, t_next if heun.alpha == 1 else t0 + heun.alpha * h))
         else:
             step["b"] = [1.0]
         table.append(step)

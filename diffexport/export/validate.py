@@ -214,6 +214,10 @@ def _schedule_problems(recipe: Recipe, scheduler: Any) -> list[str]:
         head = ", ".join(f"{v:.4g}" for v in sigmas[:4].tolist())
         return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels that are not finite, positive and "
                 f"decreasing over {n} steps ({head}, ...); check its range"]
+    sigmas32 = scheduler.edm_sigma(t if not t.is_floating_point() else t.float()).float()  # as the runtime computes them
+    if not bool(torch.isfinite(sigmas32).all()) or not bool((sigmas32[:-1] > 0).all()):
+        return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels beyond float32 (the engine's sigma "
+                f"input; largest {sigmas.max().item():.4g}, smallest {sigmas[:-1].min().item():.4g}); narrow its range"]
     return []
 
 
@@ -241,6 +245,9 @@ def _patching_problems(recipe: Recipe) -> list[str]:
         _, h, w = image_shape(recipe)
     except ValueError:
         return []
+    if p.img_shape[0] < h or p.img_shape[1] < w:  # GridPatching2D would crop the patches, the engine's size is fixed
+        return [f"sampler.patching.img_shape: {p.img_shape} is smaller than the engine's {h}x{w} patch (the model's "
+                f"img_resolution); sample at least that size"]
     return _construct("sampler.patching", "GridPatching2D",
                       lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
 

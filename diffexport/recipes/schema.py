@@ -275,4 +275,6 @@ class Recipe(Strict):
             raise ValueError("conditions: at most one vector condition (it feeds the model's class labels)")
         if self.sampler.guidance is not None and not any(c.kind == "vector" for c in self.conditions):
             raise ValueError("sampler.guidance: classifier-free guidance needs a vector condition (the class labels it zeroes)")
+        if self.sampler.guidance is not None and self.sampler.guidance.cfg != 1 and self.sampler.patching is not None:
+            raise ValueError("sampler.guidance: classifier-free guidance is not supported with sampler.patching (use one of them)")
         return self

@@ -175,7 +175,7 @@ class GroupNoise(NoiseSource):
 
 
 def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.Generator | GroupNoise, device: torch.device) -> torch.Tensor:
-    """``scheduler.init_latents`` at the first time step: noise scaled to σ_max, [B, C, H, W] float32
+    """``scheduler.init_latents`` at the first time step: ε·α(t₀)σ(t₀) (σ_max·ε for EDM/VE, about ε for VP/DDPM), [B, C, H, W] float32
     (each row group from its own generator with :class:`GroupNoise`)."""
     if isinstance(generator, GroupNoise):
         return torch.cat([initial_latents(spec, (n, *shape[1:]), g, device) for g, n in zip(generator.generators, generator.rows)])
@@ -221,8 +221,10 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
 
     from diffexport.diffusion.multi_diffusion import GridPatching2D, PatchBasedPredictor
 
-    p = spec.patching
-    patching = GridPatching2D(tuple(p["img_shape"]), tuple(engine.io.inputs[0].shape[2:]), p.get("overlap_pix", 0), p.get("boundary_pix", 0))
+    p, patch = spec.patching, tuple(engine.io.inputs[0].shape[2:])
+    if any(i < s for i, s in zip(p["img_shape"], patch)):  # GridPatching2D would crop the patches to the image
+        raise ValueError(f"sampler.patching.img_shape: {list(p['img_shape'])} is smaller than the engine's {patch[0]}x{patch[1]} patch")
+    patching = GridPatching2D(tuple(p["img_shape"]), patch, p.get("overlap_pix", 0), p.get("boundary_pix", 0))
     per_patch = edm_x0_predictor(d, spec.scheduler)
 
     def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None, **kw: Any) -> torch.Tensor:
@@ -260,7 +262,8 @@ def sample(
         seed: seeds the generator of the initial latents and of the per-step noise; a list gives each
             group of rows its own generator (:class:`GroupNoise`), as if each were sampled alone.
         seed_rows: rows per seed of a ``seed`` list (default: one row per seed).
-        latents: explicit initial noise, already scaled to σ_max, [N, C, H, W].
+        latents: explicit initial state x at the first time step, [N, C, H, W]: ε scaled by the manifest's
+            ``alphas[0] * sigmas[0]`` (σ_max for EDM/VE, about 1 for VP and DDPM).
         conditions: engine condition inputs by name, [N, ...] (or one, repeated over N).
         num_steps: re-discretise the schedule with this many steps.
         chunk: rows per engine call (default: the engine's ``batch.max``).

@@ -27,6 +27,12 @@ Tensor bv(const Tensor& v, const Tensor& x) {
 
 Tensor ramp(int n) { return at::arange(n, at::kDouble) / static_cast<double>(std::max(n - 1, 1)); }
 
+/// `a + ramp(n) (b - a)` (float64), exactly `b` at the end (as Python's `_lerp`: the plain formula cancels to 0 when a >> b).
+Tensor lerp(double a, double b, int n) {
+  const Tensor r = ramp(n);
+  return at::lerp(at::full_like(r, a), at::full_like(r, b), r);
+}
+
 Tensor append_zero(const Tensor& t) { return at::cat({t, at::zeros({1}, t.options())}); }
 
 /// A JSON number, or the strings "inf" / "-inf" / "nan" that strict-JSON manifests use for them.
@@ -98,7 +104,7 @@ class EDM : public VarianceExploding {
   explicit EDM(const Args& a) : smin_(a.num("sigma_min", 0.002)), smax_(a.num("sigma_max", 80.0)), rho_(a.num("rho", 7.0)) {}
   Tensor timesteps(int n) const override {
     const double a = std::pow(smax_, 1 / rho_), b = std::pow(smin_, 1 / rho_);
-    return append_zero(at::pow(ramp(n) * (b - a) + a, rho_)).to(at::kFloat);
+    return append_zero(at::pow(lerp(a, b, n), rho_)).to(at::kFloat);
   }
 
  private:
@@ -155,7 +161,7 @@ class VP : public Schedule {
   Tensor sigma_dot(const Tensor& t) const override { return (t * bd_ + bmin_) * 0.5 * at::pow(alpha(t), 2) / sigma(t); }
   Tensor edm_sigma(const Tensor& t) const override { return at::expm1(a_(t)).sqrt(); }
   Tensor edm_sigma_inv(const Tensor& s) const override { return t_of_a(at::log1p(at::pow(s, 2))); }
-  Tensor timesteps(int n) const override { return append_zero(ramp(n) * (eps_ - tmax_) + tmax_).to(at::kFloat); }
+  Tensor timesteps(int n) const override { return append_zero(lerp(tmax_, eps_, n)).to(at::kFloat); }
 
  private:
   Tensor a_(const Tensor& t) const { return at::pow(t, 2) * (0.5 * bd_) + t * bmin_; }
@@ -365,7 +371,8 @@ class Run {
     const Tensor h = bv(t_next - t_cur, x), d = ode(x, t_cur), x_euler = x + h * d;
     const Tensor last = t_next == 0;
     if (last.all().item<bool>()) return x_euler;
-    const Tensor t_prime = at::where(last, t_cur, t_cur + (t_next - t_cur) * alpha);
+    // lerp is exact at alpha = 1 (t_prime = t_next), as in Python: t_cur + (t_next - t_cur) can round to 0 in float32
+    const Tensor t_prime = at::where(last, t_cur, at::lerp(t_cur, t_next, alpha));
     const Tensor d_prime = ode(x + h * alpha * d, t_prime);
     const Tensor x_heun = x + h * (d * (1 - w) + d_prime * w);
     return last.any().item<bool>() ? at::where(bv(last, x), x_euler, x_heun) : x_heun;

@@ -1,6 +1,6 @@
 """Triton Python model ``<name>_sampler``: full sampling runs, concurrent requests together.
 
-``latents`` (noise at σ_max) and the conditions in, ``samples`` out; the optional ``seed`` (one
+``latents`` (x at the first time step: ε·α(t₀)σ(t₀), σ_max·ε for EDM/VE) and the conditions in, ``samples`` out; the optional ``seed`` (one
 per sample, or one for the request; default 0 like ``diffexport sample``) seeds a stochastic
 solver's noise; the optional request parameter ``num_steps`` re-discretises the schedule. The dynamic batcher hands ``execute`` the requests that arrived together; they
 are merged into batched runs of up to the engine's max batch (same settings only) and each keeps
