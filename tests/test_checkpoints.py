@@ -333,6 +333,83 @@ def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
     assert same_song_outputs(model, loaded)
 
 
+def test_physicsnemo_1x_device_buffer_is_ignored(tmp_path):
+    """PhysicsNeMo 1.x's Module base persisted an empty ``device_buffer`` in every model.pt."""
+    model = song_unet()
+    state = {"device_buffer": torch.empty(0), **model.state_dict()}
+    members = mdlus_members(state, "SongUNet", SONG, "modulus.models.diffusion.song_unet")
+    assert same_song_outputs(model, load_model(write_archive(tmp_path / "old.mdlus", members, "tar")))
+    fresh = get_model_class("SongUNet")(**SONG).eval()
+    fresh.load_state_dict(state, strict=True)  # the models accept it directly too
+    assert same_song_outputs(model, fresh)
+    with pytest.raises(CheckpointError, match="unexpected keys.*device_buffer"):  # a real tensor is not dropped
+        load_model(write_archive(tmp_path / "bad.mdlus", mdlus_members(
+            {**state, "device_buffer": torch.ones(1)}, "SongUNet", SONG), "tar"))
+
+
+TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+INF = float("inf")
+# PhysicsNeMo preconditioner checkpoints (args.json as Module.__new__ records them, defaults applied):
+# (wrapper, its args, the backbone diffexport builds, its args, the wrapper's own state-dict entries)
+WRAPPED = [
+    ("EDMPrecond", dict(img_resolution=16, img_channels=2, label_dim=3, use_fp16=False, sigma_min=0.0, sigma_max=INF,
+                        sigma_data=0.5, model_type="SongUNet", img_in_channels=5, img_out_channels=None, **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=5, out_channels=2, label_dim=3, **TINY), {}),
+    ("EDMPrecondSuperResolution", dict(img_resolution=[16, 8], img_in_channels=3, img_out_channels=2, use_fp16=False,
+                                       model_type="SongUNetPosEmbd", sigma_data=0.5, sigma_min=0.0, sigma_max=INF,
+                                       gridtype="linear", N_grid_channels=2, **TINY),
+     "SongUNetPosEmbd", dict(img_resolution=[16, 8], in_channels=5, out_channels=2, gridtype="linear", N_grid_channels=2, **TINY), {}),
+    ("EDMPrecondSR", dict(img_resolution=16, img_channels=2, img_in_channels=3, img_out_channels=2, use_fp16=False,
+                          sigma_min=0.0, sigma_max=INF, sigma_data=0.5, model_type="SongUNet", scale_cond_input=False, **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=5, out_channels=2, **TINY), {}),
+    ("VPPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000,
+                       epsilon_t=1e-5, model_type="SongUNet", **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=2, out_channels=2, label_dim=0, **TINY), {}),
+    ("VEPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100.0,
+                       model_type="SongUNet", **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=2, out_channels=2, label_dim=0, **TINY), {}),
+    ("iDDPMPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
+                          model_type="DhariwalUNet", **{**TINY, "model_channels": 32}),
+     "DhariwalUNet", dict(img_resolution=16, in_channels=2, out_channels=4, label_dim=0, **{**TINY, "model_channels": 32}),
+     {"u": torch.linspace(80, 0.002, 1001)}),
+]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+@pytest.mark.parametrize("wrapper,wrapper_args,backbone,backbone_args,own", WRAPPED, ids=[w[0] for w in WRAPPED])
+def test_physicsnemo_preconditioner_checkpoint_loads_its_backbone(tmp_path, fmt, wrapper, wrapper_args, backbone, backbone_args, own):
+    """A PhysicsNeMo EDMPrecond / EDMPrecondSuperResolution / ... .mdlus (CorrDiff's diffusion checkpoints) holds
+    the backbone under ``model.``; load_model builds that backbone (the recipe's preconditioner replaces the wrapper)."""
+    net = randomized(get_model_class(backbone)(**backbone_args))
+    state = {"device_buffer": torch.empty(0), **own, **{f"model.{k}": v for k, v in net.state_dict().items()},
+             "model.device_buffer": torch.empty(0)}
+    module = "physicsnemo.diffusion.preconditioners" if fmt == "zip" else "modulus.models.diffusion.preconditioning"
+    path = write_archive(tmp_path / "precond.mdlus", mdlus_members(state, wrapper, wrapper_args, module), fmt)
+    for loaded in (load_model(path), load_model(path, class_name=backbone)):  # the recipe path names the backbone
+        assert type(loaded) is type(net) and loaded._init_args == net._init_args
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+def test_edm_precond_sr_with_scaled_condition_warns(tmp_path):
+    args = dict(WRAPPED[2][1], scale_cond_input=True)
+    net = randomized(get_model_class("SongUNet")(**WRAPPED[2][3]))
+    members = mdlus_members({f"model.{k}": v for k, v in net.state_dict().items()}, "EDMPrecondSR", args)
+    with pytest.warns(UserWarning, match="scale_cond_input"):
+        load_model(write_archive(tmp_path / "sr.mdlus", members))
+
+
+def test_unet_checkpoint_version_0_1_0_arguments(tmp_path):
+    """PhysicsNeMo's UNet 0.1.0 (CorrDiff regression) recorded img_channels and sigma_* that 2.2 drops."""
+    args = dict(img_resolution=16, img_in_channels=3, img_out_channels=2, use_fp16=False, model_type="SongUNet", **TINY)
+    net = randomized(get_model_class("UNet")(**args))
+    old = dict(args, img_channels=2, sigma_min=0.0, sigma_max=INF, sigma_data=0.5)
+    loaded = load_model(write_archive(tmp_path / "reg.mdlus", mdlus_members(net.state_dict(), "UNet", old), "tar"))
+    assert loaded._init_args == net._init_args
+    x, img_lr = torch.zeros(2, 2, 16, 16), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x, img_lr), loaded(x, img_lr))
+
+
 # --- archives: member by member, only what is needed, bounded (issue 13 item 3) ---------------
 
 

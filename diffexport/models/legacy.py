@@ -5,7 +5,9 @@ Differences handled:
 * attention weights stored directly on the U-Net block (``<block>.norm2``, ``<block>.qkv``,
   ``<block>.proj``) or as ``<block>.attn.norm2``; 2.x uses ``<block>.attn.{norm,qkv,proj}``;
 * ``map_noise.freqs`` absent (``PositionalEmbedding`` computed it on the fly);
-* ``pos_embd`` saved for fixed (non-learnable) grids, which 2.x no longer stores.
+* ``pos_embd`` saved for fixed (non-learnable) grids, which 2.x no longer stores;
+* ``device_buffer``: an empty tensor PhysicsNeMo 1.x's ``Module`` base persisted in every
+  model (and in a wrapped backbone, ``model.device_buffer``) to track the device.
 
 The same renaming runs as a ``load_state_dict`` pre-hook inside the modules
 (:func:`rename_attention_keys`), so ``model.load_state_dict(sd, strict=True)`` accepts legacy
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["upgrade_legacy_state_dict", "rename_attention_keys"]
+__all__ = ["upgrade_legacy_state_dict", "rename_attention_keys", "drop_device_buffers"]
 
 _ATTN = {"norm2": "norm", "qkv": "qkv", "proj": "proj"}  # legacy attribute -> name under ``attn.``
 _LEGACY_ATTN_KEY = re.compile(r"^(?P<block>(?:.*\.)?)(?P<name>norm2|qkv|proj)\.(?P<p>weight|bias)$")
@@ -49,6 +51,15 @@ def rename_attention_keys(state_dict: dict[str, Any], prefix: str = "") -> None:
         state_dict[new] = state_dict.pop(key)
 
 
+def drop_device_buffers(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Remove, in place, the empty ``device_buffer`` entries (PhysicsNeMo 1.x) under ``prefix``;
+    a non-empty one is left for the load to report."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict[key]
+        if key.rpartition(".")[2] == "device_buffer" and isinstance(value, torch.Tensor) and value.numel() == 0:
+            del state_dict[key]
+
+
 def upgrade_legacy_state_dict(
     state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
@@ -60,6 +71,7 @@ def upgrade_legacy_state_dict(
     """
     sd = dict(state_dict)
     rename_attention_keys(sd)
+    drop_device_buffers(sd)
     if model is not None:
         expected = model.state_dict()
         for key, value in expected.items():
