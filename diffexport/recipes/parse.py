@@ -133,7 +133,7 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
         _check_size(f"model.args.{key}", value, high)
     if cls != "DiffusionModel" and cls != "UNet":
         if cls in ("SongUNetPosEmbd", "SongUNetPosLtEmbd"):
-            c_in -= a.get("N_grid_channels", 4) if a.get("gridtype", "sinusoidal") != "test" else 2
+            c_in -= a.get("N_grid_channels", 4)  # every gridtype, 0 (no grid) included
         if cls == "SongUNetPosLtEmbd":
             c_in -= a.get("lead_time_channels") or 0
     h, w = _patch_shape(recipe, cls, (h, w))
