@@ -336,8 +336,11 @@ def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
+        hint = ""
+        if kwargs.get("use_apex_gn"):  # trained on GPU with apex; PhysicsNeMo too loads it with this override
+            hint = "; load it with args={'use_apex_gn': False} (recipe: model.args.use_apex_gn: false)"
         raise CheckpointError(
-            f"cannot build {name} from the constructor arguments of {path} ({err}); "
+            f"cannot build {name} from the constructor arguments of {path} ({err}){hint}; "
             f"arguments: {kwargs}"
         ) from None
 

@@ -17,6 +17,7 @@ from diffexport.checkpoints import CheckpointError, constructor_args, load_model
 from diffexport.models import get_model_class
 from diffexport.models.base import Module
 from diffexport.models.diffusion import DiffusionModel
+from diffexport.models.legacy import upgrade_legacy_state_dict
 
 ARGS = dict(image_size=8, channels=2, hidden_dims=[8, 16], time_dim=16)
 
@@ -408,6 +409,31 @@ def test_unet_checkpoint_version_0_1_0_arguments(tmp_path):
     x, img_lr = torch.zeros(2, 2, 16, 16), torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(net(x, img_lr), loaded(x, img_lr))
+
+
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_apex_group_norm_checkpoint_loads_with_use_apex_gn_false(tmp_path, legacy_names):
+    """PhysicsNeMo 1.x trained with ``use_apex_gn=True`` kept each GroupNorm's weights under
+    ``<norm>.gn.*`` (beside unused ``<norm>.weight/bias``); PhysicsNeMo loads them with the
+    override ``use_apex_gn=False``, and so does diffexport (the refusal says how)."""
+    model = song_unet()
+    state = {}
+    for k, v in model.state_dict().items():
+        norm, _, param = k.rpartition(".")
+        if norm.rpartition(".")[2] in ("norm0", "norm1", "norm", "aux_norm") and param in ("weight", "bias"):
+            state[f"{norm}.{param}"] = torch.ones_like(v) if param == "weight" else torch.zeros_like(v)  # apex left these
+            state[f"{norm}.gn.{param}"] = v
+        else:
+            state[k] = v
+    if legacy_names:  # and attention on the block (norm2 / qkv / proj), as 1.x stored it
+        state = {k.replace("attn.norm.", "norm2.").replace("attn.", ""): v for k, v in state.items()}
+        assert "enc.8x8_block0.norm2.gn.weight" in state
+    upgraded = upgrade_legacy_state_dict(state)
+    assert upgraded.keys() == model.state_dict().keys() and torch.equal(upgraded["dec.16x16_aux_norm.weight"], model.dec["16x16_aux_norm"].weight)
+    path = write_archive(tmp_path / "apex.mdlus", mdlus_members(state, "SongUNet", {**SONG, "use_apex_gn": True}), "tar")
+    with pytest.raises(CheckpointError, match=r"use_apex_gn.*args=\{'use_apex_gn': False\}"):
+        load_model(path)
+    assert same_song_outputs(model, load_model(path, args={"use_apex_gn": False}))
 
 
 # --- archives: member by member, only what is needed, bounded (issue 13 item 3) ---------------

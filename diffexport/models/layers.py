@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .legacy import rename_attention_keys
+from .legacy import adopt_apex_group_norm, rename_attention_keys
 
 __all__ = [
     "weight_init",
@@ -218,6 +218,7 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
         self.act = act
         self.act_fn = activation(act) if act else None
+        self.register_load_state_dict_pre_hook(_adopt_apex_weights)  # 1.x ``use_apex_gn=True`` checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = _like(self.weight, x), _like(self.bias, x)
@@ -228,6 +229,10 @@ class GroupNorm(torch.nn.Module):
             c = (n - 1) / n
             x = F.group_norm(x, self.num_groups, w * c**0.5, b, self.eps * c)
         return self.act_fn(x) if self.act_fn is not None else x
+
+
+def _adopt_apex_weights(module: GroupNorm, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    adopt_apex_group_norm(state_dict, prefix)
 
 
 class Attention(torch.nn.Module):
