@@ -99,6 +99,9 @@ BROKEN = {
     "unknown preconditioner arg": (lambda d: d["preconditioner"].update(args={"sigma_dat": 0.5}), "preconditioner.args: unknown argument(s) sigma_dat"),
     "unknown scheduler arg": (lambda d: d["sampler"]["scheduler"].update(args={"rhoo": 7}), "sampler.scheduler.args: unknown argument(s) rhoo"),
     "channel mismatch": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]}]), "model.args"),
+    "label_dim without labels": (lambda d: d["model"]["args"].update(label_dim=3), "conditions: the model's label_dim is 3, so it needs class labels: add {name: class_labels, kind: vector, shape: [3]}"),
+    "lead time without its input": (lambda d: d["model"].update({"class": "SongUNetPosLtEmbd"}) or d["model"]["args"].update(lead_time_channels=2, in_channels=3 + 4 + 2),
+                                    "conditions: SongUNetPosLtEmbd needs its lead time: add {name: lead_time_label, kind: index}"),
     "bad condition shape": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [3, 8, 8]}]), "conditions.cond.shape"),
     "unknown target": (lambda d: d["export"].update(targets=["onnx", "tflite"]), "export.targets[1]"),
     # solver and scheduler must fit (issue 9 item 7 / issue 13 item 5)
