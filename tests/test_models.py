@@ -108,6 +108,18 @@ def test_global_index_and_selector_pick_the_patch() -> None:
         model(x, sigma, None, lead_time_label=lt[:B], global_index=gi, embedding_selector=selector)
 
 
+def test_lead_time_label_shapes_physicsnemo_accepts() -> None:
+    """PhysicsNeMo reshapes the chosen lead-time grids to (B, C_LT, H, W): labels (B,), (B, 1), and a
+    0-d label for one sample (as its own tests pass) all select the same grids."""
+    kwargs = dict(gridtype="linear", N_grid_channels=2, lead_time_channels=2, lead_time_steps=3, **TINY)
+    model = randomize(SongUNetPosLtEmbd(8, 2 + 2 + 2, 2, **kwargs)).eval()
+    x, sigma = torch.randn(2, 2, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        ref = model(x, sigma, None, lead_time_label=torch.tensor([2, 0]))
+        torch.testing.assert_close(model(x, sigma, None, lead_time_label=torch.tensor([[2], [0]])), ref)
+        torch.testing.assert_close(model(x[:1], sigma[:1], None, lead_time_label=torch.tensor(2)), ref[:1])
+
+
 def test_prob_channels_logits_in_train_softmax_in_eval() -> None:
     kwargs = dict(gridtype="linear", N_grid_channels=2, lead_time_channels=2, lead_time_steps=3, **TINY)
     model = randomize(SongUNetPosLtEmbd(8, 2 + 2 + 2, 4, prob_channels=[3, 1], **kwargs))

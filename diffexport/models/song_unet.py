@@ -400,7 +400,8 @@ class SongUNetPosEmbd(SongUNet):
         if self.lt_embd is not None:
             if lead_time_label is None:
                 raise ValueError("lead_time_label (B,) is required by a lead-time model")
-            grids.append(self.lt_embd[lead_time_label.long()].to(x.dtype))
+            lt = self.lt_embd[lead_time_label.long()]  # labels (B,), (B, 1), or () for one sample, as PhysicsNeMo
+            grids.append(lt.reshape(-1, *self.lt_embd.shape[1:]).to(x.dtype))
         if not grids:
             raise ValueError("the model has neither a positional grid (N_grid_channels=0) nor lead-time embeddings")
         return grids
