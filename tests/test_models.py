@@ -238,6 +238,9 @@ def test_forward_errors() -> None:
         SongUNet(8, 2, 2, **TINY)(torch.randn(2, 2, 8, 9), sigma, None)
     with pytest.raises(ValueError, match="additive_pos_embed"):
         SongUNet(8, 2, 2, additive_pos_embed=True, **TINY)(torch.randn(2, 2, 16, 16), sigma, None)
+    for labelled in (SongUNet(8, 2, 2, label_dim=3, **TINY), DhariwalUNet(8, 2, 2, label_dim=3, **{**TINY, "model_channels": 64})):
+        with pytest.raises(ValueError, match="class_labels: the model has label_dim > 0"):
+            labelled(torch.randn(2, 2, 8, 8), sigma, None)
     lt_model = SongUNetPosLtEmbd(8, 2 + 4 + 1, 2, lead_time_channels=1, **TINY)
     with pytest.raises(ValueError, match="lead_time_label"):
         lt_model(torch.randn(2, 2, 8, 8), sigma, None)

@@ -61,8 +61,11 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> T
     raise ValueError(f"init_mode must be xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal, got {mode!r}")
 
 
-def drop_labels(labels: Tensor, p: float, training: bool) -> Tensor:
-    """Zero whole label vectors with probability ``p`` in training (classifier-free guidance)."""
+def drop_labels(labels: Tensor | None, p: float, training: bool) -> Tensor:
+    """Zero whole label vectors with probability ``p`` in training (classifier-free guidance);
+    ``ValueError`` when a model with ``label_dim > 0`` gets no labels."""
+    if labels is None:
+        raise ValueError("class_labels: the model has label_dim > 0 and needs labels of shape (B, label_dim), got None")
     if not (training and p):
         return labels
     keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
