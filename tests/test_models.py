@@ -225,6 +225,7 @@ def test_checkpoint_level_recomputes_without_changing_results(monkeypatch: pytes
         (lambda: SongUNetPosEmbd(8, 6, 2, lead_time_channels=2, **TINY), "lead_time"),
         (lambda: SongUNetPosLtEmbd(8, 6, 2, **TINY), "lead_time_channels"),
         (lambda: UNet(8, 2, 2, model_type="UNet"), "model_type"),
+        (lambda: DhariwalUNet(8, 2, 2, **{**TINY, "model_channels": 16}), "attn_resolutions: attention on 32 channels has no head of 64"),
     ],
 )
 def test_constructor_errors(build, match: str) -> None:

@@ -99,6 +99,8 @@ BROKEN = {
     "unknown preconditioner arg": (lambda d: d["preconditioner"].update(args={"sigma_dat": 0.5}), "preconditioner.args: unknown argument(s) sigma_dat"),
     "unknown scheduler arg": (lambda d: d["sampler"]["scheduler"].update(args={"rhoo": 7}), "sampler.scheduler.args: unknown argument(s) rhoo"),
     "channel mismatch": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]}]), "model.args"),
+    "ADM head width": (lambda d: d["model"].update({"class": "DhariwalUNet", "args": {**TINY_RECIPES["dhariwal"]["model"]["args"], "label_dim": 0, "model_channels": 16}}),
+                       "model.args.attn_resolutions: DhariwalUNet: attention on 32 channels has no head of 64 channels"),
     "label_dim without labels": (lambda d: d["model"]["args"].update(label_dim=3), "conditions: the model's label_dim is 3, so it needs class labels: add {name: class_labels, kind: vector, shape: [3]}"),
     "lead time without its input": (lambda d: d["model"].update({"class": "SongUNetPosLtEmbd"}) or d["model"]["args"].update(lead_time_channels=2, in_channels=3 + 4 + 2),
                                     "conditions: SongUNetPosLtEmbd needs its lead time: add {name: lead_time_label, kind: index}"),

@@ -298,6 +298,9 @@ class UNetBlock(torch.nn.Module):
         init_attn: dict[str, Any] | None = None,
         act: str = "silu",
     ):
+        if attention and num_heads is None and out_channels < channels_per_head:
+            raise ValueError(f"attn_resolutions: attention on {out_channels} channels has no head of {channels_per_head} "
+                             "channels (ADM's width); widen model_channels / channel_mult there or drop that resolution")
         super().__init__()
         init = init or {}
         init_zero = dict(init_weight=0) if init_zero is None else init_zero
