@@ -319,6 +319,17 @@ def test_song_unet_round_trip_names_physicsnemo_module(tmp_path):
     assert not same_song_outputs(randomized(get_model_class("SongUNet")(**SONG), seed=1), loaded)
 
 
+@pytest.mark.parametrize("act", ["default", None])
+def test_saved_song_unet_names_its_activation(tmp_path, act):
+    """PhysicsNeMo 2.x builds U-Net blocks *without* activation from ``"act": null``: args.json must
+    say ``"silu"`` (PhysicsNeMo's default) for a model that uses SiLU, as must the shipped digits.mdlus."""
+    kwargs = {} if act == "default" else {"act": act}
+    with zipfile.ZipFile(save_model(get_model_class("SongUNet")(**SONG, **kwargs), tmp_path / "m.mdlus")) as archive:
+        assert json.loads(archive.read("args.json"))["__args__"]["act"] == "silu"
+    with zipfile.ZipFile(Path(__file__).resolve().parents[1] / "recipes" / "models" / "digits.mdlus") as archive:
+        assert json.loads(archive.read("args.json"))["__args__"]["act"] == "silu"
+
+
 def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
     """1.x: tar, ``model.``-prefixed keys, attention on the block (``norm2``/``qkv``/``proj``),
     no ``map_noise.freqs``; the model's own load hooks map the names, load_model the rest."""
