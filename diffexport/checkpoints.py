@@ -151,7 +151,7 @@ def load_model(
                 f"model it belongs to: pass class_name= (one of {', '.join(model_names())}) "
                 "and the constructor args="
             )
-        name, kwargs = class_name, dict(args or {})
+        name, kwargs, stored_name = class_name, dict(args or {}), class_name
     else:
         missing = [m for m in ("model.pt", "args.json") if m not in members]
         if missing:
@@ -168,7 +168,7 @@ def load_model(
         for dropped in _DROPPED_ARGS.get(stored_name, ()):
             stored_args.pop(dropped, None)
         name, kwargs = class_name or stored_name, {**stored_args, **(args or {})}
-    model = _build(name, kwargs, path).to(map_location)
+    model = _build(name, kwargs, path, stored_name).to(map_location)
     _load_weights(model, state, path)
     return model.eval()
 
@@ -324,8 +324,8 @@ def _backbone(wrapper: str, args: dict[str, Any], path: Path) -> tuple[str, dict
     return args.get("model_type", default), {**backbone, **kwargs}
 
 
-def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
-    """``name(**kwargs)`` from the diffexport model registry."""
+def _build(name: str, kwargs: dict[str, Any], path: Path, stored_name: str) -> torch.nn.Module:
+    """``name(**kwargs)`` from the diffexport model registry (``stored_name``: the class the checkpoint names)."""
     try:
         cls = get_model_class(name)
     except ValueError:
@@ -339,6 +339,8 @@ def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
         hint = ""
         if kwargs.get("use_apex_gn"):  # trained on GPU with apex; PhysicsNeMo too loads it with this override
             hint = "; load it with args={'use_apex_gn': False} (recipe: model.args.use_apex_gn: false)"
+        if name != stored_name:
+            hint += f"; the checkpoint holds a {stored_name}, not a {name} (recipe: model.class)"
         raise CheckpointError(
             f"cannot build {name} from the constructor arguments of {path} ({err}){hint}; "
             f"arguments: {kwargs}"

@@ -402,6 +402,14 @@ def test_physicsnemo_preconditioner_checkpoint_loads_its_backbone(tmp_path, fmt,
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
 
 
+def test_class_name_other_than_the_checkpoints_says_which_it_holds(tmp_path):
+    wrapper, args, backbone, backbone_args, _ = WRAPPED[1]  # EDMPrecondSuperResolution around SongUNetPosEmbd
+    net = get_model_class(backbone)(**backbone_args)
+    path = write_archive(tmp_path / "sr.mdlus", mdlus_members({f"model.{k}": v for k, v in net.state_dict().items()}, wrapper, args))
+    with pytest.raises(CheckpointError, match="gridtype.*the checkpoint holds a SongUNetPosEmbd, not a SongUNet"):
+        load_model(path, class_name="SongUNet")
+
+
 def test_edm_precond_sr_with_scaled_condition_warns(tmp_path):
     args = dict(WRAPPED[2][1], scale_cond_input=True)
     net = randomized(get_model_class("SongUNet")(**WRAPPED[2][3]))
