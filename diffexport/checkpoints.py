@@ -7,6 +7,10 @@ A ``.mdlus`` is a ZIP (PhysicsNeMo 2.x, members stored uncompressed) or a tar (1
 * ``metadata.json``: ``{"mdlus_file_version": ...}`` (PhysicsNeMo checks it; ignored here).
 
 Only the class name matters on load: it is resolved with :func:`diffexport.models.get_model_class`.
+A PhysicsNeMo preconditioner checkpoint (``EDMPrecond``, ``EDMPrecondSuperResolution`` as CorrDiff
+saves its diffusion model, ``EDMPrecondSR``, ``VPPrecond``, ``VEPrecond``, ``iDDPMPrecond``) loads
+as the backbone it wraps (``model_type``, weights under ``model.``): a recipe's preconditioner
+replaces the wrapper.
 Weights are always read with ``torch.load(weights_only=True)``: a pickle that would build anything
 but tensors and plain containers (e.g. run ``os.system``) is refused, never executed.
 Every problem is reported as a :class:`CheckpointError` with a one-paragraph message.
@@ -19,6 +23,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -29,6 +34,7 @@ import torch
 
 from diffexport import __version__
 from diffexport.models import get_model_class, model_names
+from diffexport.models.legacy import drop_device_buffers
 
 __all__ = ["CheckpointError", "constructor_args", "load_model", "save_model"]
 
@@ -48,6 +54,24 @@ _SIZE_MISMATCH = re.compile(
 )
 
 PathLike = str | os.PathLike
+
+# PhysicsNeMo's preconditioners (``physicsnemo.diffusion.preconditioners``, 1.x
+# ``models.diffusion.preconditioning``) hold their backbone as ``self.model``. Per class: its
+# default ``model_type``, its own arguments (not the backbone's), and how the backbone's channels
+# follow from its arguments (it passes ``label_dim`` on to the backbone unless marked).
+_PRECONDITIONERS: dict[str, tuple[str, tuple[str, ...], Any]] = {
+    "EDMPrecond": ("DhariwalUNet", ("sigma_min", "sigma_max", "sigma_data"),
+                   lambda a: (a.get("img_in_channels") or a["img_channels"], a.get("img_out_channels") or a["img_channels"])),
+    "VPPrecond": ("SongUNet", ("beta_d", "beta_min", "M", "epsilon_t"), lambda a: (a["img_channels"], a["img_channels"])),
+    "VEPrecond": ("SongUNet", ("sigma_min", "sigma_max"), lambda a: (a["img_channels"], a["img_channels"])),
+    "iDDPMPrecond": ("DhariwalUNet", ("C_1", "C_2", "M"), lambda a: (a["img_channels"], 2 * a["img_channels"])),
+    "EDMPrecondSuperResolution": ("SongUNetPosEmbd", ("sigma_min", "sigma_max", "sigma_data"),
+                                  lambda a: (a["img_in_channels"] + a["img_out_channels"], a["img_out_channels"])),
+}
+_PRECONDITIONERS["EDMPrecondSR"] = _PRECONDITIONERS["EDMPrecondSuperResolution"]
+_NO_LABEL_DIM = ("EDMPrecondSuperResolution", "EDMPrecondSR")  # their backbone gets no label_dim
+# Arguments that older PhysicsNeMo versions recorded and 2.2 drops on load (UNet checkpoint 0.1.0).
+_DROPPED_ARGS = {"UNet": ("img_channels", "sigma_min", "sigma_max", "sigma_data")}
 
 
 class CheckpointError(ValueError):
@@ -127,7 +151,7 @@ def load_model(
                 f"model it belongs to: pass class_name= (one of {', '.join(model_names())}) "
                 "and the constructor args="
             )
-        name, kwargs = class_name, dict(args or {})
+        name, kwargs, stored_name = class_name, dict(args or {}), class_name
     else:
         missing = [m for m in ("model.pt", "args.json") if m not in members]
         if missing:
@@ -136,10 +160,15 @@ def load_model(
                 f"(it holds: {', '.join(sorted(members)) or 'nothing'})"
             )
         stored_name, stored_args = _parse_args_json(members["args.json"], path)
-        name, kwargs = class_name or stored_name, {**stored_args, **(args or {})}
         where = f"{path} (model.pt)"
         state = _state_dict(_torch_load(members["model.pt"], where, map_location), where)
-    model = _build(name, kwargs, path).to(map_location)
+        if stored_name in _PRECONDITIONERS:
+            stored_name, stored_args = _backbone(stored_name, stored_args, path)
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        for dropped in _DROPPED_ARGS.get(stored_name, ()):
+            stored_args.pop(dropped, None)
+        name, kwargs = class_name or stored_name, {**stored_args, **(args or {})}
+    model = _build(name, kwargs, path, stored_name).to(map_location)
     _load_weights(model, state, path)
     return model.eval()
 
@@ -273,8 +302,30 @@ def _parse_args_json(raw: bytes, path: Path) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
-    """``name(**kwargs)`` from the diffexport model registry."""
+def _backbone(wrapper: str, args: dict[str, Any], path: Path) -> tuple[str, dict[str, Any]]:
+    """``(class, arguments)`` of the backbone a PhysicsNeMo preconditioner checkpoint wraps."""
+    default, own, channels = _PRECONDITIONERS[wrapper]
+    try:
+        in_channels, out_channels = channels(args)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: args.json of {wrapper} lacks or mistypes its channel counts ({err!r})") from None
+    if wrapper == "EDMPrecondSR" and args.get("scale_cond_input", True):
+        warnings.warn(
+            f"{path}: EDMPrecondSR with scale_cond_input=True scaled the conditioning image by c_in; diffexport's "
+            "preconditioners concatenate it unscaled, so the denoiser differs from PhysicsNeMo's (the backbone loads as is)",
+            stacklevel=3,
+        )
+    skip = {"img_resolution", "img_channels", "img_in_channels", "img_out_channels", "use_fp16", "model_type",
+            "scale_cond_input", *own}
+    if wrapper in _NO_LABEL_DIM:
+        skip.discard("label_dim")
+    kwargs = {k: v for k, v in args.items() if k not in skip}
+    backbone = dict(img_resolution=args.get("img_resolution"), in_channels=in_channels, out_channels=out_channels)
+    return args.get("model_type", default), {**backbone, **kwargs}
+
+
+def _build(name: str, kwargs: dict[str, Any], path: Path, stored_name: str) -> torch.nn.Module:
+    """``name(**kwargs)`` from the diffexport model registry (``stored_name``: the class the checkpoint names)."""
     try:
         cls = get_model_class(name)
     except ValueError:
@@ -285,8 +336,13 @@ def _build(name: str, kwargs: dict[str, Any], path: Path) -> torch.nn.Module:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
+        hint = ""
+        if kwargs.get("use_apex_gn"):  # trained on GPU with apex; PhysicsNeMo too loads it with this override
+            hint = "; load it with args={'use_apex_gn': False} (recipe: model.args.use_apex_gn: false)"
+        if name != stored_name:
+            hint += f"; the checkpoint holds a {stored_name}, not a {name} (recipe: model.class)"
         raise CheckpointError(
-            f"cannot build {name} from the constructor arguments of {path} ({err}); "
+            f"cannot build {name} from the constructor arguments of {path} ({err}){hint}; "
             f"arguments: {kwargs}"
         ) from None
 
@@ -295,6 +351,8 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], pat
     """Load ``state`` into ``model`` strictly, reporting every missing, unexpected and
     mis-shaped key at once. Models' own load_state_dict pre-hooks (legacy names) still apply."""
     expected = model.state_dict().keys()
+    state = dict(state)
+    drop_device_buffers(state)  # PhysicsNeMo 1.x (beside a wrapper's ``model.`` keys too)
     for prefix in _KEY_PREFIXES:
         if all(k.startswith(prefix) for k in state) and not any(
             k.startswith(prefix) for k in expected

@@ -17,6 +17,7 @@ from diffexport.checkpoints import CheckpointError, constructor_args, load_model
 from diffexport.models import get_model_class
 from diffexport.models.base import Module
 from diffexport.models.diffusion import DiffusionModel
+from diffexport.models.legacy import upgrade_legacy_state_dict
 
 ARGS = dict(image_size=8, channels=2, hidden_dims=[8, 16], time_dim=16)
 
@@ -318,6 +319,17 @@ def test_song_unet_round_trip_names_physicsnemo_module(tmp_path):
     assert not same_song_outputs(randomized(get_model_class("SongUNet")(**SONG), seed=1), loaded)
 
 
+@pytest.mark.parametrize("act", ["default", None])
+def test_saved_song_unet_names_its_activation(tmp_path, act):
+    """PhysicsNeMo 2.x builds U-Net blocks *without* activation from ``"act": null``: args.json must
+    say ``"silu"`` (PhysicsNeMo's default) for a model that uses SiLU, as must the shipped digits.mdlus."""
+    kwargs = {} if act == "default" else {"act": act}
+    with zipfile.ZipFile(save_model(get_model_class("SongUNet")(**SONG, **kwargs), tmp_path / "m.mdlus")) as archive:
+        assert json.loads(archive.read("args.json"))["__args__"]["act"] == "silu"
+    with zipfile.ZipFile(Path(__file__).resolve().parents[1] / "recipes" / "models" / "digits.mdlus") as archive:
+        assert json.loads(archive.read("args.json"))["__args__"]["act"] == "silu"
+
+
 def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
     """1.x: tar, ``model.``-prefixed keys, attention on the block (``norm2``/``qkv``/``proj``),
     no ``map_noise.freqs``; the model's own load hooks map the names, load_model the rest."""
@@ -331,6 +343,116 @@ def test_song_unet_physicsnemo_1x_tar_with_legacy_names(tmp_path):
     members = mdlus_members(legacy, "SongUNet", SONG, "modulus.models.diffusion.song_unet")
     loaded = load_model(write_archive(tmp_path / "old.mdlus", members, "tar"))
     assert same_song_outputs(model, loaded)
+
+
+def test_physicsnemo_1x_device_buffer_is_ignored(tmp_path):
+    """PhysicsNeMo 1.x's Module base persisted an empty ``device_buffer`` in every model.pt."""
+    model = song_unet()
+    state = {"device_buffer": torch.empty(0), **model.state_dict()}
+    members = mdlus_members(state, "SongUNet", SONG, "modulus.models.diffusion.song_unet")
+    assert same_song_outputs(model, load_model(write_archive(tmp_path / "old.mdlus", members, "tar")))
+    fresh = get_model_class("SongUNet")(**SONG).eval()
+    fresh.load_state_dict(state, strict=True)  # the models accept it directly too
+    assert same_song_outputs(model, fresh)
+    with pytest.raises(CheckpointError, match="unexpected keys.*device_buffer"):  # a real tensor is not dropped
+        load_model(write_archive(tmp_path / "bad.mdlus", mdlus_members(
+            {**state, "device_buffer": torch.ones(1)}, "SongUNet", SONG), "tar"))
+
+
+TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+INF = float("inf")
+# PhysicsNeMo preconditioner checkpoints (args.json as Module.__new__ records them, defaults applied):
+# (wrapper, its args, the backbone diffexport builds, its args, the wrapper's own state-dict entries)
+WRAPPED = [
+    ("EDMPrecond", dict(img_resolution=16, img_channels=2, label_dim=3, use_fp16=False, sigma_min=0.0, sigma_max=INF,
+                        sigma_data=0.5, model_type="SongUNet", img_in_channels=5, img_out_channels=None, **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=5, out_channels=2, label_dim=3, **TINY), {}),
+    ("EDMPrecondSuperResolution", dict(img_resolution=[16, 8], img_in_channels=3, img_out_channels=2, use_fp16=False,
+                                       model_type="SongUNetPosEmbd", sigma_data=0.5, sigma_min=0.0, sigma_max=INF,
+                                       gridtype="linear", N_grid_channels=2, **TINY),
+     "SongUNetPosEmbd", dict(img_resolution=[16, 8], in_channels=5, out_channels=2, gridtype="linear", N_grid_channels=2, **TINY), {}),
+    ("EDMPrecondSR", dict(img_resolution=16, img_channels=2, img_in_channels=3, img_out_channels=2, use_fp16=False,
+                          sigma_min=0.0, sigma_max=INF, sigma_data=0.5, model_type="SongUNet", scale_cond_input=False, **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=5, out_channels=2, **TINY), {}),
+    ("VPPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1, M=1000,
+                       epsilon_t=1e-5, model_type="SongUNet", **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=2, out_channels=2, label_dim=0, **TINY), {}),
+    ("VEPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, sigma_min=0.02, sigma_max=100.0,
+                       model_type="SongUNet", **TINY),
+     "SongUNet", dict(img_resolution=16, in_channels=2, out_channels=2, label_dim=0, **TINY), {}),
+    ("iDDPMPrecond", dict(img_resolution=16, img_channels=2, label_dim=0, use_fp16=False, C_1=0.001, C_2=0.008, M=1000,
+                          model_type="DhariwalUNet", **{**TINY, "model_channels": 32}),
+     "DhariwalUNet", dict(img_resolution=16, in_channels=2, out_channels=4, label_dim=0, **{**TINY, "model_channels": 32}),
+     {"u": torch.linspace(80, 0.002, 1001)}),
+]
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+@pytest.mark.parametrize("wrapper,wrapper_args,backbone,backbone_args,own", WRAPPED, ids=[w[0] for w in WRAPPED])
+def test_physicsnemo_preconditioner_checkpoint_loads_its_backbone(tmp_path, fmt, wrapper, wrapper_args, backbone, backbone_args, own):
+    """A PhysicsNeMo EDMPrecond / EDMPrecondSuperResolution / ... .mdlus (CorrDiff's diffusion checkpoints) holds
+    the backbone under ``model.``; load_model builds that backbone (the recipe's preconditioner replaces the wrapper)."""
+    net = randomized(get_model_class(backbone)(**backbone_args))
+    state = {"device_buffer": torch.empty(0), **own, **{f"model.{k}": v for k, v in net.state_dict().items()},
+             "model.device_buffer": torch.empty(0)}
+    module = "physicsnemo.diffusion.preconditioners" if fmt == "zip" else "modulus.models.diffusion.preconditioning"
+    path = write_archive(tmp_path / "precond.mdlus", mdlus_members(state, wrapper, wrapper_args, module), fmt)
+    for loaded in (load_model(path), load_model(path, class_name=backbone)):  # the recipe path names the backbone
+        assert type(loaded) is type(net) and loaded._init_args == net._init_args
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
+
+
+def test_class_name_other_than_the_checkpoints_says_which_it_holds(tmp_path):
+    wrapper, args, backbone, backbone_args, _ = WRAPPED[1]  # EDMPrecondSuperResolution around SongUNetPosEmbd
+    net = get_model_class(backbone)(**backbone_args)
+    path = write_archive(tmp_path / "sr.mdlus", mdlus_members({f"model.{k}": v for k, v in net.state_dict().items()}, wrapper, args))
+    with pytest.raises(CheckpointError, match="gridtype.*the checkpoint holds a SongUNetPosEmbd, not a SongUNet"):
+        load_model(path, class_name="SongUNet")
+
+
+def test_edm_precond_sr_with_scaled_condition_warns(tmp_path):
+    args = dict(WRAPPED[2][1], scale_cond_input=True)
+    net = randomized(get_model_class("SongUNet")(**WRAPPED[2][3]))
+    members = mdlus_members({f"model.{k}": v for k, v in net.state_dict().items()}, "EDMPrecondSR", args)
+    with pytest.warns(UserWarning, match="scale_cond_input"):
+        load_model(write_archive(tmp_path / "sr.mdlus", members))
+
+
+def test_unet_checkpoint_version_0_1_0_arguments(tmp_path):
+    """PhysicsNeMo's UNet 0.1.0 (CorrDiff regression) recorded img_channels and sigma_* that 2.2 drops."""
+    args = dict(img_resolution=16, img_in_channels=3, img_out_channels=2, use_fp16=False, model_type="SongUNet", **TINY)
+    net = randomized(get_model_class("UNet")(**args))
+    old = dict(args, img_channels=2, sigma_min=0.0, sigma_max=INF, sigma_data=0.5)
+    loaded = load_model(write_archive(tmp_path / "reg.mdlus", mdlus_members(net.state_dict(), "UNet", old), "tar"))
+    assert loaded._init_args == net._init_args
+    x, img_lr = torch.zeros(2, 2, 16, 16), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x, img_lr), loaded(x, img_lr))
+
+
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_apex_group_norm_checkpoint_loads_with_use_apex_gn_false(tmp_path, legacy_names):
+    """PhysicsNeMo 1.x trained with ``use_apex_gn=True`` kept each GroupNorm's weights under
+    ``<norm>.gn.*`` (beside unused ``<norm>.weight/bias``); PhysicsNeMo loads them with the
+    override ``use_apex_gn=False``, and so does diffexport (the refusal says how)."""
+    model = song_unet()
+    state = {}
+    for k, v in model.state_dict().items():
+        norm, _, param = k.rpartition(".")
+        if norm.rpartition(".")[2] in ("norm0", "norm1", "norm", "aux_norm") and param in ("weight", "bias"):
+            state[f"{norm}.{param}"] = torch.ones_like(v) if param == "weight" else torch.zeros_like(v)  # apex left these
+            state[f"{norm}.gn.{param}"] = v
+        else:
+            state[k] = v
+    if legacy_names:  # and attention on the block (norm2 / qkv / proj), as 1.x stored it
+        state = {k.replace("attn.norm.", "norm2.").replace("attn.", ""): v for k, v in state.items()}
+        assert "enc.8x8_block0.norm2.gn.weight" in state
+    upgraded = upgrade_legacy_state_dict(state)
+    assert upgraded.keys() == model.state_dict().keys() and torch.equal(upgraded["dec.16x16_aux_norm.weight"], model.dec["16x16_aux_norm"].weight)
+    path = write_archive(tmp_path / "apex.mdlus", mdlus_members(state, "SongUNet", {**SONG, "use_apex_gn": True}), "tar")
+    with pytest.raises(CheckpointError, match=r"use_apex_gn.*args=\{'use_apex_gn': False\}"):
+        load_model(path)
+    assert same_song_outputs(model, load_model(path, args={"use_apex_gn": False}))
 
 
 # --- archives: member by member, only what is needed, bounded (issue 13 item 3) ---------------

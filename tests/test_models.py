@@ -108,6 +108,18 @@ def test_global_index_and_selector_pick_the_patch() -> None:
         model(x, sigma, None, lead_time_label=lt[:B], global_index=gi, embedding_selector=selector)
 
 
+def test_lead_time_label_shapes_physicsnemo_accepts() -> None:
+    """PhysicsNeMo reshapes the chosen lead-time grids to (B, C_LT, H, W): labels (B,), (B, 1), and a
+    0-d label for one sample (as its own tests pass) all select the same grids."""
+    kwargs = dict(gridtype="linear", N_grid_channels=2, lead_time_channels=2, lead_time_steps=3, **TINY)
+    model = randomize(SongUNetPosLtEmbd(8, 2 + 2 + 2, 2, **kwargs)).eval()
+    x, sigma = torch.randn(2, 2, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        ref = model(x, sigma, None, lead_time_label=torch.tensor([2, 0]))
+        torch.testing.assert_close(model(x, sigma, None, lead_time_label=torch.tensor([[2], [0]])), ref)
+        torch.testing.assert_close(model(x[:1], sigma[:1], None, lead_time_label=torch.tensor(2)), ref[:1])
+
+
 def test_prob_channels_logits_in_train_softmax_in_eval() -> None:
     kwargs = dict(gridtype="linear", N_grid_channels=2, lead_time_channels=2, lead_time_steps=3, **TINY)
     model = randomize(SongUNetPosLtEmbd(8, 2 + 2 + 2, 4, prob_channels=[3, 1], **kwargs))
@@ -213,6 +225,7 @@ def test_checkpoint_level_recomputes_without_changing_results(monkeypatch: pytes
         (lambda: SongUNetPosEmbd(8, 6, 2, lead_time_channels=2, **TINY), "lead_time"),
         (lambda: SongUNetPosLtEmbd(8, 6, 2, **TINY), "lead_time_channels"),
         (lambda: UNet(8, 2, 2, model_type="UNet"), "model_type"),
+        (lambda: DhariwalUNet(8, 2, 2, **{**TINY, "model_channels": 16}), "attn_resolutions: attention on 32 channels has no head of 64"),
     ],
 )
 def test_constructor_errors(build, match: str) -> None:
@@ -226,6 +239,9 @@ def test_forward_errors() -> None:
         SongUNet(8, 2, 2, **TINY)(torch.randn(2, 2, 8, 9), sigma, None)
     with pytest.raises(ValueError, match="additive_pos_embed"):
         SongUNet(8, 2, 2, additive_pos_embed=True, **TINY)(torch.randn(2, 2, 16, 16), sigma, None)
+    for labelled in (SongUNet(8, 2, 2, label_dim=3, **TINY), DhariwalUNet(8, 2, 2, label_dim=3, **{**TINY, "model_channels": 64})):
+        with pytest.raises(ValueError, match="class_labels: the model has label_dim > 0"):
+            labelled(torch.randn(2, 2, 8, 8), sigma, None)
     lt_model = SongUNetPosLtEmbd(8, 2 + 4 + 1, 2, lead_time_channels=1, **TINY)
     with pytest.raises(ValueError, match="lead_time_label"):
         lt_model(torch.randn(2, 2, 8, 8), sigma, None)

@@ -99,6 +99,11 @@ BROKEN = {
     "unknown preconditioner arg": (lambda d: d["preconditioner"].update(args={"sigma_dat": 0.5}), "preconditioner.args: unknown argument(s) sigma_dat"),
     "unknown scheduler arg": (lambda d: d["sampler"]["scheduler"].update(args={"rhoo": 7}), "sampler.scheduler.args: unknown argument(s) rhoo"),
     "channel mismatch": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [2, 16, 16]}]), "model.args"),
+    "ADM head width": (lambda d: d["model"].update({"class": "DhariwalUNet", "args": {**TINY_RECIPES["dhariwal"]["model"]["args"], "label_dim": 0, "model_channels": 16}}),
+                       "model.args.attn_resolutions: DhariwalUNet: attention on 32 channels has no head of 64 channels"),
+    "label_dim without labels": (lambda d: d["model"]["args"].update(label_dim=3), "conditions: the model's label_dim is 3, so it needs class labels: add {name: class_labels, kind: vector, shape: [3]}"),
+    "lead time without its input": (lambda d: d["model"].update({"class": "SongUNetPosLtEmbd"}) or d["model"]["args"].update(lead_time_channels=2, in_channels=3 + 4 + 2),
+                                    "conditions: SongUNetPosLtEmbd needs its lead time: add {name: lead_time_label, kind: index}"),
     "bad condition shape": (lambda d: d.update(conditions=[{"name": "cond", "kind": "image", "shape": [3, 8, 8]}]), "conditions.cond.shape"),
     "unknown target": (lambda d: d["export"].update(targets=["onnx", "tflite"]), "export.targets[1]"),
     # solver and scheduler must fit (issue 9 item 7 / issue 13 item 5)
@@ -336,3 +341,30 @@ def test_vp_recipe_exports_with_the_sigma_contract(tmp_path: Path):
     pre = ref.denoiser.preconditioner  # PhysicsNeMo's API: forward at diffusion time t = sigma_inv(sigma)
     with torch.no_grad():
         torch.testing.assert_close(pre(x, pre.sigma_inv(sigma)), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@st.composite
+def _grid_models(draw):
+    """A consistent SongUNetPosEmbd / SongUNetPosLtEmbd recipe: in_channels = x + image condition
+    + positional grid (any gridtype, 0 channels included) + lead-time channels."""
+    cls = draw(st.sampled_from(["SongUNetPosEmbd", "SongUNetPosLtEmbd"]))
+    gridtype = draw(st.sampled_from(["sinusoidal", "learnable", "linear", "test"]))
+    grid = draw(st.sampled_from({"sinusoidal": [0, 4, 8], "learnable": [0, 1, 3], "linear": [0, 2], "test": [0, 2]}[gridtype]))
+    lead = draw(st.integers(1, 3)) if cls == "SongUNetPosLtEmbd" else 0
+    x, cond = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    h, w = draw(st.sampled_from([8, 16])), draw(st.sampled_from([8, 16]))
+    args = dict(img_resolution=[h, w], in_channels=x + cond + grid + lead, out_channels=x, model_channels=8, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[], dropout=0.0, gridtype=gridtype, N_grid_channels=grid)
+    conditions = [{"name": "cond", "kind": "image", "shape": [cond, h, w]}] if cond else []
+    if lead:
+        args.update(lead_time_channels=lead, lead_time_steps=3)
+        conditions.append({"name": "lead_time_label", "kind": "index"})
+    return {"class": cls, "args": args, "init": {"seed": 0}}, conditions, (x, h, w)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(drawn=_grid_models())
+def test_grid_models_channel_accounting_matches_the_model(drawn):
+    model, conditions, shape = drawn
+    recipe = validate_recipe(_with(lambda d: d.update(model=model, conditions=conditions)))
+    assert image_shape(recipe) == shape

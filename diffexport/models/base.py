@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .legacy import drop_device_buffers
+
 
 class Module(torch.nn.Module):
     """``torch.nn.Module`` that records its bound constructor arguments in ``self._init_args``."""
@@ -36,8 +38,17 @@ class Module(torch.nn.Module):
         object.__setattr__(self, "_init_args", init_args)  # before nn.Module.__init__ runs
         return self
 
+    def __init__(self) -> None:
+        super().__init__()
+        # PhysicsNeMo 1.x checkpoints carry an empty ``device_buffer``: accepted by strict loads too
+        self.register_load_state_dict_pre_hook(_drop_device_buffers)
+
     @property
     def device(self) -> torch.device:
         """Device of the first parameter or buffer (CPU for a model without any)."""
         tensors = itertools.chain(self.parameters(), self.buffers())
         return next(tensors, torch.empty(0)).device
+
+
+def _drop_device_buffers(module: torch.nn.Module, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    drop_device_buffers(state_dict, prefix)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .legacy import rename_attention_keys
+from .legacy import adopt_apex_group_norm, rename_attention_keys
 
 __all__ = [
     "weight_init",
@@ -61,8 +61,11 @@ def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> T
     raise ValueError(f"init_mode must be xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal, got {mode!r}")
 
 
-def drop_labels(labels: Tensor, p: float, training: bool) -> Tensor:
-    """Zero whole label vectors with probability ``p`` in training (classifier-free guidance)."""
+def drop_labels(labels: Tensor | None, p: float, training: bool) -> Tensor:
+    """Zero whole label vectors with probability ``p`` in training (classifier-free guidance);
+    ``ValueError`` when a model with ``label_dim > 0`` gets no labels."""
+    if labels is None:
+        raise ValueError("class_labels: the model has label_dim > 0 and needs labels of shape (B, label_dim), got None")
     if not (training and p):
         return labels
     keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
@@ -218,6 +221,7 @@ class GroupNorm(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
         self.act = act
         self.act_fn = activation(act) if act else None
+        self.register_load_state_dict_pre_hook(_adopt_apex_weights)  # 1.x ``use_apex_gn=True`` checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = _like(self.weight, x), _like(self.bias, x)
@@ -228,6 +232,10 @@ class GroupNorm(torch.nn.Module):
             c = (n - 1) / n
             x = F.group_norm(x, self.num_groups, w * c**0.5, b, self.eps * c)
         return self.act_fn(x) if self.act_fn is not None else x
+
+
+def _adopt_apex_weights(module: GroupNorm, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+    adopt_apex_group_norm(state_dict, prefix)
 
 
 class Attention(torch.nn.Module):
@@ -290,6 +298,9 @@ class UNetBlock(torch.nn.Module):
         init_attn: dict[str, Any] | None = None,
         act: str = "silu",
     ):
+        if attention and num_heads is None and out_channels < channels_per_head:
+            raise ValueError(f"attn_resolutions: attention on {out_channels} channels has no head of {channels_per_head} "
+                             "channels (ADM's width); widen model_channels / channel_mult there or drop that resolution")
         super().__init__()
         init = init or {}
         init_zero = dict(init_weight=0) if init_zero is None else init_zero

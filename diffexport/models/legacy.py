@@ -5,7 +5,11 @@ Differences handled:
 * attention weights stored directly on the U-Net block (``<block>.norm2``, ``<block>.qkv``,
   ``<block>.proj``) or as ``<block>.attn.norm2``; 2.x uses ``<block>.attn.{norm,qkv,proj}``;
 * ``map_noise.freqs`` absent (``PositionalEmbedding`` computed it on the fly);
-* ``pos_embd`` saved for fixed (non-learnable) grids, which 2.x no longer stores.
+* ``pos_embd`` saved for fixed (non-learnable) grids, which 2.x no longer stores;
+* ``<norm>.gn.weight/bias``: a GroupNorm trained with ``use_apex_gn=True`` (1.x) held its
+  weights in an apex submodule ``gn`` (its own ``weight/bias`` unused); they replace those;
+* ``device_buffer``: an empty tensor PhysicsNeMo 1.x's ``Module`` base persisted in every
+  model (and in a wrapped backbone, ``model.device_buffer``) to track the device.
 
 The same renaming runs as a ``load_state_dict`` pre-hook inside the modules
 (:func:`rename_attention_keys`), so ``model.load_state_dict(sd, strict=True)`` accepts legacy
@@ -21,10 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["upgrade_legacy_state_dict", "rename_attention_keys"]
+__all__ = ["upgrade_legacy_state_dict", "rename_attention_keys", "drop_device_buffers", "adopt_apex_group_norm"]
 
 _ATTN = {"norm2": "norm", "qkv": "qkv", "proj": "proj"}  # legacy attribute -> name under ``attn.``
-_LEGACY_ATTN_KEY = re.compile(r"^(?P<block>(?:.*\.)?)(?P<name>norm2|qkv|proj)\.(?P<p>weight|bias)$")
+_LEGACY_ATTN_KEY = re.compile(r"^(?P<block>(?:.*\.)?)(?P<name>norm2|qkv|proj)\.(?P<p>(?:gn\.)?(?:weight|bias))$")  # gn.: apex
 
 
 def _new_attention_key(key: str) -> str | None:
@@ -49,6 +53,22 @@ def rename_attention_keys(state_dict: dict[str, Any], prefix: str = "") -> None:
         state_dict[new] = state_dict.pop(key)
 
 
+def drop_device_buffers(state_dict: dict[str, Any], prefix: str = "") -> None:
+    """Remove, in place, the empty ``device_buffer`` entries (PhysicsNeMo 1.x) under ``prefix``;
+    a non-empty one is left for the load to report."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict[key]
+        if key.rpartition(".")[2] == "device_buffer" and isinstance(value, torch.Tensor) and value.numel() == 0:
+            del state_dict[key]
+
+
+def adopt_apex_group_norm(state_dict: dict[str, Any], prefix: str) -> None:
+    """In place: one GroupNorm's apex weights ``prefix + "gn.weight/bias"`` become its ``weight/bias``."""
+    for param in ("weight", "bias"):
+        if prefix + f"gn.{param}" in state_dict:
+            state_dict[prefix + param] = state_dict.pop(prefix + f"gn.{param}")
+
+
 def upgrade_legacy_state_dict(
     state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
@@ -60,6 +80,9 @@ def upgrade_legacy_state_dict(
     """
     sd = dict(state_dict)
     rename_attention_keys(sd)
+    drop_device_buffers(sd)
+    for norm in {k.removesuffix(f"gn.{p}") for k in list(sd) for p in ("weight", "bias") if k.endswith(f".gn.{p}")}:
+        adopt_apex_group_norm(sd, norm)
     if model is not None:
         expected = model.state_dict()
         for key, value in expected.items():

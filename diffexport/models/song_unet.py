@@ -53,7 +53,8 @@ class SongUNet(Module):
     ``(B, in_channels, H, W)`` to ``(B, out_channels, H, W)``; ``H`` and ``W`` must be multiples
     of ``2^(len(channel_mult)-1)``. ``class_labels`` may be ``None`` when ``label_dim == 0``.
 
-    ``act`` is the activation inside the U-Net blocks (``None``: SiLU). ``checkpoint_level``
+    ``act`` is the activation inside the U-Net blocks (``None`` is taken as ``"silu"`` and recorded
+    so: PhysicsNeMo 2.x builds blocks without activation from ``act=None``). ``checkpoint_level``
     recomputes large-resolution blocks in the backward pass (training only). ``profile_mode`` and
     ``amp_mode`` are accepted for compatibility and do nothing here: weights always follow the
     input dtype, which also works under ``torch.autocast``. ``use_apex_gn=True`` is refused
@@ -85,7 +86,7 @@ class SongUNet(Module):
         additive_pos_embed: bool = False,
         bottleneck_attention: bool = True,
         use_apex_gn: bool = False,
-        act: str | None = None,
+        act: str | None = "silu",
         profile_mode: bool = False,
         amp_mode: bool = False,
     ):
@@ -99,6 +100,7 @@ class SongUNet(Module):
         act = act or "silu"
         activation(act)  # validates the name
         super().__init__()
+        self._init_args["act"] = act  # what save_model writes to args.json
         self.img_resolution = img_resolution
         self.img_shape_y, self.img_shape_x = _shape_yx(img_resolution)
         self._num_levels = len(channel_mult)
@@ -336,7 +338,7 @@ class SongUNetPosEmbd(SongUNet):
         additive_pos_embed: bool = False,
         bottleneck_attention: bool = True,
         use_apex_gn: bool = False,
-        act: str | None = None,
+        act: str | None = "silu",
         profile_mode: bool = False,
         amp_mode: bool = False,
         lead_time_mode: bool = False,
@@ -400,7 +402,8 @@ class SongUNetPosEmbd(SongUNet):
         if self.lt_embd is not None:
             if lead_time_label is None:
                 raise ValueError("lead_time_label (B,) is required by a lead-time model")
-            grids.append(self.lt_embd[lead_time_label.long()].to(x.dtype))
+            lt = self.lt_embd[lead_time_label.long()]  # labels (B,), (B, 1), or () for one sample, as PhysicsNeMo
+            grids.append(lt.reshape(-1, *self.lt_embd.shape[1:]).to(x.dtype))
         if not grids:
             raise ValueError("the model has neither a positional grid (N_grid_channels=0) nor lead-time embeddings")
         return grids
@@ -491,7 +494,7 @@ class SongUNetPosLtEmbd(SongUNetPosEmbd):
         additive_pos_embed: bool = False,
         bottleneck_attention: bool = True,
         use_apex_gn: bool = False,
-        act: str | None = None,
+        act: str | None = "silu",
         profile_mode: bool = False,
         amp_mode: bool = False,
     ):

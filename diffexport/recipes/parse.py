@@ -133,7 +133,7 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
         _check_size(f"model.args.{key}", value, high)
     if cls != "DiffusionModel" and cls != "UNet":
         if cls in ("SongUNetPosEmbd", "SongUNetPosLtEmbd"):
-            c_in -= a.get("N_grid_channels", 4) if a.get("gridtype", "sinusoidal") != "test" else 2
+            c_in -= a.get("N_grid_channels", 4)  # every gridtype, 0 (no grid) included
         if cls == "SongUNetPosLtEmbd":
             c_in -= a.get("lead_time_channels") or 0
     h, w = _patch_shape(recipe, cls, (h, w))
@@ -150,6 +150,11 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
     label_dim = a.get("label_dim", 0)
     if vectors and vectors[0].shape[0] != label_dim:
         raise ValueError(f"conditions.{vectors[0].name}.shape: the model's label_dim is {label_dim}, got {vectors[0].shape}")
+    if label_dim and not vectors and cls not in ("DiffusionModel", "UNet") and a.get("embedding_type") != "zero":
+        raise ValueError(f"conditions: the model's label_dim is {label_dim}, so it needs class labels: add "
+                         f"{{name: class_labels, kind: vector, shape: [{label_dim}]}}")
+    if cls == "SongUNetPosLtEmbd" and not any(cnd.kind == "index" and cnd.name == "lead_time_label" for cnd in recipe.conditions):
+        raise ValueError("conditions: SongUNetPosLtEmbd needs its lead time: add {name: lead_time_label, kind: index}")
     return c, h, w
 
 
