@@ -131,6 +131,33 @@ def test_no_parity_build_is_unchecked_and_refused(tmp_path, capsys, tiny_recipe)
     assert "`diffexport parity DIR --mark` verifies it" in line
 
 
+@pytest.mark.parametrize("summary", [None, {"backends": {}}, {"backends": {"onnxruntime": None}}, {"backends": {"onnxruntime": {"passed": "yes"}}}])
+def test_status_ok_needs_the_backend_listed_as_passed(engine, summary):
+    """A hand-edited ``status: ok`` is not enough: the backend must be in the parity summary with passed true."""
+    m = read_manifest(engine)
+    m["parity"] = summary
+    write_manifest(engine, m)
+    with pytest.raises(UnverifiedEngine, match="parity (was not run|failed) for backend onnxruntime"):
+        load(engine, "onnxruntime")
+    assert load(engine, "onnxruntime", allow_unverified=True).backend == "onnxruntime"
+
+
+def test_parity_mark_of_one_backend_leaves_the_others_refused(tmp_path, capsys, tiny_recipe):
+    """``parity --backend onnxruntime --mark`` on a --no-parity onnx + openvino build verifies onnxruntime only."""
+    pytest.importorskip("openvino", reason="the openvino package is not installed")
+    out = tmp_path / "e"
+    code, output = cli(capsys, "build", tiny_recipe, "--out", out, "--no-parity", "--targets", "onnx,openvino")
+    assert code == 0 and set(read_manifest(out)["artifacts"]) == {"onnx", "openvino"}, output
+    code, output = cli(capsys, "parity", out, "--backend", "onnxruntime", "--mark")
+    assert code == 0 and read_manifest(out)["status"] == "ok", output
+    assert load(out, "onnxruntime").backend == "onnxruntime"
+    line = one_line_error(*cli(capsys, "sample", out, "-o", tmp_path / "s.npy", "--backend", "openvino"))
+    assert "parity was not run for backend openvino" in line and "--allow-unverified" in line
+    code, output = cli(capsys, "parity", out, "--backend", "openvino", "--mark")  # checking it verifies it, onnxruntime stays
+    assert code == 0 and {b for b, e in read_manifest(out)["parity"]["backends"].items() if e["passed"]} == {"onnxruntime", "openvino"}, output
+    assert load(out, "openvino").backend == "openvino" and load(out, "onnxruntime").backend == "onnxruntime"
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 
