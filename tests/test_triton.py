@@ -379,12 +379,44 @@ def test_serve_refuses_unverified_engines_and_bad_flags(failed_engine: Path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, "--instances", "2", "--gpus", "0,1"])
     assert result.exit_code == 0, result.output
-    repo = repository_dir(failed_engine, python_only=python_only_reason(read_manifest(failed_engine), available_backends()) is not None)
+    repo = repository_dir(failed_engine)  # --write-only: the full repository, whatever this machine's tritonserver loads
     cfg = parse((repo / model_names(read_manifest(failed_engine)["name"])[0] / "config.pbtxt").read_text())
     assert [(g.count, list(g.gpus)) for g in cfg.instance_group] == [(2, [0, 1])]
     for bad, flag in [(["--gpus", "0,a"], "--gpus"), (["--instances", "0"], "--instances")]:
         result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, *bad])
         assert result.exit_code == 1 and flag in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("python_only", [False, True])
+def test_the_served_backend_must_have_passed_parity(engine: Path, tmp_path: Path, monkeypatch, python_only: bool):
+    """Status ok but the artifact the repository's denoiser runs failed parity (a targets: auto build whose
+    other candidate passed, or an edited summary): serve and the sampler's initialize refuse it."""
+    copy = shutil.copytree(engine, tmp_path / "e")
+    repo = write_repository(copy, python_only=python_only)
+    m = read_manifest(copy)
+    m["parity"]["backends"]["onnxruntime"]["passed"] = False
+    write_manifest(copy, m)
+    flags = ["--python-only"] if python_only else []
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", *flags])
+    assert result.exit_code == 1 and "parity failed for backend onnxruntime" in result.output, result.output
+    with pytest.raises(UnverifiedEngine, match="parity failed for backend onnxruntime"):
+        _model_module("sampler", monkeypatch).TritonPythonModel().initialize(_initialize_args(repo, model_names(m["name"])[1]))
+
+
+def test_write_only_writes_the_full_repository_without_a_local_tritonserver(engine: Path, tmp_path: Path, monkeypatch):
+    """``--write-only`` is for a Triton of the user's own: neither the presence nor the backends of this
+    machine's tritonserver decide which repository it writes."""
+    import diffexport.cli.serve as serve_cli
+
+    def missing() -> set[str]:
+        raise TritonError("the tritonserver binary was not found")
+
+    monkeypatch.setattr(serve_cli, "available_backends", missing)
+    copy = shutil.copytree(engine, tmp_path / "e")
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", "--gpus", "0,1"])
+    assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == str(copy / "triton"), result.output
+    cfg = parse(next((copy / "triton").glob("*_denoiser/config.pbtxt")).read_text())
+    assert cfg.platform == "onnxruntime_onnx" and [list(g.gpus) for g in cfg.instance_group] == [[0, 1]]
 
 
 def test_serve_refuses_an_edited_repository(engine: Path, tmp_path: Path):

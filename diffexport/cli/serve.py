@@ -25,7 +25,7 @@ from diffexport.deploy.triton import (
     write_repository,
 )
 from diffexport.deploy.triton.config import Instances
-from diffexport.deploy.triton.repository import recipe_instances, verify_repository
+from diffexport.deploy.triton.repository import recipe_instances, served_backend, verify_repository
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import read_manifest
 from diffexport.engines.verdict import ALLOW_FLAG, require_verified
@@ -91,13 +91,13 @@ def serve(
             raise ValueError(f"--queue-delay-ms: must be in [0, 60000], got {queue_delay_ms}")
         ids = parse_gpus(gpus)
         manifest = read_manifest(engine_dir)
-        require_verified(engine_dir, manifest, allow_unverified=allow_unverified)
-        backends = available_backends()
+        # --write-only: for a Triton of the user's own, whatever this machine's tritonserver (if any) can load
+        reason = python_only_reason(manifest, None if write_only else available_backends(), forced=python_only)
+        require_verified(engine_dir, manifest, served_backend(manifest, reason is not None), allow_unverified=allow_unverified)
     except (EngineError, TritonError, ValueError) as e:
         raise fail(str(e)) from None
-    reason = python_only_reason(manifest, backends, forced=python_only)
     if reason:
-        typer.echo(f"serving the self-contained Python repository: {reason}")
+        typer.echo(f"{'writing' if write_only else 'serving'} the self-contained Python repository: {reason}")
     wanted = None
     if instances is not None or ids:
         wanted = Instances(instances or recipe_instances(manifest).count, ids)
