@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -448,6 +449,7 @@ def test_write_repository_replaces_atomically(engine: Path, manifest: dict, tmp_
     before = hidden()
     repo = write_repository(copy, python_only=True)
     assert not (repo / "stale").exists() and hidden() == before  # no temporary folder left behind
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o755 == stat.S_IMODE(copy.stat().st_mode)  # readable by a server run by another user
     broken = {**manifest, "artifacts": {}}
     with pytest.raises(Exception, match="needs a tensorrt or onnx artifact"):
         write_repository(copy, manifest=broken)

@@ -203,6 +203,7 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))
     try:
+        tmp.chmod(0o755)  # as the engine directory: mkdtemp's 0700 would hide the repository from a server run by another user
         _write_model(tmp, den_cfg, den_files)
         _write_model(tmp, sam_cfg, {"model.py": _model_source("sampler")})
         old = None
