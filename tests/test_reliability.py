@@ -158,6 +158,22 @@ def test_parity_mark_of_one_backend_leaves_the_others_refused(tmp_path, capsys, 
     assert load(out, "openvino").backend == "openvino" and load(out, "onnxruntime").backend == "onnxruntime"
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["--backend", "foo"], "--backend foo: unknown backend"),
+    (["--backend", "aoti"], "--backend aoti: no 'aoti' artifact"),
+    (["--backend", "torch", "--mark"], "--backend torch: the torch reference"),
+    (["--per-call-rtol", "-1"], "--per-call-rtol: must be a finite number > 0"),
+    (["--per-call-rtol", "nan"], "--per-call-rtol: must be a finite number > 0"),
+    (["--final-rtol", "0"], "--final-rtol: must be a finite number > 0"),
+])
+def test_parity_refuses_bad_options_before_any_work(tmp_path, capsys, engine, args, flag):
+    """One line naming the option; nothing written (the build's report and the manifest stay as they were)."""
+    before = snapshot(engine)
+    line = one_line_error(*cli(capsys, "parity", engine, *args))
+    assert flag in line, line
+    assert snapshot(engine) == before
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

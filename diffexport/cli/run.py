@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -197,6 +198,7 @@ def parity(
     Checking an unchecked or failed engine is always allowed (that is what verifies it)."""
     try:
         check_device(device)
+        _check_parity_options(engine_dir, backend, {"--per-call-rtol": per_call_rtol, "--final-rtol": final_rtol})
         result = run_parity(engine_dir, backend or None, report, update_manifest=mark, per_call_rtol=per_call_rtol,
                             final_rtol=final_rtol, device=device)
     except EngineError as e:
@@ -219,6 +221,22 @@ def parity(
     console.print(f"report: {Path(report or engine_dir) / 'parity.md'}", soft_wrap=True)
     if not result["passed"]:
         raise typer.Exit(1)
+
+
+def _check_parity_options(engine_dir: Path, backends: list[str], tolerances: dict[str, float | None]) -> None:
+    """Refuse, before any work, a backend that is unknown, not built or the reference itself, and a
+    tolerance that is not a finite number > 0 (each named by its option)."""
+    for flag, value in tolerances.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise EngineError(f"{flag}: must be a finite number > 0, got {value}")
+    built = read_manifest(engine_dir).get("artifacts", {})
+    for name in backends:
+        if name == "torch":
+            raise EngineError("--backend torch: the torch reference is what the backends are checked against; name an engine backend")
+        if name not in BACKENDS:
+            raise EngineError(f"--backend {name}: unknown backend; expected one of {', '.join(b for b in BACKENDS if b != 'torch')}")
+        if BACKENDS[name] not in built:
+            raise EngineError(f"--backend {name}: no '{BACKENDS[name]}' artifact in this engine (built: {', '.join(built) or 'none'})")
 
 
 def _g(v: float | None) -> str:

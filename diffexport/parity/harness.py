@@ -382,6 +382,8 @@ def run_parity(engine_dir: str | Path, backends: list[str] | None = None, report
     then write the report files (``parity.json``, ``.md``, ``.png``) in ``report_dir`` (default: the
     engine directory); ``update_manifest`` also records status and summary there. ``options``: those
     of :class:`ParityRun`."""
+    if update_manifest and "torch" in (backends or []):
+        raise EngineError("backend torch: the reference cannot verify an engine; check its artifacts' backends")
     report = check_engine(engine_dir, backends, **options)
     write_report(report, Path(report_dir) if report_dir is not None else Path(engine_dir))
     if update_manifest:
