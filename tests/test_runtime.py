@@ -243,3 +243,10 @@ def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):
     r = CliRunner().invoke(app, ["bench", str(onnx_engine_dir), "--batch", "1", "--repeats", "1", "--no-sample", "--json", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
     assert {row["backend"] for row in json.loads((tmp_path / "b.json").read_text())["rows"]} == {"torch", "onnxruntime"}
+
+
+def test_bench_full_sample_of_a_conditional_engine(built_dhariwal):
+    """``bench`` times whole samples of an engine with conditions (it drew none and failed: the quickstart has class labels)."""
+    result = bench_engine(built_dhariwal, ["onnxruntime"], [1], repeats=1, warmup=0)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "onnxruntime"} and all(r["sample_s"] > 0 and r["nfe"] > 0 for r in rows.values())

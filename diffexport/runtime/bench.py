@@ -32,8 +32,8 @@ from diffexport.engines.base import Engine
 from diffexport.engines.load import BACKENDS, load
 from diffexport.engines.manifest import read_manifest
 from diffexport.runtime.batching import clamp_batch
-from diffexport.runtime.inputs import index_high, random_call
-from diffexport.runtime.sampler import SamplerSpec, sample
+from diffexport.runtime.inputs import index_high, random_call, random_conditions
+from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
 
 REFERENCE = "torch"
 BATCHES = (1, 8)
@@ -179,10 +179,17 @@ class _Null:
         return x * 0.5
 
 
-def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3) -> float:
+def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3, conditions: dict[str, torch.Tensor] | None = None) -> float:
     """Median seconds of one whole sample at ``batch`` with a zero-cost engine (:class:`_Null`)."""
     null = _Null(like)
-    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0)}, {like.device}, repeats, 1, pause=0)["null"]
+    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0, conditions=conditions)}, {like.device}, repeats, 1, pause=0)["null"]
+
+
+def sample_conditions(reference: Engine, spec: SamplerSpec, batch: int) -> dict[str, torch.Tensor]:
+    """Seeded condition inputs of one whole sample at ``batch`` (image conditions at the full image size under patching)."""
+    _, h, w = image_shape(reference, spec)
+    g = torch.Generator().manual_seed(0)
+    return random_conditions(reference, batch, g, index_high(getattr(reference, "engine", reference)), (h, w) if spec.patching else None)
 
 
 def precision_of(manifest: dict, backend: str) -> str:
@@ -258,9 +265,10 @@ def bench_engine(
             say(f"batch {batch}: full samples ({spec.solver}, {spec.num_steps} steps) of {', '.join(names)}")
             for e in engines.values():
                 e.rows = 0
-            runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0)) for n, e in engines.items()},
+            conds = sample_conditions(reference, spec, batch)
+            runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0, conditions=conds)) for n, e in engines.items()},
                                {e.device for e in engines.values()}, sample_repeats, 0)
-            alone = sampler_only(reference, spec, batch)
+            alone = sampler_only(reference, spec, batch, conditions=conds)
             for row in rows[-len(names):]:
                 n = row["backend"]
                 nfe = engines[n].rows // (batch * sample_repeats)
