@@ -140,6 +140,8 @@ def test_status_ok_needs_the_backend_listed_as_passed(engine, summary):
     with pytest.raises(UnverifiedEngine, match="parity (was not run|failed) for backend onnxruntime"):
         load(engine, "onnxruntime")
     assert load(engine, "onnxruntime", allow_unverified=True).backend == "onnxruntime"
+    with pytest.raises(EngineError, match="no 'aoti' artifact in this engine"):  # not built: said so, not "unverified"
+        load(engine, "aoti")
 
 
 def test_parity_mark_of_one_backend_leaves_the_others_refused(tmp_path, capsys, tiny_recipe):
