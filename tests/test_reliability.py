@@ -176,6 +176,12 @@ def test_parity_refuses_bad_options_before_any_work(tmp_path, capsys, engine, ar
     assert snapshot(engine) == before
 
 
+def test_bench_json_folder_refused_before_timing(tmp_path, capsys, engine):
+    """``--json FOLDER`` failed after the whole benchmark, naming a temporary file."""
+    line = one_line_error(*cli(capsys, "bench", engine, "--json", tmp_path, "--repeats", "1", "--no-sample"))
+    assert f"--json {tmp_path}: is a folder" in line, line
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

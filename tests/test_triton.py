@@ -420,6 +420,19 @@ def test_write_only_writes_the_full_repository_without_a_local_tritonserver(engi
     assert cfg.platform == "onnxruntime_onnx" and [list(g.gpus) for g in cfg.instance_group] == [[0, 1]]
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["--http-port", "70000"], "--http-port"), (["--grpc-port", "-5"], "--grpc-port"), (["--timeout", "0"], "--timeout"),
+    (["--max-restarts", "-1"], "--max-restarts"), (["--host", "nohost.invalid"], "--host 'nohost.invalid'"),
+    (["--log-file", "."], "--log-file ."), (["--http-port", "9000", "--metrics-port", "9000"], "must be distinct"),
+])
+def test_serve_refuses_bad_server_flags_before_starting(engine: Path, args: list[str], flag: str):
+    """One line naming the flag, no server started (a port out of range was an 'unexpected ValueError'
+    plus tritonclient's traceback; an unknown host did not name --host)."""
+    result = CliRunner().invoke(app, ["serve", str(engine), *args])
+    assert result.exit_code in (1, 2) and flag in result.output and "Traceback" not in result.output, result.output
+    assert "starting tritonserver" not in result.output
+
+
 def test_serve_refuses_an_edited_repository(engine: Path, tmp_path: Path):
     """Issue 13 item 4: ``model.py`` is executed by the server, so every repository file is hashed and checked."""
     copy = tmp_path / "e"

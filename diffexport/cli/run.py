@@ -261,6 +261,8 @@ def bench(
     Run it with OMP_WAIT_POLICY=PASSIVE in the environment (torch's spinning OpenMP threads slow the
     runner after them otherwise); on a loaded machine compare the ratios, not the times.
     """
+    if json_out is not None and json_out.is_dir():
+        raise fail(f"--json {json_out}: is a folder; name the JSON file to write")
     try:
         _check_batches(engine_dir, batch)
         with console.status("benchmarking") as status:
