@@ -182,6 +182,23 @@ def test_bench_json_folder_refused_before_timing(tmp_path, capsys, engine):
     assert f"--json {tmp_path}: is a folder" in line, line
 
 
+def test_bench_by_default_times_the_verified_backends_only(tmp_path, capsys, tiny_recipe):
+    """An ok engine with one backend that failed parity (a targets: auto candidate): plain ``bench`` times the
+    others and says what it skipped, instead of refusing the whole engine."""
+    pytest.importorskip("openvino", reason="the openvino package is not installed")
+    out = tmp_path / "e"
+    code, output = cli(capsys, "build", tiny_recipe, "--out", out, "--no-parity", "--targets", "onnx,openvino")
+    assert code == 0, output
+    mark(out, "ok", {"backends": {"onnxruntime": {"passed": True}, "openvino": {"passed": False}}})
+    code, output = cli(capsys, "bench", out, "--repeats", "1", "--warmup", "0", "--no-sample", "--batch", "1", "--json", tmp_path / "b.json")
+    assert code == 0, output
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert {r["backend"] for r in result["rows"]} == {"torch", "onnxruntime"}
+    assert result["skipped"] == {"openvino": "parity failed for backend openvino"} and "skipped openvino" in output
+    line = one_line_error(*cli(capsys, "bench", out, "--backend", "openvino", "--repeats", "1", "--no-sample"))
+    assert "parity failed for backend openvino" in line  # named: refused
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

@@ -287,6 +287,8 @@ def bench(
                       _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")), "-" if overhead is None else f"{100 * overhead:.1f}%")
     console.print(table)
     console.print("[dim]loop: share of the sample time outside the NFE engine calls (sampler work, copies)[/]")
+    for name, why in result.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] {name}: {why} (name it with --backend and {ALLOW_FLAG} to time it anyway)", soft_wrap=True)
     if result["warning"]:
         console.print(f"[yellow]warning[/]: {result['warning']}", soft_wrap=True)
     if json_out is not None:

@@ -31,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffexport.engines.base import Engine
 from diffexport.engines.load import BACKENDS, load
 from diffexport.engines.manifest import read_manifest
+from diffexport.engines.verdict import verdict
 from diffexport.runtime.batching import clamp_batch
 from diffexport.runtime.inputs import index_high, random_call, random_conditions
 from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
@@ -235,13 +236,20 @@ def bench_engine(
     ``nfe`` (evaluations per sample), ``sample_gflops``, ``loop_overhead`` (the share of the sample
     time not spent in the NFE engine calls: sampler work, copies, thread wake-ups, noise) and
     ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
-    ``backends`` default to every built artifact, ``batches`` to 1 and 8 (clamped to the engine's
+    ``backends`` default to every built artifact that passed parity (all with ``allow_unverified``; those left out
+    are listed under ``skipped``), ``batches`` to 1 and 8 (clamped to the engine's
     range); every engine runs on ``device`` (default: where its artifact runs). The result also holds
     the machine's load before (:func:`machine_load`), what else used the CPUs meanwhile
     (:class:`CpuShare`: ``others_cpus``, ``steal_cpus``) and the measured ``peak_gflops``."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     before, share = machine_load(), CpuShare()
+    skipped: dict[str, str] = {}
+    if backends is None and not allow_unverified:  # every verified one: a targets: auto candidate that failed parity stays out
+        built = built_backends(manifest)
+        skipped = {b: why for b in built if (why := verdict(manifest, b)[1])}
+        backends = [b for b in built if b not in skipped] or built[:1]  # none verified: load refuses the first, with its line
+        skipped = {b: why for b, why in skipped.items() if b not in backends}
     names = [REFERENCE] + [b for b in (backends or built_backends(manifest)) if b != REFERENCE]
     engines = {name: _Counting(load(engine_dir, name, device=device, allow_unverified=allow_unverified)) for name in names}
     reference = engines[REFERENCE]
@@ -276,7 +284,7 @@ def bench_engine(
                            loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
     _ratios(rows)
     after, during = machine_load(), share.stop()
-    return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
+    return {"engine": manifest["name"], "skipped": skipped, "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
             "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S, "block": BLOCK,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
             "load_average": before["load_average"], "load_average_after": after["load_average"], "cores": before["cores"],
