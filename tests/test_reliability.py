@@ -199,6 +199,17 @@ def test_bench_by_default_times_the_verified_backends_only(tmp_path, capsys, tin
     assert "parity failed for backend openvino" in line  # named: refused
 
 
+def test_parity_mark_with_report_elsewhere_updates_the_engines_report(tmp_path, capsys, engine):
+    """The manifest's summary names the engine's ``parity.json``: a marked run must be that file, not a stale one."""
+    stale = json.loads((engine / "parity.json").read_text())
+    code, output = cli(capsys, "parity", engine, "--mark", "--report", tmp_path / "rep", "--per-call-rtol", "0.5")
+    assert code == 0, output
+    marked = json.loads((engine / "parity.json").read_text())
+    assert marked == json.loads((tmp_path / "rep" / "parity.json").read_text()) and marked["created"] >= stale["created"]
+    assert marked["backends"]["onnxruntime"]["tolerances"]["per_call_rtol"] == 0.5
+    assert read_manifest(engine)["parity"]["backends"]["onnxruntime"]["tolerances"]["per_call_rtol"] == 0.5
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

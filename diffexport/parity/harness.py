@@ -380,12 +380,14 @@ def run_parity(engine_dir: str | Path, backends: list[str] | None = None, report
                update_manifest: bool = False, **options: Any) -> dict:
     """Check every candidate in ``backends`` (default: every built artifact) against one reference,
     then write the report files (``parity.json``, ``.md``, ``.png``) in ``report_dir`` (default: the
-    engine directory); ``update_manifest`` also records status and summary there. ``options``: those
-    of :class:`ParityRun`."""
+    engine directory); ``update_manifest`` also records status and summary there, and writes the report
+    into the engine directory whatever ``report_dir``. ``options``: those of :class:`ParityRun`."""
     if update_manifest and "torch" in (backends or []):
         raise EngineError("backend torch: the reference cannot verify an engine; check its artifacts' backends")
     report = check_engine(engine_dir, backends, **options)
-    write_report(report, Path(report_dir) if report_dir is not None else Path(engine_dir))
+    folders = dict.fromkeys(Path(f).resolve() for f in (report_dir or engine_dir, *([engine_dir] if update_manifest else [])))
+    for folder in folders:  # a marked run's report is also the engine's parity.json, the one its summary names
+        write_report(report, folder)
     if update_manifest:
         mark(engine_dir, **marked(read_manifest(engine_dir), summary(report)))
     return report
