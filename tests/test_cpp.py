@@ -385,6 +385,9 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
     for replaced, skip, message in cases:
         done = run(runner / BINARY, engine_ok, {**inputs, **replaced}, tmp_path / "out.npy", skip=skip)
         assert done.returncode != 0 and message in done.stderr and done.stderr.count("\n") == 1, (message, done.stderr)
+    for seed in ("-1", "9223372036854775808", "1e3"):  # diffexport sample's range 0..2^63-1: not wrapped around
+        done = run(runner / BINARY, engine_ok, inputs, tmp_path / "out.npy", "--seed", seed)
+        assert done.returncode == 1 and "--seed" in done.stderr and "0..9223372036854775807" in done.stderr, done.stderr
     (tmp_path / "trunc.npy").write_bytes(inputs["latents"].read_bytes()[:-7])
     done = run(runner / BINARY, engine_ok, {**inputs, "latents": tmp_path / "trunc.npy"}, tmp_path / "out.npy")
     assert done.returncode != 0 and "trunc.npy: file has" in done.stderr and "(truncated)" in done.stderr
