@@ -210,6 +210,15 @@ def test_parity_mark_with_report_elsewhere_updates_the_engines_report(tmp_path, 
     assert read_manifest(engine)["parity"]["backends"]["onnxruntime"]["tolerances"]["per_call_rtol"] == 0.5
 
 
+def test_sample_refuses_a_condition_given_twice(tmp_path, capsys, built_dhariwal):
+    """The last one silently won (``--label 1 -c class_labels=2`` sampled class 1); the C++ runner refuses it too."""
+    for args, flag in ((["-c", "class_labels=1", "-c", "class_labels=2"], "--condition class_labels: given twice"),
+                       (["-c", "class_labels=2", "--label", "1"], "--label: condition 'class_labels' is also given")):
+        line = one_line_error(*cli(capsys, "sample", built_dhariwal, "-o", tmp_path / "s.npy", *args))
+        assert flag in line, line
+        assert not (tmp_path / "s.npy").exists()
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

@@ -649,8 +649,10 @@ def test_oversized_json_request_does_not_take_the_service_down(server, manifest,
                 pytest.fail(f"the service did not come back:\n{server['out'].read_text()}")
             time.sleep(1)
     assert rel_l2(got, reference(good)) <= RTOL
-    if status is None:
-        out = server["out"].read_text()
+    if status is None:  # the server may answer before serve's readiness poll prints its line: wait for it
+        deadline = time.monotonic() + 60
+        while "ready again after restart" not in (out := server["out"].read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert "tritonserver exited unexpectedly" in out and "restarting it" in out and "ready again after restart" in out
 
 

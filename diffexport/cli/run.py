@@ -70,6 +70,8 @@ def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
+        if name in tensors:
+            raise fail(f"--condition {name}: given twice; give each condition once")
         if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
             try:
                 tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
@@ -159,7 +161,10 @@ def sample(
         if not re.fullmatch(r"\d+(,\d+)*", label):
             raise fail(f"--label expects an integer or a comma-separated list of them, got {label!r}")
         try:
-            condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
+            name = one_hot_condition(engine, [0])[0]
+            if any(c.partition("=")[0] == name for c in condition):
+                raise fail(f"--label: condition '{name}' is also given with --condition; give it once")
+            condition = [*condition, f"{name}={label}"]
         except ValueError as e:
             raise fail(f"--label: {e}") from None
     conditions, files = _parse_conditions(condition, engine, batch)
