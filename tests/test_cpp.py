@@ -168,7 +168,7 @@ def index_engine_dir(tmp_path_factory) -> Path:
     scheduler = {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}
     times = EDMNoiseScheduler(**scheduler["args"]).timesteps(5, dtype=torch.float64).tolist()
     write_manifest(out, {
-        "format": FORMAT, "name": "index", "status": "ok", "io": io.to_dict(),
+        "format": FORMAT, "name": "index", "status": "ok", "parity": {"backends": {"aoti": {"passed": True}}}, "io": io.to_dict(),
         "sampler": {"scheduler": scheduler, "solver": "heun", "num_steps": 5, "solver_options": {},
                     "time_steps": times, "sigmas": times, "alphas": [1.0] * len(times), "patching": None},
         "artifacts": {"aoti": {**file_record(out, art["files"]), "device": art["device"], "precision": art["precision"]}},
@@ -330,6 +330,8 @@ VERDICTS = {  # manifest edit, whether parity.json exists
     "unchecked": (lambda m: m.update(status="unchecked"), False),
     "no status": (lambda m: m.pop("status"), False),
     "aoti failed": (lambda m: m.update(status="ok", parity={**(m.get("parity") or {}), "backends": {"aoti": {"passed": False}, "onnxruntime": {"passed": True}}}), True),
+    "aoti not checked": (lambda m: m.update(status="ok", parity={**(m.get("parity") or {}), "backends": {"onnxruntime": {"passed": True}}}), True),
+    "ok without summary": (lambda m: (m.update(status="ok"), m.pop("parity", None)), False),
 }
 
 
@@ -385,6 +387,9 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
     for replaced, skip, message in cases:
         done = run(runner / BINARY, engine_ok, {**inputs, **replaced}, tmp_path / "out.npy", skip=skip)
         assert done.returncode != 0 and message in done.stderr and done.stderr.count("\n") == 1, (message, done.stderr)
+    for seed in ("-1", "9223372036854775808", "1e3"):  # diffexport sample's range 0..2^63-1: not wrapped around
+        done = run(runner / BINARY, engine_ok, inputs, tmp_path / "out.npy", "--seed", seed)
+        assert done.returncode == 1 and "--seed" in done.stderr and "0..9223372036854775807" in done.stderr, done.stderr
     (tmp_path / "trunc.npy").write_bytes(inputs["latents"].read_bytes()[:-7])
     done = run(runner / BINARY, engine_ok, {**inputs, "latents": tmp_path / "trunc.npy"}, tmp_path / "out.npy")
     assert done.returncode != 0 and "trunc.npy: file has" in done.stderr and "(truncated)" in done.stderr

@@ -179,3 +179,17 @@ def test_one_reference_for_all_candidates_cached_by_content(onnx_engine_dir, tmp
     changed = {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
     assert reference_key(changed, plan, torch.device("cpu")) != key
     assert reference_key(manifest, Plan.of(manifest, seed=1), torch.device("cpu")) != key
+
+
+def test_mark_of_a_ranked_auto_engine_follows_the_build_rules():
+    """``parity --mark`` on a ``targets: auto`` engine ranked without parity: ok when one backend passed, the
+    fastest passing one becomes the default (the fastest overall failed), earlier results are kept."""
+    manifest = {"recipe": {"export": {"targets": ["auto"]}}, "default_backend": "openvino",
+                "parity": {"backends": {"aoti": {"passed": True}}},
+                "ranking": {"order": ["openvino", "onnxruntime", "aoti"], "failed": []}}
+    new = {"passed": False, "report": "parity.json", "backends": {"openvino": {"passed": False}, "onnxruntime": {"passed": True}}}
+    fields = harness.marked(manifest, new)
+    assert fields["status"] == "ok" and fields["default_backend"] == "onnxruntime"
+    assert fields["ranking"]["failed"] == ["openvino"] and set(fields["parity"]["backends"]) == {"openvino", "onnxruntime", "aoti"}
+    fixed = harness.marked({**manifest, "recipe": {"export": {"targets": ["onnx", "openvino"]}}}, new)
+    assert fixed["status"] == "failed"  # explicit targets: every checked backend must pass, as in a build

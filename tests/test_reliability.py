@@ -131,6 +131,94 @@ def test_no_parity_build_is_unchecked_and_refused(tmp_path, capsys, tiny_recipe)
     assert "`diffexport parity DIR --mark` verifies it" in line
 
 
+@pytest.mark.parametrize("summary", [None, {"backends": {}}, {"backends": {"onnxruntime": None}}, {"backends": {"onnxruntime": {"passed": "yes"}}}])
+def test_status_ok_needs_the_backend_listed_as_passed(engine, summary):
+    """A hand-edited ``status: ok`` is not enough: the backend must be in the parity summary with passed true."""
+    m = read_manifest(engine)
+    m["parity"] = summary
+    write_manifest(engine, m)
+    with pytest.raises(UnverifiedEngine, match="parity (was not run|failed) for backend onnxruntime"):
+        load(engine, "onnxruntime")
+    assert load(engine, "onnxruntime", allow_unverified=True).backend == "onnxruntime"
+    with pytest.raises(EngineError, match="no 'aoti' artifact in this engine"):  # not built: said so, not "unverified"
+        load(engine, "aoti")
+
+
+def test_parity_mark_of_one_backend_leaves_the_others_refused(tmp_path, capsys, tiny_recipe):
+    """``parity --backend onnxruntime --mark`` on a --no-parity onnx + openvino build verifies onnxruntime only."""
+    pytest.importorskip("openvino", reason="the openvino package is not installed")
+    out = tmp_path / "e"
+    code, output = cli(capsys, "build", tiny_recipe, "--out", out, "--no-parity", "--targets", "onnx,openvino")
+    assert code == 0 and set(read_manifest(out)["artifacts"]) == {"onnx", "openvino"}, output
+    code, output = cli(capsys, "parity", out, "--backend", "onnxruntime", "--mark")
+    assert code == 0 and read_manifest(out)["status"] == "ok", output
+    assert load(out, "onnxruntime").backend == "onnxruntime"
+    line = one_line_error(*cli(capsys, "sample", out, "-o", tmp_path / "s.npy", "--backend", "openvino"))
+    assert "parity was not run for backend openvino" in line and "--allow-unverified" in line
+    code, output = cli(capsys, "parity", out, "--backend", "openvino", "--mark")  # checking it verifies it, onnxruntime stays
+    assert code == 0 and {b for b, e in read_manifest(out)["parity"]["backends"].items() if e["passed"]} == {"onnxruntime", "openvino"}, output
+    assert load(out, "openvino").backend == "openvino" and load(out, "onnxruntime").backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--backend", "foo"], "--backend foo: unknown backend"),
+    (["--backend", "aoti"], "--backend aoti: no 'aoti' artifact"),
+    (["--backend", "torch", "--mark"], "--backend torch: the torch reference"),
+    (["--per-call-rtol", "-1"], "--per-call-rtol: must be a finite number > 0"),
+    (["--per-call-rtol", "nan"], "--per-call-rtol: must be a finite number > 0"),
+    (["--final-rtol", "0"], "--final-rtol: must be a finite number > 0"),
+])
+def test_parity_refuses_bad_options_before_any_work(tmp_path, capsys, engine, args, flag):
+    """One line naming the option; nothing written (the build's report and the manifest stay as they were)."""
+    before = snapshot(engine)
+    line = one_line_error(*cli(capsys, "parity", engine, *args))
+    assert flag in line, line
+    assert snapshot(engine) == before
+
+
+def test_bench_json_folder_refused_before_timing(tmp_path, capsys, engine):
+    """``--json FOLDER`` failed after the whole benchmark, naming a temporary file."""
+    line = one_line_error(*cli(capsys, "bench", engine, "--json", tmp_path, "--repeats", "1", "--no-sample"))
+    assert f"--json {tmp_path}: is a folder" in line, line
+
+
+def test_bench_by_default_times_the_verified_backends_only(tmp_path, capsys, tiny_recipe):
+    """An ok engine with one backend that failed parity (a targets: auto candidate): plain ``bench`` times the
+    others and says what it skipped, instead of refusing the whole engine."""
+    pytest.importorskip("openvino", reason="the openvino package is not installed")
+    out = tmp_path / "e"
+    code, output = cli(capsys, "build", tiny_recipe, "--out", out, "--no-parity", "--targets", "onnx,openvino")
+    assert code == 0, output
+    mark(out, "ok", {"backends": {"onnxruntime": {"passed": True}, "openvino": {"passed": False}}})
+    code, output = cli(capsys, "bench", out, "--repeats", "1", "--warmup", "0", "--no-sample", "--batch", "1", "--json", tmp_path / "b.json")
+    assert code == 0, output
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert {r["backend"] for r in result["rows"]} == {"torch", "onnxruntime"}
+    assert result["skipped"] == {"openvino": "parity failed for backend openvino"} and "skipped openvino" in output
+    line = one_line_error(*cli(capsys, "bench", out, "--backend", "openvino", "--repeats", "1", "--no-sample"))
+    assert "parity failed for backend openvino" in line  # named: refused
+
+
+def test_parity_mark_with_report_elsewhere_updates_the_engines_report(tmp_path, capsys, engine):
+    """The manifest's summary names the engine's ``parity.json``: a marked run must be that file, not a stale one."""
+    stale = json.loads((engine / "parity.json").read_text())
+    code, output = cli(capsys, "parity", engine, "--mark", "--report", tmp_path / "rep", "--per-call-rtol", "0.5")
+    assert code == 0, output
+    marked = json.loads((engine / "parity.json").read_text())
+    assert marked == json.loads((tmp_path / "rep" / "parity.json").read_text()) and marked["created"] >= stale["created"]
+    assert marked["backends"]["onnxruntime"]["tolerances"]["per_call_rtol"] == 0.5
+    assert read_manifest(engine)["parity"]["backends"]["onnxruntime"]["tolerances"]["per_call_rtol"] == 0.5
+
+
+def test_sample_refuses_a_condition_given_twice(tmp_path, capsys, built_dhariwal):
+    """The last one silently won (``--label 1 -c class_labels=2`` sampled class 1); the C++ runner refuses it too."""
+    for args, flag in ((["-c", "class_labels=1", "-c", "class_labels=2"], "--condition class_labels: given twice"),
+                       (["-c", "class_labels=2", "--label", "1"], "--label: condition 'class_labels' is also given")):
+        line = one_line_error(*cli(capsys, "sample", built_dhariwal, "-o", tmp_path / "s.npy", *args))
+        assert flag in line, line
+        assert not (tmp_path / "s.npy").exists()
+
+
 # --- issue 13 item 1: data loss ----------------------------------------------------------------
 
 

@@ -353,3 +353,9 @@ def test_any_valid_sampler_runs_finite_and_as_its_step_table(sampler, batch):
     # both keep x in float32 (the table's coefficients are float64): few steps from a large sigma_max cancel
     # about sigma_max * 6e-8 of the state (EDM 22026 -> 1 in 2 Heun steps: 1.7e-3)
     assert rel_l2(out, table) <= 1e-3 * max(1.0, manifest["sigmas"][0] / 100)
+
+def test_bench_full_sample_of_a_conditional_engine(built_dhariwal):
+    """``bench`` times whole samples of an engine with conditions (it drew none and failed: the quickstart has class labels)."""
+    result = bench_engine(built_dhariwal, ["onnxruntime"], [1], repeats=1, warmup=0)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert set(rows) == {"torch", "onnxruntime"} and all(r["sample_s"] > 0 and r["nfe"] > 0 for r in rows.values())

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -379,12 +380,57 @@ def test_serve_refuses_unverified_engines_and_bad_flags(failed_engine: Path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, "--instances", "2", "--gpus", "0,1"])
     assert result.exit_code == 0, result.output
-    repo = repository_dir(failed_engine, python_only=python_only_reason(read_manifest(failed_engine), available_backends()) is not None)
+    repo = repository_dir(failed_engine)  # --write-only: the full repository, whatever this machine's tritonserver loads
     cfg = parse((repo / model_names(read_manifest(failed_engine)["name"])[0] / "config.pbtxt").read_text())
     assert [(g.count, list(g.gpus)) for g in cfg.instance_group] == [(2, [0, 1])]
     for bad, flag in [(["--gpus", "0,a"], "--gpus"), (["--instances", "0"], "--instances")]:
         result = cli.invoke(app, ["serve", str(failed_engine), "--write-only", ALLOW_FLAG, *bad])
         assert result.exit_code == 1 and flag in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("python_only", [False, True])
+def test_the_served_backend_must_have_passed_parity(engine: Path, tmp_path: Path, monkeypatch, python_only: bool):
+    """Status ok but the artifact the repository's denoiser runs failed parity (a targets: auto build whose
+    other candidate passed, or an edited summary): serve and the sampler's initialize refuse it."""
+    copy = shutil.copytree(engine, tmp_path / "e")
+    repo = write_repository(copy, python_only=python_only)
+    m = read_manifest(copy)
+    m["parity"]["backends"]["onnxruntime"]["passed"] = False
+    write_manifest(copy, m)
+    flags = ["--python-only"] if python_only else []
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", *flags])
+    assert result.exit_code == 1 and "parity failed for backend onnxruntime" in result.output, result.output
+    with pytest.raises(UnverifiedEngine, match="parity failed for backend onnxruntime"):
+        _model_module("sampler", monkeypatch).TritonPythonModel().initialize(_initialize_args(repo, model_names(m["name"])[1]))
+
+
+def test_write_only_writes_the_full_repository_without_a_local_tritonserver(engine: Path, tmp_path: Path, monkeypatch):
+    """``--write-only`` is for a Triton of the user's own: neither the presence nor the backends of this
+    machine's tritonserver decide which repository it writes."""
+    import diffexport.cli.serve as serve_cli
+
+    def missing() -> set[str]:
+        raise TritonError("the tritonserver binary was not found")
+
+    monkeypatch.setattr(serve_cli, "available_backends", missing)
+    copy = shutil.copytree(engine, tmp_path / "e")
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", "--gpus", "0,1"])
+    assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == str(copy / "triton"), result.output
+    cfg = parse(next((copy / "triton").glob("*_denoiser/config.pbtxt")).read_text())
+    assert cfg.platform == "onnxruntime_onnx" and [list(g.gpus) for g in cfg.instance_group] == [[0, 1]]
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--http-port", "70000"], "--http-port"), (["--grpc-port", "-5"], "--grpc-port"), (["--timeout", "0"], "--timeout"),
+    (["--max-restarts", "-1"], "--max-restarts"), (["--host", "nohost.invalid"], "--host 'nohost.invalid'"),
+    (["--log-file", "."], "--log-file ."), (["--http-port", "9000", "--metrics-port", "9000"], "must be distinct"),
+])
+def test_serve_refuses_bad_server_flags_before_starting(engine: Path, args: list[str], flag: str):
+    """One line naming the flag, no server started (a port out of range was an 'unexpected ValueError'
+    plus tritonclient's traceback; an unknown host did not name --host)."""
+    result = CliRunner().invoke(app, ["serve", str(engine), *args])
+    assert result.exit_code in (1, 2) and flag in result.output and "Traceback" not in result.output, result.output
+    assert "starting tritonserver" not in result.output
 
 
 def test_serve_refuses_an_edited_repository(engine: Path, tmp_path: Path):
@@ -416,6 +462,7 @@ def test_write_repository_replaces_atomically(engine: Path, manifest: dict, tmp_
     before = hidden()
     repo = write_repository(copy, python_only=True)
     assert not (repo / "stale").exists() and hidden() == before  # no temporary folder left behind
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o755 == stat.S_IMODE(copy.stat().st_mode)  # readable by a server run by another user
     broken = {**manifest, "artifacts": {}}
     with pytest.raises(Exception, match="needs a tensorrt or onnx artifact"):
         write_repository(copy, manifest=broken)
@@ -602,8 +649,10 @@ def test_oversized_json_request_does_not_take_the_service_down(server, manifest,
                 pytest.fail(f"the service did not come back:\n{server['out'].read_text()}")
             time.sleep(1)
     assert rel_l2(got, reference(good)) <= RTOL
-    if status is None:
-        out = server["out"].read_text()
+    if status is None:  # the server may answer before serve's readiness poll prints its line: wait for it
+        deadline = time.monotonic() + 60
+        while "ready again after restart" not in (out := server["out"].read_text()) and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert "tritonserver exited unexpectedly" in out and "restarting it" in out and "ready again after restart" in out
 
 

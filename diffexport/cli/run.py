@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
+        if name in tensors:
+            raise fail(f"--condition {name}: given twice; give each condition once")
         if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
             try:
                 tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
@@ -159,7 +162,10 @@ def sample(
         if not re.fullmatch(r"\d+(,\d+)*", label):
             raise fail(f"--label expects an integer or a comma-separated list of them, got {label!r}")
         try:
-            condition = [*condition, f"{one_hot_condition(engine, [0])[0]}={label}"]
+            name = one_hot_condition(engine, [0])[0]
+            if any(c.partition("=")[0] == name for c in condition):
+                raise fail(f"--label: condition '{name}' is also given with --condition; give it once")
+            condition = [*condition, f"{name}={label}"]
         except ValueError as e:
             raise fail(f"--label: {e}") from None
     conditions, files = _parse_conditions(condition, engine, batch or (len(x_n) if x_n is not None and x_n.ndim else None))
@@ -198,6 +204,7 @@ def parity(
     Checking an unchecked or failed engine is always allowed (that is what verifies it)."""
     try:
         check_device(device)
+        _check_parity_options(engine_dir, backend, {"--per-call-rtol": per_call_rtol, "--final-rtol": final_rtol})
         result = run_parity(engine_dir, backend or None, report, update_manifest=mark, per_call_rtol=per_call_rtol,
                             final_rtol=final_rtol, device=device)
     except EngineError as e:
@@ -222,6 +229,22 @@ def parity(
         raise typer.Exit(1)
 
 
+def _check_parity_options(engine_dir: Path, backends: list[str], tolerances: dict[str, float | None]) -> None:
+    """Refuse, before any work, a backend that is unknown, not built or the reference itself, and a
+    tolerance that is not a finite number > 0 (each named by its option)."""
+    for flag, value in tolerances.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise EngineError(f"{flag}: must be a finite number > 0, got {value}")
+    built = read_manifest(engine_dir).get("artifacts", {})
+    for name in backends:
+        if name == "torch":
+            raise EngineError("--backend torch: the torch reference is what the backends are checked against; name an engine backend")
+        if name not in BACKENDS:
+            raise EngineError(f"--backend {name}: unknown backend; expected one of {', '.join(b for b in BACKENDS if b != 'torch')}")
+        if BACKENDS[name] not in built:
+            raise EngineError(f"--backend {name}: no '{BACKENDS[name]}' artifact in this engine (built: {', '.join(built) or 'none'})")
+
+
 def _g(v: float | None) -> str:
     return "-" if v is None else f"{v:.2e}"
 
@@ -244,6 +267,8 @@ def bench(
     Run it with OMP_WAIT_POLICY=PASSIVE in the environment (torch's spinning OpenMP threads slow the
     runner after them otherwise); on a loaded machine compare the ratios, not the times.
     """
+    if json_out is not None and json_out.is_dir():
+        raise fail(f"--json {json_out}: is a folder; name the JSON file to write")
     try:
         _check_batches(engine_dir, batch)
         with console.status("benchmarking") as status:
@@ -268,6 +293,8 @@ def bench(
                       _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")), "-" if overhead is None else f"{100 * overhead:.1f}%")
     console.print(table)
     console.print("[dim]loop: share of the sample time outside the NFE engine calls (sampler work, copies)[/]")
+    for name, why in result.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] {name}: {why} (name it with --backend and {ALLOW_FLAG} to time it anyway)", soft_wrap=True)
     if result["warning"]:
         console.print(f"[yellow]warning[/]: {result['warning']}", soft_wrap=True)
     if json_out is not None:

@@ -9,6 +9,7 @@ and the log says so.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from diffexport.deploy.triton import (
     write_repository,
 )
 from diffexport.deploy.triton.config import Instances
-from diffexport.deploy.triton.repository import recipe_instances, verify_repository
+from diffexport.deploy.triton.repository import recipe_instances, served_backend, verify_repository
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import read_manifest
 from diffexport.engines.verdict import ALLOW_FLAG, require_verified
@@ -50,6 +51,14 @@ def parse_gpus(text: str | None) -> tuple[int, ...]:
     return ids
 
 
+def check_host(host: str) -> None:
+    """``ValueError`` naming ``--host`` when it is not an address this machine can listen on."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"--host {host!r}: not an address to listen on ({getattr(e, 'strerror', None) or e})") from None
+
+
 def _repository(engine_dir: Path, manifest: dict, python_only: bool, instances: Instances | None,
                 allow_unverified: bool, rewrite: bool, queue_delay_ms: float | None = None) -> Path:
     """The repository to serve: (re)written when missing, unhashed, or when options ask for other
@@ -68,9 +77,9 @@ def _repository(engine_dir: Path, manifest: dict, python_only: bool, instances: 
 @app.command()
 def serve(
     engine_dir: Path = typer.Argument(..., help="Engine directory made by `diffexport build`."),
-    http_port: int = typer.Option(0, help="HTTP port (0: a free one)."),
-    grpc_port: int = typer.Option(0, help="gRPC port (0: a free one)."),
-    metrics_port: int = typer.Option(0, help="Metrics port (0: a free one)."),
+    http_port: int = typer.Option(0, min=0, max=65535, help="HTTP port (0: a free one)."),
+    grpc_port: int = typer.Option(0, min=0, max=65535, help="gRPC port (0: a free one)."),
+    metrics_port: int = typer.Option(0, min=0, max=65535, help="Metrics port (0: a free one)."),
     python_only: bool = typer.Option(False, "--python-only", help="Serve the self-contained repository (Python backend only; the denoiser runs in-process)."),
     instances: int = typer.Option(None, "--instances", help="Instances of each model (per GPU with --gpus); default: the recipe's deploy.triton_instances."),
     gpus: str = typer.Option(None, "--gpus", help="Comma-separated GPU ids for the denoiser, e.g. 0,1 (Triton instance_group KIND_GPU)."),
@@ -80,8 +89,8 @@ def serve(
     write_only: bool = typer.Option(False, "--write-only", help="Write (and verify) the repository, print its path and exit: for your own tritonserver, KServe, ..."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     log_file: Path = typer.Option(None, help="Server log (default: a temporary file, printed)."),
-    timeout: float = typer.Option(300.0, help="Seconds to wait for the models to load."),
-    max_restarts: int = typer.Option(5, help=f"Restarts of a server that died within {RESTART_WINDOW_S:.0f} s before giving up."),
+    timeout: float = typer.Option(300.0, min=1, max=86400, help="Seconds to wait for the models to load."),
+    max_restarts: int = typer.Option(5, min=0, help=f"Restarts of a server that died within {RESTART_WINDOW_S:.0f} s before giving up."),
 ) -> None:
     """Serve ENGINE_DIR with Triton: `<name>_sampler` (full sampling) and `<name>_denoiser` (one step)."""
     try:
@@ -90,14 +99,21 @@ def serve(
         if queue_delay_ms is not None and not 0 <= queue_delay_ms <= 60_000:
             raise ValueError(f"--queue-delay-ms: must be in [0, 60000], got {queue_delay_ms}")
         ids = parse_gpus(gpus)
+        ports = [p for p in (http_port, grpc_port, metrics_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"--http-port, --grpc-port, --metrics-port: must be distinct, got {http_port}, {grpc_port}, {metrics_port}")
+        if not write_only:
+            check_host(host)
+        if log_file is not None and log_file.is_dir():
+            raise ValueError(f"--log-file {log_file}: is a folder; name the log file to write")
         manifest = read_manifest(engine_dir)
-        require_verified(engine_dir, manifest, allow_unverified=allow_unverified)
-        backends = available_backends()
+        # --write-only: for a Triton of the user's own, whatever this machine's tritonserver (if any) can load
+        reason = python_only_reason(manifest, None if write_only else available_backends(), forced=python_only)
+        require_verified(engine_dir, manifest, served_backend(manifest, reason is not None), allow_unverified=allow_unverified)
     except (EngineError, TritonError, ValueError) as e:
         raise fail(str(e)) from None
-    reason = python_only_reason(manifest, backends, forced=python_only)
     if reason:
-        typer.echo(f"serving the self-contained Python repository: {reason}")
+        typer.echo(f"{'writing' if write_only else 'serving'} the self-contained Python repository: {reason}")
     wanted = None
     if instances is not None or ids:
         wanted = Instances(instances or recipe_instances(manifest).count, ids)

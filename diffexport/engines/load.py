@@ -47,10 +47,12 @@ def load(engine_dir: str | Path, backend: str | None = None, device: str | torch
         raise EngineError(f"{engine_dir}: no artifact was built; use backend 'torch' for the eager reference")
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    target = BACKENDS[backend]
+    if target is not None:
+        artifact_path(engine_dir, manifest, target)  # an artifact that was not built is named as such, not as unverified
     require_verified(engine_dir, manifest, backend, allow_unverified)
     device = check_device(device)
     io = IOSpec.from_dict(manifest["io"])
-    target = BACKENDS[backend]
     if target is None:
         verify_record(engine_dir, manifest["weights"], "weights")
         if "recipe_file" not in manifest:

@@ -22,16 +22,20 @@ def verdict(manifest: dict, backend: str | None = None) -> tuple[str, str | None
     """``(status, why)``: the engine's status and, when it is not usable, one phrase saying why.
 
     With ``backend`` (a runtime backend name such as ``onnxruntime``), an engine whose status is
-    ``ok`` is still refused when the parity summary lists that backend as failed. ``torch`` (the
-    reference itself) is always verified.
+    ``ok`` is still refused unless its parity summary lists that backend as passed (a backend that
+    failed, or that was never checked, e.g. left out of ``diffexport parity --backend X --mark``).
+    ``torch`` (the reference itself) is always verified.
     """
     status = manifest.get("status", "unchecked")
     if backend == "torch":
         return status, None
     if status != "ok":
         return status, "parity failed" if status == "failed" else "parity was not run"
-    backends = (manifest.get("parity") or {}).get("backends") or {}
-    if backend is not None and backend in backends and not backends[backend].get("passed", False):
+    backends = (manifest.get("parity") or {}).get("backends")
+    entry = backends.get(backend) if isinstance(backends, dict) and backend is not None else None
+    if backend is not None and not isinstance(entry, dict):
+        return "unchecked", f"parity was not run for backend {backend}"
+    if entry is not None and entry.get("passed") is not True:
         return "failed", f"parity failed for backend {backend}"
     return status, None
 

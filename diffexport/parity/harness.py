@@ -380,13 +380,36 @@ def run_parity(engine_dir: str | Path, backends: list[str] | None = None, report
                update_manifest: bool = False, **options: Any) -> dict:
     """Check every candidate in ``backends`` (default: every built artifact) against one reference,
     then write the report files (``parity.json``, ``.md``, ``.png``) in ``report_dir`` (default: the
-    engine directory); ``update_manifest`` also records status and summary there. ``options``: those
-    of :class:`ParityRun`."""
+    engine directory); ``update_manifest`` also records status and summary there, and writes the report
+    into the engine directory whatever ``report_dir``. ``options``: those of :class:`ParityRun`."""
+    if update_manifest and "torch" in (backends or []):
+        raise EngineError("backend torch: the reference cannot verify an engine; check its artifacts' backends")
     report = check_engine(engine_dir, backends, **options)
-    write_report(report, Path(report_dir) if report_dir is not None else Path(engine_dir))
+    folders = dict.fromkeys(Path(f).resolve() for f in (report_dir or engine_dir, *([engine_dir] if update_manifest else [])))
+    for folder in folders:  # a marked run's report is also the engine's parity.json, the one its summary names
+        write_report(report, folder)
     if update_manifest:
-        mark(engine_dir, "ok" if report["passed"] else "failed", json_safe(summary(report)))
+        mark(engine_dir, **marked(read_manifest(engine_dir), summary(report)))
     return report
+
+
+def marked(manifest: dict, new: dict) -> dict:
+    """The manifest fields ``diffexport parity --mark`` records for a run summarised by ``new``: the
+    per-backend results merged over the earlier ones (a backend left out keeps its result; one never
+    checked stays refused), ``status`` as a build sets it (``targets: auto``: ok when one backend
+    passed, else when all did), and for a ranked engine the fastest passing backend as default."""
+    backends = {**((manifest.get("parity") or {}).get("backends") or {}), **new["backends"]}
+    passed = [b for b, e in backends.items() if isinstance(e, dict) and e.get("passed") is True]
+    auto = manifest["recipe"].get("export", {}).get("targets") == ["auto"]
+    ok = bool(passed) if auto else len(passed) == len(backends)
+    fields: dict[str, Any] = {"status": "ok" if ok else "failed",
+                              "parity": json_safe({**new, "passed": len(passed) == len(backends), "backends": backends})}
+    ranking = manifest.get("ranking")
+    if isinstance(ranking, dict) and isinstance(ranking.get("order"), list):
+        candidates = dict.fromkeys((*ranking["order"], *ranking.get("failed", [])))
+        fields["ranking"] = {**ranking, "failed": [b for b in candidates if b in backends and b not in passed]}
+        fields["default_backend"] = next((b for b in ranking["order"] if b in passed), manifest.get("default_backend"))
+    return fields
 
 
 def parity_stage(tmp_engine_dir: Path, manifest: dict) -> None:

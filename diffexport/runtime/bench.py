@@ -31,9 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffexport.engines.base import Engine
 from diffexport.engines.load import BACKENDS, load
 from diffexport.engines.manifest import read_manifest
+from diffexport.engines.verdict import verdict
 from diffexport.runtime.batching import clamp_batch
-from diffexport.runtime.inputs import index_high, random_call
-from diffexport.runtime.sampler import SamplerSpec, sample
+from diffexport.runtime.inputs import index_high, random_call, random_conditions
+from diffexport.runtime.sampler import SamplerSpec, image_shape, sample
 
 REFERENCE = "torch"
 BATCHES = (1, 8)
@@ -186,10 +187,17 @@ class _Null:
         return x * 0.5
 
 
-def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3) -> float:
+def sampler_only(like: Engine, spec: SamplerSpec, batch: int, repeats: int = 3, conditions: dict[str, torch.Tensor] | None = None) -> float:
     """Median seconds of one whole sample at ``batch`` with a zero-cost engine (:class:`_Null`)."""
     null = _Null(like)
-    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0)}, {like.device}, repeats, 1, pause=0)["null"]
+    return round_robin({"null": lambda: sample(null, spec, batch=batch, seed=0, conditions=conditions)}, {like.device}, repeats, 1, pause=0)["null"]
+
+
+def sample_conditions(reference: Engine, spec: SamplerSpec, batch: int) -> dict[str, torch.Tensor]:
+    """Seeded condition inputs of one whole sample at ``batch`` (image conditions at the full image size under patching)."""
+    _, h, w = image_shape(reference, spec)
+    g = torch.Generator().manual_seed(0)
+    return random_conditions(reference, batch, g, index_high(getattr(reference, "engine", reference)), (h, w) if spec.patching else None)
 
 
 def precision_of(manifest: dict, backend: str) -> str:
@@ -235,13 +243,20 @@ def bench_engine(
     ``nfe`` (evaluations per sample), ``sample_gflops``, ``loop_overhead`` (the share of the sample
     time not spent in the NFE engine calls: sampler work, copies, thread wake-ups, noise) and
     ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
-    ``backends`` default to every built artifact, ``batches`` to 1 and 8 (clamped to the engine's
+    ``backends`` default to every built artifact that passed parity (all with ``allow_unverified``; those left out
+    are listed under ``skipped``), ``batches`` to 1 and 8 (clamped to the engine's
     range); every engine runs on ``device`` (default: where its artifact runs). The result also holds
     the machine's load before (:func:`machine_load`), what else used the CPUs meanwhile
     (:class:`CpuShare`: ``others_cpus``, ``steal_cpus``) and the measured ``peak_gflops``."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     before, share = machine_load(), CpuShare()
+    skipped: dict[str, str] = {}
+    if backends is None and not allow_unverified:  # every verified one: a targets: auto candidate that failed parity stays out
+        built = built_backends(manifest)
+        skipped = {b: why for b in built if (why := verdict(manifest, b)[1])}
+        backends = [b for b in built if b not in skipped] or built[:1]  # none verified: load refuses the first, with its line
+        skipped = {b: why for b, why in skipped.items() if b not in backends}
     names = [REFERENCE] + [b for b in (backends or built_backends(manifest)) if b != REFERENCE]
     engines = {name: _Counting(load(engine_dir, name, device=device, allow_unverified=allow_unverified)) for name in names}
     reference = engines[REFERENCE]
@@ -265,9 +280,10 @@ def bench_engine(
             say(f"batch {batch}: full samples ({spec.solver}, {spec.num_steps} steps) of {', '.join(names)}")
             for e in engines.values():
                 e.rows = 0
-            runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0)) for n, e in engines.items()},
+            conds = sample_conditions(reference, spec, batch)
+            runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0, conditions=conds)) for n, e in engines.items()},
                                {e.device for e in engines.values()}, sample_repeats, 0)
-            alone = sampler_only(reference, spec, batch)
+            alone = sampler_only(reference, spec, batch, conditions=conds)
             for row in rows[-len(names):]:
                 n = row["backend"]
                 nfe = engines[n].rows // (batch * sample_repeats)
@@ -275,7 +291,7 @@ def bench_engine(
                            loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
     _ratios(rows)
     after, during = machine_load(), share.stop()
-    return {"engine": manifest["name"], "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
+    return {"engine": manifest["name"], "skipped": skipped, "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
             "sample_repeats": sample_repeats, "solver": spec.solver, "num_steps": spec.num_steps, "pause_s": PAUSE_S, "block": BLOCK,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
             "load_average": before["load_average"], "load_average_after": after["load_average"], "cores": before["cores"],

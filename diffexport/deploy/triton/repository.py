@@ -76,8 +76,9 @@ def native_target(manifest: dict) -> str:
     return "onnx"
 
 
-def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = False) -> str | None:
-    """Why the self-contained repository must be served on a Triton with ``backends`` (``None``: the full one can)."""
+def python_only_reason(manifest: dict, backends: set[str] | None, *, forced: bool = False) -> str | None:
+    """Why the self-contained repository must be served on a Triton with ``backends`` (``None``: the full one can).
+    ``backends=None``: a Triton not known here (``serve --write-only``), assumed to have the backend."""
     if forced:
         return "--python-only"
     if manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"):
@@ -86,7 +87,7 @@ def python_only_reason(manifest: dict, backends: set[str], *, forced: bool = Fal
         backend = NATIVE[native_target(manifest)][2]
     except EngineError:
         return "the engine has no onnx or tensorrt artifact for a native backend"
-    return None if backend in backends else f"this Triton has no {backend} backend (only {', '.join(sorted(backends))})"
+    return None if backends is None or backend in backends else f"this Triton has no {backend} backend (only {', '.join(sorted(backends))})"
 
 
 def python_backend(manifest: dict) -> str:
@@ -99,6 +100,15 @@ def python_backend(manifest: dict) -> str:
     if backend is None:
         raise EngineError(f"engine '{manifest.get('name')}': the Python-only Triton repository needs an onnx or aoti artifact {_built(manifest)}")
     return backend
+
+
+def served_backend(manifest: dict, python_only: bool = False) -> str:
+    """The runtime backend (``engines.load`` name) whose artifact the repository's denoiser runs: the
+    parity verdict that ``serve`` and the sampler model's ``initialize`` check."""
+    if python_only:
+        return python_backend(manifest)
+    target = native_target(manifest)
+    return next(b for b, t in BACKENDS.items() if t == target)
 
 
 def _model_source(name: str) -> str:
@@ -185,13 +195,15 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         for f in den_files.values():
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
-    sam_cfg = sampler_config(sampler, io, instances=instances, parameters={**params, "denoiser_model": denoiser},
+    sam_params = {**params, "denoiser_model": denoiser, "denoiser_backend": served_backend(manifest, python_only)}
+    sam_cfg = sampler_config(sampler, io, instances=instances, parameters=sam_params,
                              image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching,
                              queue_delay_ms=recipe_queue_delay_ms(manifest) if queue_delay_ms is None else queue_delay_ms)
 
     final = repository_dir(engine_dir, python_only)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=engine_dir))
     try:
+        tmp.chmod(0o755)  # as the engine directory: mkdtemp's 0700 would hide the repository from a server run by another user
         _write_model(tmp, den_cfg, den_files)
         _write_model(tmp, sam_cfg, {"model.py": _model_source("sampler")})
         old = None

@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <iostream>
 
@@ -17,6 +18,15 @@ struct Args {
   diffexport::SamplerOptions options;
 };
 
+/// `diffexport sample --seed`'s range, 0..2^63-1 (torch.Generator.manual_seed): "-1" is refused, not wrapped around.
+const CLI::Validator kSeedRange(
+    [](std::string& s) -> std::string {
+      const std::string range = "must be an integer in 0..9223372036854775807, got '" + s + "'";
+      if (s.empty() || s.size() > 19 || s.find_first_not_of("0123456789") != std::string::npos) return range;
+      return std::stoull(s) > static_cast<unsigned long long>(INT64_MAX) ? range : "";
+    },
+    "0..2^63-1");
+
 void describe(CLI::App& app, Args& a) {
   app.description(
       "Samples with the engine's denoiser and the sampler its manifest records (manifest.json).\n"
@@ -29,7 +39,7 @@ void describe(CLI::App& app, Args& a) {
   app.add_option("--out", a.out, "samples .npy (written atomically)")->required()->type_name("OUT.npy");
   app.add_option("--condition", a.conditions, "a condition input (repeatable)")->type_name("NAME=FILE.npy")->allow_extra_args(false);
   app.add_option("--steps", a.options.steps, "re-discretise the schedule with K steps")->type_name("K")->check(CLI::Range(1, 1000000));
-  app.add_option("--seed", a.options.seed, "seeds the latents and the stochastic solvers' noise (default 0)")->type_name("S");
+  app.add_option("--seed", a.options.seed, "seeds the latents and the stochastic solvers' noise (default 0)")->type_name("S")->check(kSeedRange);
   app.add_option("--threads", a.options.threads, "CPU threads")->type_name("N")->check(CLI::Range(1, 4096));
   app.add_option("--backend", a.options.backend, "denoiser backend")->check(CLI::IsMember({"auto", "aoti", "tensorrt"}))->type_name("auto|aoti|tensorrt");
   app.add_flag("--allow-unverified", a.options.allow_unverified, "run an engine whose parity status is not ok (debugging only)");

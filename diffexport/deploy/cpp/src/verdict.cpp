@@ -40,8 +40,12 @@ std::string refusal(const std::string& engine_dir, const Json& manifest, const s
   const Json* parity = member(manifest, "parity");
   if (status != "ok") {
     why = status == "failed" ? "parity failed" : "parity was not run";
-  } else if (const Json* backends = parity ? member(*parity, "backends") : nullptr; backends && backends->is_object()) {
-    if (const Json* entry = member(*backends, backend.c_str())) {
+  } else {
+    const Json* backends = parity ? member(*parity, "backends") : nullptr;
+    const Json* entry = backends && backends->is_object() ? member(*backends, backend.c_str()) : nullptr;
+    if (!entry || !entry->is_object()) {
+      status = "unchecked", why = "parity was not run for backend " + backend;
+    } else {
       const Json* passed = member(*entry, "passed");
       if (!(passed && passed->is_boolean() && passed->get<bool>())) status = "failed", why = "parity failed for backend " + backend;
     }

@@ -32,7 +32,7 @@ from diffexport.runtime.sampler import SamplerSpec, sample
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         manifest = read_manifest(engine_dir(args))
-        check_verified(args, manifest)
+        check_verified(args, manifest, parameters(args).get("denoiser_backend"))  # the denoiser's artifact (a native model has no initialize of ours)
         io = IOSpec.from_dict(manifest["io"])
         self.engine = BLSEngine(pb_utils, parameters(args)["denoiser_model"], io)
         self.spec = SamplerSpec.from_manifest(manifest["sampler"])
