@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECIPES
+from conftest import GRID_CHANNELS, TINY_RECIPES
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
@@ -349,7 +349,7 @@ def _grid_models(draw):
     + positional grid (any gridtype, 0 channels included) + lead-time channels."""
     cls = draw(st.sampled_from(["SongUNetPosEmbd", "SongUNetPosLtEmbd"]))
     gridtype = draw(st.sampled_from(["sinusoidal", "learnable", "linear", "test"]))
-    grid = draw(st.sampled_from({"sinusoidal": [0, 4, 8], "learnable": [0, 1, 3], "linear": [0, 2], "test": [0, 2]}[gridtype]))
+    grid = draw(st.sampled_from(GRID_CHANNELS[gridtype]))
     lead = draw(st.integers(1, 3)) if cls == "SongUNetPosLtEmbd" else 0
     x, cond = draw(st.integers(1, 3)), draw(st.integers(0, 2))
     h, w = draw(st.sampled_from([8, 16])), draw(st.sampled_from([8, 16]))
