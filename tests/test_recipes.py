@@ -508,6 +508,14 @@ def test_engine_records_the_checkpoints_class_and_args_and_rebuilds_when_they_ch
     assert second.built and second.manifest["weights"] == first.manifest["weights"]
     assert second.manifest["content_key"] != first.manifest["content_key"]
     assert second.manifest["recipe"]["model"]["args"]["label_dropout"] == 0.5
+    from diffexport.engines.base import EngineError
+    from diffexport.engines.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(second.engine_dir)
+    del manifest["recipe"]["model"]["class"]  # an unresolved recipe: the engine would no longer describe itself
+    write_manifest(second.engine_dir, manifest)
+    with pytest.raises(EngineError, match="field 'recipe' is not a valid recipe: model.class: missing"):
+        read_manifest(second.engine_dir)
 
 
 _OVERRIDES = {"dropout": st.sampled_from([0.0, 0.3, -0.5]), "model_channels": st.sampled_from([0, 8]), "label_dim": st.sampled_from([0, 3]),
