@@ -7,6 +7,8 @@ A ``.mdlus`` is a ZIP (PhysicsNeMo 2.x, members stored uncompressed) or a tar (1
 * ``metadata.json``: ``{"mdlus_file_version": ...}`` (PhysicsNeMo checks it; ignored here).
 
 Only the class name matters on load: it is resolved with :func:`diffexport.models.get_model_class`.
+:func:`checkpoint_model` says which class and constructor arguments a checkpoint builds (reading only
+``args.json``); :func:`load_model` builds exactly that and loads the weights.
 A PhysicsNeMo preconditioner checkpoint (``EDMPrecond``, ``EDMPrecondSuperResolution`` as CorrDiff
 saves its diffusion model, ``EDMPrecondSR``, ``VPPrecond``, ``VEPrecond``, ``iDDPMPrecond``) loads
 as the backbone it wraps (``model_type``, weights under ``model.``): a recipe's preconditioner
@@ -28,7 +30,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,7 +38,7 @@ from diffexport import __version__
 from diffexport.models import get_model_class, model_names
 from diffexport.models.legacy import drop_device_buffers
 
-__all__ = ["CheckpointError", "constructor_args", "load_model", "save_model"]
+__all__ = ["CheckpointError", "CheckpointModel", "checkpoint_model", "constructor_args", "load_model", "save_model"]
 
 # PhysicsNeMo 2.x home of the diffusion UNets that diffexport reimplements (written to args.json
 # so PhysicsNeMo can import them; it looks registered names up by name first anyway).
@@ -75,7 +77,22 @@ _DROPPED_ARGS = {"UNet": ("img_channels", "sigma_min", "sigma_max", "sigma_data"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit its model; the message says why."""
+    """A checkpoint that cannot be read, or does not fit its model; the message says why. ``field``:
+    the argument at fault when it is not the file (``"class"``: ``class_name``, ``"args"``: ``args``)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CheckpointModel(NamedTuple):
+    """What a checkpoint builds: ``class_name(**args)``. ``stored``: the class its ``args.json`` names
+    (a preconditioner's backbone), ``None`` for a plain state_dict; ``wrapper``: that preconditioner."""
+
+    class_name: str
+    args: dict[str, Any]
+    stored: str | None = None
+    wrapper: str | None = None
 
 
 def constructor_args(model: torch.nn.Module) -> dict[str, Any]:
@@ -125,6 +142,21 @@ def save_model(model: torch.nn.Module, path: PathLike) -> Path:
     return path
 
 
+def checkpoint_model(
+    path: PathLike, *, class_name: str | None = None, args: Mapping[str, Any] | None = None
+) -> CheckpointModel:
+    """The class and constructor arguments :func:`load_model` builds from ``path`` with the same
+    ``class_name`` and ``args``, read from the ``.mdlus``'s ``args.json`` only (no weights are read).
+
+    A ``.mdlus`` gives its class (a preconditioner's: the backbone it wraps) and arguments; ``args``
+    override single arguments. ``class_name`` may only repeat that class, or, when the checkpoint
+    holds a class diffexport does not implement, name the diffexport class to build instead; a
+    plain state_dict (anything that is not a ``.mdlus``) records neither and needs ``class_name``.
+    """
+    path = _existing(path)
+    return _model_of(path, _archive_members(path, ("args.json",)), class_name, args)
+
+
 def load_model(
     path: PathLike,
     *,
@@ -136,41 +168,67 @@ def load_model(
 
     ``path`` is a ``.mdlus`` archive (2.x ZIP or 1.x tar), or a plain ``torch.save`` file of a
     state_dict (or of a dict holding one under ``"state_dict"`` or ``"model"``), which needs
-    ``class_name`` and, unless the defaults do, ``args``. For a ``.mdlus``, ``class_name``
-    replaces the stored class and ``args`` override the stored constructor arguments.
+    ``class_name`` and, unless the defaults do, ``args``. The model built is
+    :func:`checkpoint_model`'s (``class_name`` and ``args`` as there).
     """
+    path = _existing(path)
+    members = _archive_members(path)
+    if members is None:  # not a .mdlus: a plain torch.save file (read first: it may be no checkpoint at all)
+        state = _state_dict(_torch_load(path, str(path), map_location), str(path))
+        spec = _model_of(path, members, class_name, args)
+    else:
+        spec = _model_of(path, members, class_name, args)
+        where = f"{path} (model.pt)"
+        state = _state_dict(_torch_load(members["model.pt"], where, map_location), where)
+        if spec.wrapper is not None:
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model = _build(spec.class_name, spec.args, path, spec.stored or spec.class_name).to(map_location)
+    _load_weights(model, state, path)
+    return model.eval()
+
+
+def _existing(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
-    members = _archive_members(path)
-    if members is None:  # not a .mdlus: a plain torch.save file
-        state = _state_dict(_torch_load(path, str(path), map_location), str(path))
+    return path
+
+
+def _model_of(path: Path, members: dict[str, bytes] | None, class_name: str | None,
+              args: Mapping[str, Any] | None) -> CheckpointModel:
+    """:func:`checkpoint_model` of the archive ``members`` (``None``: a plain state_dict file)."""
+    known = model_names()
+    if class_name is not None and class_name not in known:
+        raise CheckpointError(f"class {class_name!r} for {path} is not a diffexport model (class_name, recipe: model.class); "
+                              f"known classes: {', '.join(known)}", field="class")
+    if members is None:
         if class_name is None:
             raise CheckpointError(
                 f"{path} is a plain state_dict, not a .mdlus archive, so it does not say which "
-                f"model it belongs to: pass class_name= (one of {', '.join(model_names())}) "
-                "and the constructor args="
+                f"model it belongs to: pass class_name= (one of {', '.join(known)}) "
+                "and the constructor args= (recipe: model.class and model.args)", field="class"
             )
-        name, kwargs, stored_name = class_name, dict(args or {}), class_name
-    else:
-        missing = [m for m in ("model.pt", "args.json") if m not in members]
-        if missing:
-            raise CheckpointError(
-                f"{path} is not a complete .mdlus archive: it lacks {' and '.join(missing)} "
-                f"(it holds: {', '.join(sorted(members)) or 'nothing'})"
-            )
-        stored_name, stored_args = _parse_args_json(members["args.json"], path)
-        where = f"{path} (model.pt)"
-        state = _state_dict(_torch_load(members["model.pt"], where, map_location), where)
-        if stored_name in _PRECONDITIONERS:
-            stored_name, stored_args = _backbone(stored_name, stored_args, path)
-            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        for dropped in _DROPPED_ARGS.get(stored_name, ()):
-            stored_args.pop(dropped, None)
-        name, kwargs = class_name or stored_name, {**stored_args, **(args or {})}
-    model = _build(name, kwargs, path, stored_name).to(map_location)
-    _load_weights(model, state, path)
-    return model.eval()
+        return CheckpointModel(class_name, dict(args or {}))
+    missing = [m for m in NEEDED if m not in members]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a complete .mdlus archive: it lacks {' and '.join(missing)} "
+            f"(it holds: {', '.join(sorted(members)) or 'nothing'})"
+        )
+    stored, stored_args = _parse_args_json(members["args.json"], path)
+    wrapper = stored if stored in _PRECONDITIONERS else None
+    if wrapper is not None:
+        stored, stored_args = _backbone(wrapper, stored_args, path)
+    for dropped in _DROPPED_ARGS.get(stored, ()):
+        stored_args.pop(dropped, None)
+    if class_name is None and stored not in known:
+        raise CheckpointError(f"{path} holds a {stored!r} model, which diffexport does not implement; known classes: "
+                              f"{', '.join(known)} (name one to build instead: class_name=, recipe: model.class)")
+    if class_name is not None and class_name != stored and stored in known:
+        inside = f" (the backbone of its {wrapper})" if wrapper else ""
+        raise CheckpointError(f"{path} holds a {stored}{inside}, not a {class_name} (class_name, recipe: model.class): "
+                              f"leave the class out to take the checkpoint's, or name {stored}", field="class")
+    return CheckpointModel(class_name or stored, {**stored_args, **(args or {})}, stored, wrapper)
 
 
 # Archives are read member by member, only the members named here, each within its size limit;
@@ -181,14 +239,15 @@ MAX_RATIO = 200  # uncompressed / compressed, for members over 16 MiB (zip bombs
 MAX_MEMBERS = 100_000  # entries in one archive
 
 
-def _archive_members(path: Path) -> dict[str, bytes] | None:
-    """The needed members (:data:`NEEDED`) of the ``.mdlus`` archive at ``path``, or ``None`` when it
-    is none (a ZIP without ``model.pt``/``args.json`` is taken for a ``torch.save`` file, itself a ZIP)."""
+def _archive_members(path: Path, needed: tuple[str, ...] = NEEDED) -> dict[str, bytes] | None:
+    """The ``needed`` members (some of :data:`NEEDED`) of the ``.mdlus`` archive at ``path`` (every other
+    name listed, with empty contents), or ``None`` when it is none (a ZIP without ``model.pt``/``args.json``
+    is taken for a ``torch.save`` file, itself a ZIP)."""
     try:
         if tarfile.is_tarfile(path):  # first, as PhysicsNeMo does: some 1.x files are both
-            return _tar_members(path)
+            return _tar_members(path, needed)
         if zipfile.is_zipfile(path):
-            return _zip_members(path)
+            return _zip_members(path, needed)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
         raise CheckpointError(f"{path} is a damaged or truncated archive ({err})") from None
     return None
@@ -202,7 +261,7 @@ def _check_size(path: Path, name: str, size: int, packed: int | None = None) -> 
                               f"over the limit of {MAX_RATIO}x: a zip bomb; refused")
 
 
-def _zip_members(path: Path) -> dict[str, bytes] | None:
+def _zip_members(path: Path, needed: tuple[str, ...]) -> dict[str, bytes] | None:
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -211,7 +270,7 @@ def _zip_members(path: Path) -> dict[str, bytes] | None:
         if not found.keys() & set(NEEDED):
             return None
         members = {}
-        for name in NEEDED:
+        for name in needed:
             if (info := found.get(name)) is None:
                 continue
             _check_size(path, name, info.file_size, info.compress_size if info.compress_type != zipfile.ZIP_STORED else None)
@@ -222,7 +281,7 @@ def _zip_members(path: Path) -> dict[str, bytes] | None:
         return {**members, **{n: b"" for n in found if n not in members}}  # other names listed, never read
 
 
-def _tar_members(path: Path) -> dict[str, bytes]:
+def _tar_members(path: Path, needed: tuple[str, ...]) -> dict[str, bytes]:
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
@@ -238,13 +297,13 @@ def _tar_members(path: Path) -> dict[str, bytes]:
             if not info.isfile():
                 continue
             listed.add(name)
-            if name in NEEDED and name not in members:
+            if name in needed and name not in members:
                 _check_size(path, name, info.size)
                 f = tar.extractfile(info)
                 members[name] = f.read(LIMITS[name] + 1) if f is not None else b""
                 if len(members[name]) != info.size:
                     raise CheckpointError(f"{path}: member {name} is truncated ({len(members[name])} of {info.size} bytes)")
-            if len(members) == len(NEEDED):
+            if len(members) == len(needed) and listed.issuperset(NEEDED):  # (headers only until every needed name is seen)
                 break
     return {**members, **{n: b"" for n in listed if n not in members}}
 
@@ -313,7 +372,7 @@ def _backbone(wrapper: str, args: dict[str, Any], path: Path) -> tuple[str, dict
         warnings.warn(
             f"{path}: EDMPrecondSR with scale_cond_input=True scaled the conditioning image by c_in; diffexport's "
             "preconditioners concatenate it unscaled, so the denoiser differs from PhysicsNeMo's (the backbone loads as is)",
-            stacklevel=3,
+            stacklevel=4,
         )
     skip = {"img_resolution", "img_channels", "img_in_channels", "img_out_channels", "use_fp16", "model_type",
             "scale_cond_input", *own}
@@ -326,13 +385,7 @@ def _backbone(wrapper: str, args: dict[str, Any], path: Path) -> tuple[str, dict
 
 def _build(name: str, kwargs: dict[str, Any], path: Path, stored_name: str) -> torch.nn.Module:
     """``name(**kwargs)`` from the diffexport model registry (``stored_name``: the class the checkpoint names)."""
-    try:
-        cls = get_model_class(name)
-    except ValueError:
-        raise CheckpointError(
-            f"{path} holds a {name!r} model, which diffexport does not implement; "
-            f"known classes: {', '.join(model_names())}"
-        ) from None
+    cls = get_model_class(name)  # (a known name: _model_of checked it)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:

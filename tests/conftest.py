@@ -37,6 +37,8 @@ EDM = {
     "preconditioner": {"class": "EDMPreconditioner", "args": {"sigma_data": 0.5}},
     "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0}}, "num_steps": 6},
 }
+# SongUNetPosEmbd's valid N_grid_channels per gridtype (0: no grid): what recipe strategies draw from.
+GRID_CHANNELS = {"sinusoidal": [0, 4, 8], "learnable": [0, 1, 3], "linear": [0, 2], "test": [0, 2]}
 TINY_RECIPES: dict[str, dict] = {
     "quickstart": {
         "name": "quickstart",

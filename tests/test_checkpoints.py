@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffexport.checkpoints import CheckpointError, constructor_args, load_model, save_model
+from diffexport.checkpoints import CheckpointError, checkpoint_model, constructor_args, load_model, save_model
 from diffexport.models import get_model_class
 from diffexport.models.base import Module
 from diffexport.models.diffusion import DiffusionModel
@@ -402,12 +402,60 @@ def test_physicsnemo_preconditioner_checkpoint_loads_its_backbone(tmp_path, fmt,
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in net.state_dict().items())
 
 
-def test_class_name_other_than_the_checkpoints_says_which_it_holds(tmp_path):
+def test_class_name_other_than_the_checkpoints_is_refused_naming_both(tmp_path):
     wrapper, args, backbone, backbone_args, _ = WRAPPED[1]  # EDMPrecondSuperResolution around SongUNetPosEmbd
     net = get_model_class(backbone)(**backbone_args)
     path = write_archive(tmp_path / "sr.mdlus", mdlus_members({f"model.{k}": v for k, v in net.state_dict().items()}, wrapper, args))
-    with pytest.raises(CheckpointError, match="gridtype.*the checkpoint holds a SongUNetPosEmbd, not a SongUNet"):
-        load_model(path, class_name="SongUNet")
+    for read in (load_model, checkpoint_model):
+        with pytest.raises(CheckpointError, match="holds a SongUNetPosEmbd .the backbone of its EDMPrecondSuperResolution., "
+                                                  "not a SongUNet .class_name, recipe: model.class.") as err:
+            read(path, class_name="SongUNet")
+        assert err.value.field == "class" and "\n" not in str(err.value)
+
+
+def test_class_name_builds_a_class_diffexport_does_not_know_as_one_it_does(model, tmp_path):
+    """The documented override: a checkpoint of a class diffexport lacks (e.g. a renamed subclass) loads as a named one."""
+    path = write_archive(tmp_path / "m.mdlus", mdlus_members(model.state_dict(), name="MyDiffusionModel"))
+    assert checkpoint_model(path, class_name="DiffusionModel") == ("DiffusionModel", ARGS, "MyDiffusionModel", None)
+    assert same_outputs(model, load_model(path, class_name="DiffusionModel"))
+    with pytest.raises(CheckpointError, match="'MyDiffusionModel' model, which diffexport does not implement"):
+        checkpoint_model(path)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+@pytest.mark.parametrize("wrapper,wrapper_args,backbone,backbone_args,own", WRAPPED, ids=[w[0] for w in WRAPPED])
+def test_checkpoint_model_is_what_load_model_builds_from_args_json_alone(tmp_path, monkeypatch, fmt, wrapper, wrapper_args,
+                                                                          backbone, backbone_args, own):
+    net = get_model_class(backbone)(**backbone_args)
+    members = mdlus_members({**own, **{f"model.{k}": v for k, v in net.state_dict().items()}}, wrapper, wrapper_args)
+    path = write_archive(tmp_path / "w.mdlus", {"big-unused.bin": bytes(1 << 20), **members}, fmt)
+    read = []
+    real_zip, real_tar = zipfile.ZipFile.open, tarfile.TarFile.extractfile
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: read.append(getattr(name, "filename", name)) or real_zip(self, name, *a, **k))
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real_tar(self, m))
+    found = checkpoint_model(path)
+    assert read == ["args.json"]  # no weights
+    assert found == (backbone, backbone_args, backbone, wrapper)
+    assert checkpoint_model(path, class_name=backbone, args={"dropout": 0.5}).args == {**backbone_args, "dropout": 0.5}
+    monkeypatch.undo()
+    loaded = load_model(path, args={"dropout": 0.5})
+    assert type(loaded) is type(net) and loaded._init_args == type(net)(**{**backbone_args, "dropout": 0.5})._init_args
+
+
+def test_checkpoint_model_of_a_plain_state_dict_is_the_given_class_and_args(model, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    assert checkpoint_model(path, class_name="DiffusionModel", args=ARGS) == ("DiffusionModel", ARGS, None, None)
+    with pytest.raises(CheckpointError, match="plain state_dict.*recipe: model.class and model.args") as err:
+        checkpoint_model(path)
+    assert err.value.field == "class"
+
+
+def test_bad_args_json_is_named_by_checkpoint_model(model, tmp_path):
+    for raw in (b"{not json", b'{"__name__": 3}', b'{"__name__": "SongUNet", "__args__": []}'):
+        path = write_archive(tmp_path / "bad.mdlus", {**mdlus_members(model.state_dict()), "args.json": raw})
+        with pytest.raises(CheckpointError, match=f"{path}: args.json is not a PhysicsNeMo model description"):
+            checkpoint_model(path)
 
 
 def test_edm_precond_sr_with_scaled_condition_warns(tmp_path):

@@ -1,25 +1,29 @@
-"""Property-based sweep: random small configs of every model class export with parity, or are
-refused at recipe time with a reason.
+"""Property-based sweep: random small configs of every model class export with parity.
 
-Each drawn recipe goes through the library's own path: ``parse_recipe`` + ``check_recipe`` (a
-refusal must be a ``RecipeError`` naming a field), ``build_denoiser``, every parameter *and*
-floating buffer redrawn, ``export_program``, then ``export_onnx`` + an ONNX Runtime session of the
-file on disk, or ``export_aoti``. Outputs are compared with the eager denoiser at several noise
-levels with :func:`diffexport.parity.metrics.errors` against the fp32 preset
+The strategy (:func:`make_recipe`) draws only configs that are valid by construction, so a
+refusal by recipe validation fails the sweep (a valid config wrongly refused is a bug);
+:data:`INVALID` lists the draws it avoids, each with the refusal validation must give.
+Each drawn recipe goes through the library's own path: ``parse_recipe`` + ``check_recipe``,
+``build_denoiser``, every parameter *and* floating buffer redrawn, ``export_program``, then
+``export_onnx`` + an ONNX Runtime session of the file on disk, or ``export_aoti``. Outputs are
+compared with the eager denoiser at several noise levels with
+:func:`diffexport.parity.metrics.errors` against the fp32 preset
 (:data:`diffexport.parity.tolerances.PRESETS`).
 
-Budget: ``SWEEP_ONNX`` (default 30) drawn configs plus one explicit example per model class and the
-NCSN++ config of issue 9, all in *one* ONNX file, and ``SWEEP_AOTI`` (default 6) drawn configs in
-*one* AOTInductor package: a module holding the denoisers side by side, each fed its own inputs
-and compared on its own output (one export and one compile instead of 36 and 6: tracing and the
-C++ compile dominate; the denoisers share no tensors, so each computes its own function). The
-side-by-side program is traced like ``export_program`` (eval, no_grad, non-strict) with a static
-batch of 2; lowering is the library's ``export_onnx`` / ``export_aoti``.
+Budget: ``SWEEP_ONNX`` (default 25) drawn configs plus one explicit example per model class and
+the NCSN++ config of issue 9 (31, every one exported), all in *one* ONNX file, and ``SWEEP_AOTI``
+(default 6) drawn configs in *one* AOTInductor package: a module holding the denoisers side by
+side, each fed its own inputs and compared on its own output (one export and one compile instead
+of 31 and 6: tracing and the C++ compile dominate; the denoisers share no tensors, so each
+computes its own function). The side-by-side program is traced like ``export_program`` (eval,
+no_grad, non-strict) with a static batch of 2; lowering is the library's ``export_onnx`` /
+``export_aoti``. ``test_every_draw_validates`` validates 60 more draws (validation only).
 The seed is printed; replay a failure with ``SWEEP_SEED=<seed>``.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from dataclasses import replace
@@ -29,6 +33,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+
+from conftest import GRID_CHANNELS
 
 from diffexport.engines.onnxruntime import make_session
 from diffexport.export import build_denoiser, check_recipe, example_inputs, export_onnx
@@ -40,7 +46,7 @@ from diffexport.recipes import IOSpec, RecipeError, io_spec, parse_recipe
 # A fixed default keeps CI deterministic; SWEEP_SEED=random draws a fresh one (printed, replayable).
 _SEED = os.environ.get("SWEEP_SEED", "1")
 SEED = random.randrange(2**31) if _SEED == "random" else int(_SEED)
-ONNX_EXAMPLES = int(os.environ.get("SWEEP_ONNX", 30))
+ONNX_EXAMPLES = int(os.environ.get("SWEEP_ONNX", 25))
 AOTI_CONFIGS = int(os.environ.get("SWEEP_AOTI", 6))
 ONNX_GROUP = int(os.environ.get("SWEEP_ONNX_GROUP", 6))  # configs per side-by-side ONNX file
 RTOL = PRESETS["fp32"]["per_call_rtol"]
@@ -54,8 +60,9 @@ EDM = {"preconditioner": {"class": "EDMPreconditioner", "args": {"sigma_data": 0
 
 
 def make_recipe(pick) -> dict:
-    """One small recipe mapping of any model class (8x8 or 16x16, a few channels); ``pick(options)``
-    chooses each option (hypothesis' draw for the ONNX sweep, a seeded ``random.Random`` for AOTI)."""
+    """One small recipe mapping of any model class (8x8 or 16x16, a few channels), valid by
+    construction; ``pick(options)`` chooses each option (hypothesis' draw for the ONNX sweep, a
+    seeded ``random.Random`` for AOTI)."""
     cls = pick(["SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd", "DhariwalUNet", "DiffusionModel"])
     res, ch, levels = pick([8, 16]), pick([1, 2, 3]), pick([1, 2])
     batch = {"inputs": {"batch": {"min": 1, "opt": 2, "max": 3}}}
@@ -68,16 +75,15 @@ def make_recipe(pick) -> dict:
     model = dict(img_resolution=res, channel_mult=[1, 2][:levels], num_blocks=1, dropout=0.0, attn_resolutions=pick([[], [low]]),
                  label_dim=pick([0, 3]), augment_dim=pick([0, 4]))  # fmt: skip
     if cls == "DhariwalUNet":
-        model["model_channels"] = 32  # 64 channels per attention head
+        model["model_channels"] = 64 // levels  # 64 channels per attention head, at the deepest level too (ADM's middle block attends)
     else:
         model.update(model_channels=8, embedding_type=pick(["positional", "fourier"]), channel_mult_noise=pick([1, 2]),
                      encoder_type=pick(["standard", "skip", "residual"]), decoder_type=pick(["standard", "skip"]),
                      resample_filter=pick([[1, 1], [1, 3, 3, 1]]))  # fmt: skip
     extra, conditions = 0, []
     if cls in ("SongUNetPosEmbd", "SongUNetPosLtEmbd"):
-        model.update(gridtype=pick(["sinusoidal", "learnable", "linear"]), N_grid_channels=pick([2, 4]))
-        if model["gridtype"] == "linear":
-            model["N_grid_channels"] = 2
+        model["gridtype"] = pick(["sinusoidal", "learnable", "linear", "test"])
+        model["N_grid_channels"] = pick(GRID_CHANNELS[model["gridtype"]])  # 0: no grid (the lead time's channels remain)
         extra += model["N_grid_channels"]
     if cls == "SongUNetPosLtEmbd":
         model.update(lead_time_channels=2, lead_time_steps=3)
@@ -92,15 +98,19 @@ def make_recipe(pick) -> dict:
 recipes = st.composite(lambda draw: make_recipe(lambda options: draw(st.sampled_from(options))))
 
 
-def accepted(data: dict):
-    """``(io, denoiser)`` with every weight and floating buffer redrawn, or ``None`` after checking
-    that a refusal is a one-paragraph ``RecipeError`` naming a field."""
+def validated(data: dict):
+    """The recipe of ``data``, a config valid by construction: a refusal fails the test."""
     try:
-        recipe = check_recipe(parse_recipe(data, "sweep"))
-        denoiser = build_denoiser(recipe)
+        return check_recipe(parse_recipe(data, "sweep"))
     except RecipeError as e:
-        assert "model" in str(e) or "preconditioner" in str(e) or "sampler" in str(e), str(e)
-        return None
+        pytest.fail(f"recipe validation refused a valid config (SWEEP_SEED={SEED}): {data['model']['class']} "
+                    f"{data['model']['args']}, conditions {data.get('conditions', [])}: {e}")
+
+
+def built(data: dict):
+    """``(io, denoiser)`` of ``data`` (:func:`validated`) with every weight and floating buffer redrawn."""
+    recipe = validated(data)
+    denoiser = build_denoiser(recipe)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for b in denoiser.preconditioner.model.model.buffers():  # the model's, not the preconditioner's tables
@@ -145,6 +155,42 @@ def fixed(cls_index: int):
 
 
 EXAMPLES = [NCSNPP, *(make_recipe(fixed(i)) for i in range(5))]
+CLASSES = [e["model"]["class"] for e in EXAMPLES[1:]]
+
+
+def _grid(gridtype: str, channels: int):
+    def edit(m: dict) -> None:  # (in_channels follow, so only the grid itself is wrong)
+        m.update(gridtype=gridtype, N_grid_channels=channels, in_channels=m["in_channels"] - m["N_grid_channels"] + channels)
+    return edit
+
+
+# Draws make_recipe avoids, as edits of a class' explicit example, and the refusal each gets.
+INVALID = {
+    "ADM attention on 32 channels": ("DhariwalUNet", lambda m: m.update(model_channels=32, channel_mult=[1], attn_resolutions=[]),
+                                     "model.args.attn_resolutions: DhariwalUNet: attention on 32 channels has no head of 64 channels"),
+    "sinusoidal grid of 2": ("SongUNetPosEmbd", _grid("sinusoidal", 2), "N_grid_channels must be a multiple of 4 for gridtype 'sinusoidal'; got 2"),
+    "linear grid of 4": ("SongUNetPosLtEmbd", _grid("linear", 4), "N_grid_channels must be 2 for gridtype 'linear'; got 4"),
+    "test grid of 1": ("SongUNetPosEmbd", _grid("test", 1), "N_grid_channels must be 2 for gridtype 'test'; got 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_draws_are_refused_with_their_reason(case: str):
+    cls, edit, refusal = INVALID[case]
+    data = copy.deepcopy(EXAMPLES[1 + CLASSES.index(cls)])
+    validated(data)  # (the example itself is valid)
+    edit(data["model"]["args"])
+    with pytest.raises(RecipeError) as err:
+        check_recipe(parse_recipe(data, "sweep"))
+    assert refusal in str(err.value), str(err.value)
+
+
+@seed(SEED)
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recipes())
+def test_every_draw_validates(data):
+    """Validation only (cheap, so more draws than the exports below): the strategy draws no config validation refuses."""
+    validated(data)
 
 
 class _Side(torch.nn.Module):
@@ -163,11 +209,9 @@ class _Side(torch.nn.Module):
 
 
 def side_by_side(configs: list[dict]):
-    """The accepted configs as one program: ``(kept configs, program, io, inputs per σ, eager
-    outputs per σ)``. The io names each input/output ``c<k>_<name>``; batch is static (2)."""
-    kept = [(data, *made) for data in configs if (made := accepted(data)) is not None]
-    if not kept:  # every config of this group refused at recipe time
-        return [], None, None, [], []
+    """The configs as one program: ``(configs, program, io, inputs per σ, eager outputs per σ)``.
+    The io names each input/output ``c<k>_<name>``; batch is static (2)."""
+    kept = [(data, *built(data)) for data in configs]
     side = _Side([d for _, _, d in kept], [len(io.inputs) for _, io, _ in kept]).eval()
     calls = [call_inputs(io, d.index_high) for _, io, d in kept]
     flat = [tuple(t for c in per_sigma for t in c) for per_sigma in zip(*calls)]
@@ -196,8 +240,6 @@ def test_onnx_sweep(tmp_path_factory, drawn):
     everything, checked = EXAMPLES + drawn, 0
     for start in range(0, len(everything), ONNX_GROUP):  # the ONNX optimiser's cost grows faster than the graph
         configs, program, io, flat, wants = side_by_side(everything[start:start + ONNX_GROUP])
-        if not configs:
-            continue
         path = Path(tmp_path_factory.mktemp("sweep")) / "denoiser.onnx"
         export_onnx(program, io, path)
         torch.export.save(program, path.with_suffix(".pt2"))  # what the build hands its AOTI worker
@@ -208,7 +250,7 @@ def test_onnx_sweep(tmp_path_factory, drawn):
         got = [session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)}) for args in flat]
         check_all(configs, got, wants)
         checked += len(configs)
-    assert checked >= ONNX_EXAMPLES, "too many configs refused for the budget"
+    assert checked == len(everything) == len(EXAMPLES) + ONNX_EXAMPLES
 
 
 @pytest.mark.slow

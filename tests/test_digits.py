@@ -24,6 +24,7 @@ from diffexport.cli import app
 from diffexport.engines import build_engine
 from diffexport.engines.load import load
 from diffexport.engines.manifest import file_record, read_manifest, write_manifest
+from diffexport.export import validate_recipe
 from diffexport.parity import check_engine, run_parity
 from diffexport.parity.digits import load_digits16, load_judge, upsample
 from diffexport.parity.task import frechet_distance, judge_samples, resolve_judge
@@ -73,10 +74,14 @@ def test_training_steps_decrease_the_loss():
 
 
 def test_shipped_checkpoint_loads_strictly_with_the_recipe_args():
-    recipe = yaml.safe_load(RECIPE.read_text())
-    model = load_model(RECIPE.parent / recipe["model"]["checkpoint"], class_name="SongUNet", args=recipe["model"]["args"])
+    """The recipe names only the checkpoint: validation takes the class and args from its args.json."""
+    raw = yaml.safe_load(RECIPE.read_text())
+    assert "class" not in raw["model"] and "args" not in raw["model"]
+    recipe = validate_recipe(RECIPE)
+    assert recipe.model.class_name == "SongUNet" and recipe.model.args["label_dim"] == 10 and recipe.model.args["img_resolution"] == 16
+    model = load_model(RECIPE.parent / raw["model"]["checkpoint"], class_name=recipe.model.class_name, args=recipe.model.args)
     assert type(model).__name__ == "SongUNet" and model.map_label.weight.shape[1] == 10 and not model.training
-    assert (RECIPE.parent / recipe["model"]["checkpoint"]).stat().st_size < 5e6
+    assert (RECIPE.parent / raw["model"]["checkpoint"]).stat().st_size < 5e6
 
 
 def test_judge_is_accurate_on_held_out_real_digits():

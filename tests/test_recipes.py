@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_RECIPES
+from conftest import GRID_CHANNELS, TINY_RECIPES
 
 from diffexport.diffusion import preconditioners
 from diffexport.engines.build import sampler_schedule
@@ -40,7 +40,7 @@ def test_every_expected_recipe_is_shipped():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_recipe_builds_its_pieces(path: Path):
     """Schema, model constructor (meta device), channel arithmetic, preconditioner and schedule."""
-    recipe = load_recipe(path)
+    recipe = resolve_model(load_recipe(path))  # (the quickstart's class and args are its checkpoint's)
     assert recipe.name == path.stem
     model = meta_model(recipe)
     c, h, w = image_shape(recipe)
@@ -349,7 +349,7 @@ def _grid_models(draw):
     + positional grid (any gridtype, 0 channels included) + lead-time channels."""
     cls = draw(st.sampled_from(["SongUNetPosEmbd", "SongUNetPosLtEmbd"]))
     gridtype = draw(st.sampled_from(["sinusoidal", "learnable", "linear", "test"]))
-    grid = draw(st.sampled_from({"sinusoidal": [0, 4, 8], "learnable": [0, 1, 3], "linear": [0, 2], "test": [0, 2]}[gridtype]))
+    grid = draw(st.sampled_from(GRID_CHANNELS[gridtype]))
     lead = draw(st.integers(1, 3)) if cls == "SongUNetPosLtEmbd" else 0
     x, cond = draw(st.integers(1, 3)), draw(st.integers(0, 2))
     h, w = draw(st.sampled_from([8, 16])), draw(st.sampled_from([8, 16]))
@@ -368,3 +368,175 @@ def test_grid_models_channel_accounting_matches_the_model(drawn):
     model, conditions, shape = drawn
     recipe = validate_recipe(_with(lambda d: d.update(model=model, conditions=conditions)))
     assert image_shape(recipe) == shape
+
+
+# --- model class and args from the checkpoint ---------------------------------------------------
+
+import zipfile  # noqa: E402
+
+from diffexport.checkpoints import save_model  # noqa: E402
+from diffexport.export import build_denoiser, resolve_model  # noqa: E402
+from diffexport.models.init import randomize_  # noqa: E402
+
+SONG = {**BASE["model"]["args"]}  # the tiny quickstart's SongUNet (3 channels, 16x16)
+
+
+def _song(**args) -> torch.nn.Module:
+    return randomize_(get_model_class("SongUNet")(**{**SONG, **args}), 0)
+
+
+def _mdlus(path: Path, name: str, args: dict, state: dict) -> Path:
+    """A PhysicsNeMo 2.x .mdlus of ``state`` whose args.json says ``name(**args)``."""
+    buffer = __import__("io").BytesIO()
+    torch.save(state, buffer)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("model.pt", buffer.getvalue())
+        archive.writestr("args.json", json.dumps({"__name__": name, "__module__": "physicsnemo.x", "__args__": args}))
+    return path
+
+
+def _recipe_file(folder: Path, model: dict, **top) -> Path:
+    """The tiny quickstart with ``model`` (and top-level ``top``) replaced, written beside the checkpoints."""
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_with(lambda d: d.update(model=model, **top))))
+    return path
+
+
+def _refusal(path: Path) -> list[str]:
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid recipe" and all(line.startswith(f"  {path}: ") for line in lines[1:]), lines
+    return [line.removeprefix(f"  {path}: ") for line in lines[1:]]
+
+
+def test_recipe_with_only_a_checkpoint_takes_its_class_and_args(tmp_path: Path):
+    net = _song()
+    save_model(net, tmp_path / "song.mdlus")
+    path = _recipe_file(tmp_path, {"checkpoint": "song.mdlus"})
+    assert load_recipe(path).model.class_name is None  # (parsing alone does not read the checkpoint)
+    recipe = validate_recipe(path)
+    assert recipe.model.class_name == "SongUNet" and recipe.model.args == net._init_args
+    assert str(recipe._source) == str(path.resolve()) and io_spec(recipe).inputs[0].shape == [-1, 3, 16, 16]
+    denoiser = build_denoiser(load_recipe(path))  # the build merges the same way
+    assert type(denoiser.preconditioner.model.model).__name__ == "SongUNet"
+    assert torch.equal(denoiser.preconditioner.model.model.enc["16x16_conv"].weight, net.enc["16x16_conv"].weight)
+
+
+def test_recipe_args_override_single_checkpoint_args(tmp_path: Path):
+    save_model(_song(), tmp_path / "song.mdlus")
+    path = _recipe_file(tmp_path, {"class": "SongUNet", "checkpoint": "song.mdlus", "args": {"dropout": 0.25, "use_apex_gn": False}})
+    recipe = validate_recipe(path)
+    assert recipe.model.args == {**_song()._init_args, "dropout": 0.25, "use_apex_gn": False}
+    assert build_denoiser(load_recipe(path)).preconditioner.model.model._init_args["dropout"] == 0.25
+    # a refused override is the recipe's own field; the checkpoint's channel count meets the recipe's conditions
+    path = _recipe_file(tmp_path, {"checkpoint": "song.mdlus", "args": {"model_channels": 0}})
+    assert _refusal(path) == ["model.args.model_channels: SongUNet: must be an int >= 1, got 0"]
+    path = _recipe_file(tmp_path, {"checkpoint": "song.mdlus"}, conditions=[{"name": "c", "kind": "image", "shape": [2, 16, 16]}])
+    assert _refusal(path)[0].startswith("model.args: the model takes 3 image channels but x has 3 and the image conditions add 2")
+
+
+def test_recipe_class_other_than_the_checkpoints_is_one_line_naming_both(tmp_path: Path):
+    save_model(_song(), tmp_path / "song.mdlus")
+    path = _recipe_file(tmp_path, {"class": "DhariwalUNet", "checkpoint": "song.mdlus"})
+    assert _refusal(path) == [f"model.class: {tmp_path / 'song.mdlus'} holds a SongUNet, not a DhariwalUNet (class_name, recipe: "
+                              "model.class): leave the class out to take the checkpoint's, or name SongUNet"]
+
+
+def test_recipe_of_a_wrapped_corrdiff_checkpoint_takes_its_backbone(tmp_path: Path):
+    """An EDMPrecondSuperResolution .mdlus (CorrDiff's diffusion model): its SongUNetPosEmbd backbone, in_channels =
+    img_in_channels (image condition + grid) + img_out_channels."""
+    tiny = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    wrapper = dict(img_resolution=[16, 8], img_in_channels=3, img_out_channels=2, use_fp16=False, model_type="SongUNetPosEmbd",
+                   sigma_data=0.5, sigma_min=0.0, sigma_max=80.0, gridtype="linear", N_grid_channels=2, **tiny)
+    backbone = dict(img_resolution=[16, 8], in_channels=5, out_channels=2, gridtype="linear", N_grid_channels=2, **tiny)
+    net = randomize_(get_model_class("SongUNetPosEmbd")(**backbone), 0)
+    _mdlus(tmp_path / "sr.mdlus", "EDMPrecondSuperResolution", wrapper, {f"model.{k}": v for k, v in net.state_dict().items()})
+    cond = [{"name": "img_lr", "kind": "image", "shape": [1, 16, 8]}]
+    recipe = validate_recipe(_recipe_file(tmp_path, {"checkpoint": "sr.mdlus"}, conditions=cond))
+    assert recipe.model.class_name == "SongUNetPosEmbd" and recipe.model.args == backbone
+    assert [s.shape for s in io_spec(recipe).inputs] == [[-1, 2, 16, 8], [-1], [-1, 1, 16, 8]]
+    assert build_denoiser(recipe).preconditioner.model.model.state_dict().keys() == net.state_dict().keys()
+    refused = _refusal(_recipe_file(tmp_path, {"class": "SongUNet", "checkpoint": "sr.mdlus"}, conditions=cond))
+    assert refused == [f"model.class: {tmp_path / 'sr.mdlus'} holds a SongUNetPosEmbd (the backbone of its EDMPrecondSuperResolution), "
+                       "not a SongUNet (class_name, recipe: model.class): leave the class out to take the checkpoint's, or name SongUNetPosEmbd"]
+
+
+def test_recipe_of_a_plain_state_dict_needs_class_and_args(tmp_path: Path):
+    torch.save(_song().state_dict(), tmp_path / "weights.pt")
+    (line,) = _refusal(_recipe_file(tmp_path, {"checkpoint": "weights.pt"}))
+    assert line.startswith(f"model.class: {tmp_path / 'weights.pt'} is a plain state_dict") and "model.class and model.args" in line
+    (line,) = _refusal(_recipe_file(tmp_path, {"class": "SongUNet", "checkpoint": "weights.pt"}))
+    assert line == f"model.args: {tmp_path / 'weights.pt'} is a plain state_dict, which records no constructor arguments: give them in model.args"
+    recipe = validate_recipe(_recipe_file(tmp_path, {"class": "SongUNet", "checkpoint": "weights.pt", "args": SONG}))
+    assert recipe.model.args == SONG
+    assert _refusal(_recipe_file(tmp_path, {"args": SONG})) == ["model: class: required without a checkpoint (a .mdlus checkpoint names its class)"]
+
+
+def test_bad_args_json_is_refused_naming_the_checkpoint(tmp_path: Path):
+    state = _song().state_dict()
+    ckpt = _mdlus(tmp_path / "m.mdlus", "SongUNet", {**SONG, "bogus": 1}, state)
+    (line,) = _refusal(_recipe_file(tmp_path, {"checkpoint": "m.mdlus"}))
+    assert line.startswith("model.args: unknown argument(s) bogus for SongUNet") and line.endswith(f" (from {ckpt} args.json)"), line
+    _mdlus(ckpt, "SongUNet", {**SONG, "img_resolution": "16"}, state)
+    (line,) = _refusal(_recipe_file(tmp_path, {"checkpoint": "m.mdlus"}))
+    assert line.startswith("model.args.img_resolution: must be") and line.endswith(f"got '16' (Input should be a valid integer) (from {ckpt} args.json)"), line
+    with zipfile.ZipFile(ckpt, "w") as archive:
+        archive.writestr("model.pt", b"")
+        archive.writestr("args.json", "{not json")
+    (line,) = _refusal(_recipe_file(tmp_path, {"checkpoint": "m.mdlus"}))
+    assert line.startswith(f"model.checkpoint: {ckpt}: args.json is not a PhysicsNeMo model description"), line
+
+
+def test_engine_records_the_checkpoints_class_and_args_and_rebuilds_when_they_change(tmp_path: Path):
+    """manifest["recipe"] and recipe.yaml hold the merged class and args (self-describing: the reference needs no
+    checkpoint); new args.json, same weights: a new content key."""
+    from diffexport.engines import build_engine
+    from diffexport.engines.torch_engine import engine_recipe
+
+    net = _song()
+    save_model(net, tmp_path / "song.mdlus")
+    path = _recipe_file(tmp_path, {"checkpoint": "song.mdlus", "args": {"dropout": 0.0}}, export={"targets": ["onnx"]}, deploy={})
+    first = build_engine(path, tmp_path / "e")
+    model = first.manifest["recipe"]["model"]
+    assert (model["class"], model["args"]) == ("SongUNet", net._init_args)
+    assert yaml.safe_load((first.engine_dir / "recipe.yaml").read_text())["model"] == model
+    assert engine_recipe(first.engine_dir).model.args == net._init_args
+    net._init_args["label_dropout"] = 0.5  # (no effect at eval, no weight changes)
+    save_model(net, tmp_path / "song.mdlus")
+    second = build_engine(path, tmp_path / "e")
+    assert second.built and second.manifest["weights"] == first.manifest["weights"]
+    assert second.manifest["content_key"] != first.manifest["content_key"]
+    assert second.manifest["recipe"]["model"]["args"]["label_dropout"] == 0.5
+    from diffexport.engines.base import EngineError
+    from diffexport.engines.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(second.engine_dir)
+    del manifest["recipe"]["model"]["class"]  # an unresolved recipe: the engine would no longer describe itself
+    write_manifest(second.engine_dir, manifest)
+    with pytest.raises(EngineError, match="field 'recipe' is not a valid recipe: model.class: missing"):
+        read_manifest(second.engine_dir)
+
+
+_OVERRIDES = {"dropout": st.sampled_from([0.0, 0.3, -0.5]), "model_channels": st.sampled_from([0, 8]), "label_dim": st.sampled_from([0, 3]),
+              "channel_mult": st.sampled_from([[1], [1, 2], []]), "out_channels": st.sampled_from([3, 2]), "img_resolution": st.sampled_from([16, 15])}
+
+
+@pytest.fixture(scope="module")
+def song_mdlus(tmp_path_factory) -> Path:
+    return save_model(_song(), tmp_path_factory.mktemp("ckpt") / "song.mdlus")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture], derandomize=True)
+@given(overrides=st.fixed_dictionaries({}, optional=_OVERRIDES))
+def test_checkpoint_recipe_validates_as_the_recipe_spelling_out_its_args(song_mdlus, overrides):
+    """Validation sees the merged class and args: the same verdict, the same lines (less the note naming args.json)."""
+    def verdict(model: dict):
+        try:
+            recipe = validate_recipe(_with(lambda d: d.update(model=model)))
+        except RecipeError as e:
+            return str(e).replace(f" (from {song_mdlus} args.json)", "")
+        return recipe.model.class_name, recipe.model.args
+
+    merged = {**_song()._init_args, **overrides}
+    assert verdict({"checkpoint": str(song_mdlus), "args": overrides}) == verdict({"class": "SongUNet", "args": merged})

@@ -284,6 +284,8 @@ def check_manifest(path: Path, manifest: dict) -> None:
     try:
         io = IOSpec.from_dict(manifest["io"])
         recipe = parse_recipe(manifest["recipe"], f"{path}: recipe")
+        if recipe.model.class_name is None:  # a build writes the class and args it built (from the checkpoint's args.json)
+            raise RecipeError("model.class: missing; the manifest's recipe is the resolved one")
         want = io_spec(recipe).to_dict()
     except RecipeError as e:
         raise EngineError(f"{path}: field 'recipe' is not a valid recipe: {str(e).splitlines()[-1].strip()}") from None

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "INDUCTOR_CONFIGS": "aoti", "export_aoti": "aoti",
     "Denoiser": "denoiser", "build_denoiser": "denoiser", "example_inputs": "denoiser", "instantiate_model": "denoiser",
+    "resolve_model": "denoiser",
     "random_global_index": "denoiser", "random_input": "denoiser",
     "export_onnx": "onnx",
     "dtype_of": "precision", "mixed_precision": "precision",

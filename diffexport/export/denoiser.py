@@ -16,11 +16,26 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from diffexport.checkpoints import load_model
+from diffexport.checkpoints import CheckpointError, checkpoint_model, load_model
 from diffexport.diffusion.utils import ConcatConditionWrapper
 from diffexport.models import get_model_class
 from diffexport.models.init import randomize_
 from diffexport.recipes import IOSpec, Recipe, RecipeError, TensorSpec, io_spec, resolve_path
+
+
+def resolve_model(recipe: Recipe) -> Recipe:
+    """``recipe`` with the model's class and args as built: with a checkpoint, those its ``args.json``
+    records (:func:`~diffexport.checkpoints.checkpoint_model`; only args.json is read), ``model.args``
+    over them. ``CheckpointError`` (``field``: the recipe's ``model.<field>`` at fault) when they cannot be."""
+    spec = recipe.model
+    if spec.checkpoint is None:
+        return recipe
+    path = resolve_path(recipe, spec.checkpoint)
+    found = checkpoint_model(path, class_name=spec.class_name, args=spec.args)
+    if found.stored is None and not spec.args:
+        raise CheckpointError(f"{path} is a plain state_dict, which records no constructor arguments: give them in model.args",
+                              field="args")
+    return recipe.model_copy(update={"model": spec.model_copy(update={"class_name": found.class_name, "args": found.args})})
 
 
 def instantiate_model(recipe: Recipe) -> nn.Module:
@@ -69,9 +84,11 @@ class Denoiser(nn.Module):
 
 
 def build_denoiser(recipe: Recipe) -> Denoiser:
-    """The recipe's model (:func:`instantiate_model`) inside ``preconditioner.class(**args)``, eval mode."""
+    """The recipe's model (:func:`instantiate_model`, class and args by :func:`resolve_model`) inside
+    ``preconditioner.class(**args)``, eval mode."""
     from diffexport.diffusion import preconditioners
 
+    recipe = resolve_model(recipe)
     cls = getattr(preconditioners, recipe.preconditioner.class_name, None)
     if cls is None:
         raise RecipeError(

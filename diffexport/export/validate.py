@@ -3,8 +3,9 @@
 ``validate_recipe(path)`` = ``check_recipe(load_recipe(path))``; every build runs it first. What is
 checked, each failure one line ``<file>: <field path>: <what is allowed>``:
 
-* model: the class exists, takes ``model.args`` (names, types), and its constructor plus one
-  shape-only forward (meta device, the recipe's engine inputs) accept them;
+* model: with a checkpoint, its class and args merged in (:func:`~diffexport.export.denoiser.resolve_model`:
+  a ``.mdlus``'s args.json, ``model.args`` over it); the class exists, takes those args (names, types),
+  and its constructor plus one shape-only forward (meta device, the recipe's engine inputs) accept them;
 * preconditioner and ``sampler.scheduler``: names, types and ranges of their args (the classes'
   own checks, :class:`~diffexport.diffusion.base.ArgumentError`), and a finite, decreasing schedule;
 * solver and scheduler fit (:func:`~diffexport.diffusion.samplers.check_fit`, from each solver's
@@ -29,6 +30,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
+from diffexport.checkpoints import CheckpointError
 from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import ArgumentError
 from diffexport.diffusion.multi_diffusion import GridPatching2D
@@ -145,15 +147,13 @@ def _model_problems(recipe: Recipe) -> list[str]:
     m = recipe.model
     if m.class_name not in model_names():
         return [f"model.class: unknown model class {m.class_name!r}; expected one of {', '.join(model_names())}"]
-    if m.checkpoint is not None and not (path := resolve_path(recipe, m.checkpoint)).is_file():
-        return [f"model.checkpoint: {path} is not a file; expected a .mdlus / .pt checkpoint"]
     cls = get_model_class(m.class_name)
     if problems := _call_problems("model.args", cls, m.args):
         return problems
     try:
         image_shape(recipe)
-    except ValueError:
-        return []  # reported by parse_recipe already
+    except ValueError as e:  # (parse_recipe reports these already unless the args came with a checkpoint)
+        return [str(e)]
     import tensordict  # noqa: F401  (imported lazily elsewhere; its import runs tensor code, not to be done on meta)
 
     from diffexport.diffusion.utils import ConcatConditionWrapper
@@ -257,13 +257,42 @@ def _raise(recipe: Recipe, problems: list[str]) -> None:
     raise RecipeError("invalid recipe\n  " + "\n  ".join(f"{source}: {msg}" for msg in problems))
 
 
+def _resolved_model(recipe: Recipe) -> tuple[Recipe, list[str]]:
+    """``recipe`` with its checkpoint's class and args merged in (:func:`~diffexport.export.denoiser.resolve_model`),
+    or ``recipe`` and the line saying why they cannot be."""
+    m = recipe.model
+    if m.checkpoint is None:
+        return recipe, []
+    if not (path := resolve_path(recipe, m.checkpoint)).is_file():
+        return recipe, [f"model.checkpoint: {path} is not a file; expected a .mdlus / .pt checkpoint"]
+    from diffexport.export.denoiser import resolve_model
+
+    try:
+        return resolve_model(recipe), []
+    except CheckpointError as e:
+        return recipe, [f"model.{e.field or 'checkpoint'}: {e}"]
+
+
+def _model_lines(recipe: Recipe, merged: Recipe) -> list[str]:
+    """:func:`_model_problems` of ``merged``; ``model.args`` lines not about the recipe's own args name the
+    checkpoint whose args.json gave them."""
+    problems = _model_problems(merged)
+    if merged.model.args == recipe.model.args:
+        return problems
+    note = f" (from {resolve_path(recipe, recipe.model.checkpoint)} args.json)"
+    own = recipe.model.args
+    return [p + note if (m := re.match(r"model\.args(?:\.(\w+))?:", p)) and m[1] not in own else p for p in problems]
+
+
 def check_recipe(recipe: Recipe) -> Recipe:
-    """``recipe`` when everything it names exists, fits together and takes its args; else
+    """``recipe`` as built (with a checkpoint: ``model.class`` and ``model.args`` merged from its args.json,
+    :func:`_resolved_model`) when everything it names exists, fits together and takes its args; else
     ``RecipeError`` with one line per problem, each naming the file, the field and what is allowed."""
-    scheduler, problems = _scheduler(recipe)
+    merged, problems = _resolved_model(recipe)
+    scheduler, sampler_problems = _scheduler(merged)
     if scheduler is not None:
-        problems += _schedule_problems(recipe, scheduler) + _solver_problems(recipe, scheduler)
-    problems = _model_problems(recipe) + _preconditioner_problems(recipe) + _patching_problems(recipe) + problems
-    if problems:
-        _raise(recipe, problems)
-    return recipe
+        sampler_problems += _schedule_problems(merged, scheduler) + _solver_problems(merged, scheduler)
+    problems = (problems or _model_lines(recipe, merged)) + _preconditioner_problems(merged) + _patching_problems(merged)
+    if problems + sampler_problems:
+        _raise(recipe, problems + sampler_problems)
+    return merged

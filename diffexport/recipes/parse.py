@@ -66,10 +66,11 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as e:
         lines = [f"{source}: {_loc(err['loc'])}: {_describe(err)}" for err in e.errors()]
         raise RecipeError("invalid recipe\n  " + "\n  ".join(lines)) from None
-    try:
-        image_shape(recipe)
-    except ValueError as e:
-        raise RecipeError(f"invalid recipe\n  {source}: {e}") from None
+    if recipe.model.checkpoint is None:  # (a checkpoint's class and args are merged, then checked, by check_recipe)
+        try:
+            image_shape(recipe)
+        except ValueError as e:
+            raise RecipeError(f"invalid recipe\n  {source}: {e}") from None
     return recipe
 
 
@@ -125,6 +126,8 @@ def image_shape(recipe: Recipe) -> tuple[int, int, int]:
     """(C, H, W) of the engine's ``x`` (the patch under ``sampler.patching.global_index``) from the
     model's args, checking the conditions add up to its input channels."""
     cls = recipe.model.class_name
+    if cls is None:
+        raise ValueError("model.class: not known until the checkpoint is read (diffexport.export.check_recipe merges it)")
     a = _ModelArgs(recipe.model.args, cls=cls)
     keys = {"DiffusionModel": ("channels", "image_size", "channels"), "UNet": ("img_out_channels", "img_resolution", "img_in_channels")}
     k_out, k_res, k_in = keys.get(cls, ("out_channels", "img_resolution", "in_channels"))

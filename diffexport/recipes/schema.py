@@ -40,10 +40,19 @@ class Init(Strict):
 
 
 class ModelSpec(Strict):
-    class_name: str = Field(alias="class")
+    """``class`` and ``args`` may come from a ``.mdlus`` checkpoint's args.json: ``class`` then may be
+    left out and ``args`` override single arguments (merged by ``diffexport.export.check_recipe``)."""
+
+    class_name: str | None = Field(None, alias="class")
     args: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     init: Init = Init()
+
+    @model_validator(mode="after")
+    def _class_or_checkpoint(self) -> ModelSpec:
+        if self.class_name is None and self.checkpoint is None:
+            raise ValueError("class: required without a checkpoint (a .mdlus checkpoint names its class)")
+        return self
 
 
 def one_of(what: str, value: str, choices: tuple[str, ...]) -> str:
