@@ -353,3 +353,12 @@ def test_any_valid_sampler_runs_finite_and_as_its_step_table(sampler, batch):
     # both keep x in float32 (the table's coefficients are float64): few steps from a large sigma_max cancel
     # about sigma_max * 6e-8 of the state (EDM 22026 -> 1 in 2 Heun steps: 1.7e-3)
     assert rel_l2(out, table) <= 1e-3 * max(1.0, manifest["sigmas"][0] / 100)
+
+
+@pytest.mark.parametrize("batch", [0, -2, True, 1.5])
+def test_sample_refuses_a_batch_that_is_not_a_positive_int(batch):
+    """``batch=0`` gave one sample (``batch or 1``); every non-positive or non-integer batch is refused by name."""
+    sampler = {"scheduler": {"class": "EDMNoiseScheduler", "args": {}}, "solver": "heun", "num_steps": 2, "solver_options": {}}
+    with pytest.raises(ValueError, match=r"^batch must be an int >= 1 \(the number of samples\), got"):
+        sample(GaussianEngine(), sampler, batch=batch)
+    assert sample(GaussianEngine(), sampler, batch=np.int64(2)).shape == (2, 1, 2, 3)

@@ -23,6 +23,7 @@ on whole images of the engine's size).
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -278,6 +279,8 @@ def sample(
         spec = spec.with_steps(num_steps)
     if guidance is not None:
         spec = replace(spec, guidance=guidance)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1):
+        raise ValueError(f"batch must be an int >= 1 (the number of samples), got {batch!r}")
     device = engine.device
     c, h, w = image_shape(engine, spec)
     if batch is None and latents is None:
