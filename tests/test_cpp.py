@@ -257,6 +257,20 @@ def test_latents_drawn_from_seed_and_steps(index_engine_dir, runner, tmp_path):
     check_parity(runner, engine, inputs, tmp_path / "ddpm.npy", steps=7, seed=1, batch=3)
 
 
+def test_iddpm_steps_beyond_the_table_refused(index_engine_dir, runner, tmp_path):
+    """``--steps`` above the number of iDDPM levels in [sigma_min, sigma_max] is refused naming the table, as
+    Python's ``IDDPMNoiseScheduler.timesteps`` refuses it (it used to repeat levels)."""
+    engine = shutil.copytree(index_engine_dir, tmp_path / "engine")
+    set_sampler(engine, "IDDPMNoiseScheduler", {"sigma_max": 0.01}, "heun", 2)
+    inputs = make_inputs(engine, tmp_path, n=2)
+    assert run(runner / BINARY, engine, inputs, tmp_path / "ok.npy", "--steps", "2").returncode == 0
+    done = run(runner / BINARY, engine, inputs, tmp_path / "out.npy", "--steps", "3")
+    want = "num_steps must be <= 2: the iDDPM table of M = 1000 has 2 levels between sigma_min = 0.002 and sigma_max = 0.01, got 3"
+    assert done.returncode == 1 and want in done.stderr and not (tmp_path / "out.npy").exists(), done.stderr
+    with pytest.raises(ValueError, match=want.replace(", got 3", "")):
+        python_samples(engine, inputs, num_steps=3)
+
+
 def test_index_condition_and_padding(index_engine_dir, runner, tmp_path):
     """int64 conditions reach the package; 4 rows run as chunks of 3 and 1, the 1 padded to the
     minimum batch 2 by repeating its row (the padding must not leak into the kept rows)."""

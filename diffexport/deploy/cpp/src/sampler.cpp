@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <set>
 
@@ -31,6 +32,13 @@ Tensor ramp(int n) { return at::arange(n, at::kDouble) / static_cast<double>(std
 Tensor lerp(double a, double b, int n) {
   const Tensor r = ramp(n);
   return at::lerp(at::full_like(r, a), at::full_like(r, b), r);
+}
+
+/// `v` as Python's `{v:g}` writes it (6 significant digits).
+std::string num_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
 }
 
 Tensor append_zero(const Tensor& t) { return at::cat({t, at::zeros({1}, t.options())}); }
@@ -116,6 +124,7 @@ class IDDPM : public VarianceExploding {
   explicit IDDPM(const Args& a) {
     const double smin = a.num("sigma_min", 0.002), smax = a.num("sigma_max", 81.0), C_1 = a.num("C_1", 0.001), C_2 = a.num("C_2", 0.008);
     const int M = static_cast<int>(a.num("M", 1000));
+    smin_ = smin, smax_ = smax, M_ = M;
     std::vector<double> abar(M + 1), u(M + 1, 0.0);
     for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
     for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
@@ -125,12 +134,18 @@ class IDDPM : public VarianceExploding {
     u_ = at::tensor(kept, at::kDouble);
   }
   Tensor timesteps(int n) const override {
+    if (n > u_.size(0))  // more steps than levels would repeat some (IDDPMNoiseScheduler.timesteps refuses the same)
+      throw Error("num_steps must be <= " + std::to_string(u_.size(0)) + ": the iDDPM table of M = " + std::to_string(M_) + " has " +
+                  std::to_string(u_.size(0)) + " levels between sigma_min = " + num_str(smin_) + " and sigma_max = " + num_str(smax_) +
+                  ", got " + std::to_string(n));
     const Tensor idx = (ramp(n) * (u_.size(0) - 1)).round().to(at::kLong);
     return append_zero(u_.index({idx})).to(at::kFloat);
   }
 
  private:
   Tensor u_;
+  double smin_ = 0, smax_ = 0;
+  int M_ = 0;
 };
 
 class VE : public Schedule {  // t = σ²
