@@ -287,6 +287,28 @@ def test_sample_cli_cycles_labels_over_the_latents_batch(built_dhariwal, tmp_pat
         assert np.load(out).shape == (3, 3, 16, 16)
 
 
+def test_sample_cli_refuses_more_class_indices_than_the_batch(built_dhariwal, tmp_path):
+    """A class-index file longer than the batch (--batch or --latents) was cut to the batch silently; it is
+    refused naming the file, the condition, its rows and the batch, as a one-hot file with too many rows is.
+    A shorter one still cycles; without a batch the file sets it."""
+    runner, out = CliRunner(), tmp_path / "o.npy"
+    np.save(tmp_path / "labels.npy", np.array([0, 1, 2, 3, 1]))
+    np.save(tmp_path / "onehot.npy", np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1]])
+    np.save(tmp_path / "latents.npy", (80 * np.random.default_rng(0).normal(size=(3, 3, 16, 16))).astype(np.float32))
+    for size in (["--batch", "3"], ["--latents", str(tmp_path / "latents.npy")]):
+        r = runner.invoke(app, ["sample", str(built_dhariwal), *size, "-c", f"class_labels={tmp_path / 'labels.npy'}", "--out", str(out)])
+        assert r.exit_code == 1 and not out.exists(), r.output
+        assert f"{tmp_path / 'labels.npy'}: condition 'class_labels' (class indices) must have at most 3 rows, the batch" in r.output
+        assert "got 5" in r.output and "Traceback" not in r.output
+        r = runner.invoke(app, ["sample", str(built_dhariwal), *size, "-c", f"class_labels={tmp_path / 'onehot.npy'}", "--out", str(out)])
+        assert r.exit_code == 1 and "condition 'class_labels'" in r.output and "[5, 4]" in r.output, r.output
+    r = runner.invoke(app, ["sample", str(built_dhariwal), "-c", f"class_labels={tmp_path / 'labels.npy'}", "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 0 and np.load(out).shape == (5, 3, 16, 16), r.output
+    r = runner.invoke(app, ["sample", str(built_dhariwal), "--batch", "7", "-c", f"class_labels={tmp_path / 'labels.npy'}", "--steps", "1",
+                            "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0 and np.load(out).shape == (7, 3, 16, 16), r.output
+
+
 # --- property: every sampler the recipe validation accepts runs on an engine, finite, as its step table says ---------
 
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
