@@ -234,7 +234,10 @@ def sample(
 
     Args:
         denoiser: ``(x, t) -> update`` from ``noise_scheduler.get_denoiser(...)``.
-        xN: initial latents [B, *] (``noise_scheduler.init_latents``); sets dtype and device.
+        xN: initial latents [B, *] (``noise_scheduler.init_latents``); sets the device and the dtype of
+            the state, times, slopes and per-step noise (as PhysicsNeMo's ``sample``). Pass float64 latents
+            for EDM's float64 loop over a float32 network (``edm_x0_predictor(denoiser_dtype=float32)``),
+            as :func:`diffexport.runtime.sample` does.
         noise_scheduler: supplies ``timesteps(num_steps)`` unless ``time_steps`` is given.
         num_steps: number of steps N >= 1 (ignored when ``time_steps`` is given).
         solver: a key of :data:`SOLVERS` or a :class:`Solver` instance. For string keys,
@@ -357,16 +360,20 @@ def _ddim_step(solver: DDIMSolver, t_cur: int, t_next: int) -> dict:
 
 
 def sample_step_table(denoiser_fn: Callable[[Tensor, Tensor], Tensor], xN: Tensor, steps: list[dict],
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, denoiser_dtype: torch.dtype | None = None) -> Tensor:
     """Run a :func:`step_table` with an EDM denoiser ``D(x, sigma [B])`` (an engine): the reference
-    for runtimes that read ``manifest["sampler"]["steps"]``. Noise is drawn as :func:`sample`
-    draws it (one ``randn`` per step of a churning or ``eta > 0`` solver), so with the same
-    ``generator`` the two agree to float rounding."""
+    for runtimes that read ``manifest["sampler"]["steps"]``. As in :func:`sample`, xN's dtype is the
+    state's (float64 in :func:`diffexport.runtime.sample`); D gets x and sigma in ``denoiser_dtype``
+    (float32 for an engine; None: the state's) and its output is cast back. Noise is drawn as
+    :func:`sample` draws it (one ``randn`` in the state's dtype per step of a churning or ``eta > 0``
+    solver), so with the same ``generator`` the two agree to float rounding."""
     x, B = xN, xN.shape[0]
+    dtype = denoiser_dtype or xN.dtype
     stochastic = any(s.get("churn") for s in steps) or any(s.get("ddim", {}).get("c_noise") for s in steps)
 
     def D(x: Tensor, e: dict) -> Tensor:
-        return denoiser_fn(e["in_scale"] * x, torch.full((B,), e["sigma"], dtype=x.dtype, device=x.device))
+        sigma = torch.full((B,), e["sigma"], dtype=dtype, device=x.device)
+        return denoiser_fn((e["in_scale"] * x).to(dtype), sigma).to(x.dtype)
 
     for step in steps:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if stochastic else None

@@ -128,7 +128,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
     scheduler = scheduler_of(recipe)
     cls, solver = type(scheduler), samplers.SOLVERS[s.solver]
     try:
-        t = scheduler.timesteps(s.num_steps)
+        t = scheduler.timesteps(s.num_steps, dtype=torch.float64)  # the runtime's float64 times (int64 when discrete)
         steps = samplers.step_table(scheduler, s.solver, t, s.solver_options)
     except (TypeError, ValueError) as e:  # check_recipe refuses these first
         raise RecipeError(f"{_source(recipe)}: sampler: {s.scheduler.class_name} with {s.solver}: {e}") from None

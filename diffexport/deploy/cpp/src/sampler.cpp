@@ -1,5 +1,6 @@
 // The manifest's sampler, step for step as diffexport/diffusion/samplers.py computes it, in ATen
 // ops (the same kernels as the Python runtime): noise schedulers, ODE right-hand side, solvers.
+// As there (and EDM's generate.py), the state, times and slopes are float64; the engine gets float32.
 #include "diffexport/sampler.h"
 
 #include <ATen/ATen.h>
@@ -92,7 +93,7 @@ class Schedule {
   virtual Tensor sigma_inv(const Tensor& s) const = 0;
   virtual Tensor edm_sigma(const Tensor& t) const { return sigma(t) / alpha(t); }
   virtual Tensor edm_sigma_inv(const Tensor& s) const { return sigma_inv(s); }
-  virtual Tensor timesteps(int n) const = 0;  ///< [n + 1]: float32 (int64 when discrete)
+  virtual Tensor timesteps(int n) const = 0;  ///< [n + 1]: float64 (int64 when discrete)
   virtual Tensor alpha_bar(const Tensor&) const { throw Error("alpha_bar: only for DDPMScheduler"); }
 };
 
@@ -112,7 +113,7 @@ class EDM : public VarianceExploding {
   explicit EDM(const Args& a) : smin_(a.num("sigma_min", 0.002)), smax_(a.num("sigma_max", 80.0)), rho_(a.num("rho", 7.0)) {}
   Tensor timesteps(int n) const override {
     const double a = std::pow(smax_, 1 / rho_), b = std::pow(smin_, 1 / rho_);
-    return append_zero(at::pow(lerp(a, b, n), rho_)).to(at::kFloat);
+    return append_zero(at::pow(lerp(a, b, n), rho_));
   }
 
  private:
@@ -139,7 +140,7 @@ class IDDPM : public VarianceExploding {
                   std::to_string(u_.size(0)) + " levels between sigma_min = " + num_str(smin_) + " and sigma_max = " + num_str(smax_) +
                   ", got " + std::to_string(n));
     const Tensor idx = (ramp(n) * (u_.size(0) - 1)).round().to(at::kLong);
-    return append_zero(u_.index({idx})).to(at::kFloat);
+    return append_zero(u_.index({idx}));
   }
 
  private:
@@ -158,7 +159,7 @@ class VE : public Schedule {  // t = σ²
   Tensor sigma_dot(const Tensor& t) const override { return t.sqrt().reciprocal() * 0.5; }
   Tensor timesteps(int n) const override {
     const double ratio = smin_ * smin_ / (smax_ * smax_);
-    return append_zero(at::pow(ratio, ramp(n)) * (smax_ * smax_)).to(at::kFloat);
+    return append_zero(at::pow(ratio, ramp(n)) * (smax_ * smax_));
   }
 
  private:
@@ -176,7 +177,7 @@ class VP : public Schedule {
   Tensor sigma_dot(const Tensor& t) const override { return (t * bd_ + bmin_) * 0.5 * at::pow(alpha(t), 2) / sigma(t); }
   Tensor edm_sigma(const Tensor& t) const override { return at::expm1(a_(t)).sqrt(); }
   Tensor edm_sigma_inv(const Tensor& s) const override { return t_of_a(at::log1p(at::pow(s, 2))); }
-  Tensor timesteps(int n) const override { return append_zero(lerp(tmax_, eps_, n)).to(at::kFloat); }
+  Tensor timesteps(int n) const override { return append_zero(lerp(tmax_, eps_, n)); }
 
  private:
   Tensor a_(const Tensor& t) const { return at::pow(t, 2) * (0.5 * bd_) + t * bmin_; }
@@ -357,12 +358,14 @@ class Run {
     return outs.size() == 1 ? outs[0] : at::cat(outs);
   }
 
-  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `JointClassifierFreeGuidance`:
+  /// `edm_x0_predictor(denoiser_dtype=float32)`: x0 = D(x_t / α(t), σ(t)/α(t)), computed in the state's
+  /// float64, the engine's input cast to float32 and its output back; with guidance `JointClassifierFreeGuidance`:
   /// one call on [x; x] with [cond; uncond], then uncond + cfg·(cond − uncond).
   Tensor x0(const Tensor& x, const Tensor& t) {
     auto predict = [&](const Tensor& xs, const Tensor& ts, const std::vector<Tensor>& conditions) {
       const Tensor alpha = bv(sch_.alpha(ts), xs).to(xs.scalar_type());
-      return engine(xs / alpha, sch_.edm_sigma(ts).to(xs.scalar_type()), conditions);
+      const Tensor sigma = sch_.edm_sigma(ts).to(xs.scalar_type());
+      return engine((xs / alpha).to(at::kFloat), sigma.to(at::kFloat), conditions).to(xs.scalar_type());
     };
     if (guidance_ == 1) return predict(x, t, conditions_);
     const std::vector<Tensor> both = predict(at::cat({x, x}), at::cat({t, t}), joint_).chunk(2);
@@ -571,9 +574,9 @@ Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw
   Tensor times = at::tensor(times_, at::kDouble);
   if (schedule_->discrete()) times = times.to(at::kLong);
   Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
-  Tensor x = draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents);
-  if (!schedule_->discrete()) times = times.to(at::kFloat);  // samplers.sample: the times in x's dtype
-  Tensor out = loop.sample(x, times);
+  // runtime.sample: float32 latents, a float64 state and times (samplers.sample: the times in x's dtype), float32 samples
+  const Tensor x = (draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents)).to(at::kDouble);
+  Tensor out = loop.sample(x, times).to(at::kFloat);
   if (!clip_.empty()) out.clamp_(clip_[0], clip_[1]);
   return to_array(out);
 }
