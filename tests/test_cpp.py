@@ -178,8 +178,10 @@ def index_engine_dir(tmp_path_factory) -> Path:
 
 
 def set_sampler(engine: Path, scheduler: str, args: dict, solver: str, num_steps: int, options: dict | None = None) -> None:
-    """Rewrite ``manifest.sampler`` as ``engines.build.sampler_schedule`` records it (step table included)."""
+    """Rewrite ``manifest.sampler`` as ``engines.build.sampler_schedule`` records it (step table included); an
+    iDDPM schedule gets the iDDPM preconditioner's ``round_sigma`` (churned noise levels rounded to its table)."""
     from diffexport.diffusion import noise_schedulers, samplers
+    from diffexport.diffusion.preconditioners import rounding_spec, sigma_rounding
     from diffexport.export.validate import resolved_args
 
     sch = getattr(noise_schedulers, scheduler)(**args)
@@ -189,7 +191,10 @@ def set_sampler(engine: Path, scheduler: str, args: dict, solver: str, num_steps
                "solver_options": options or {}, "solver_args": {k: str(v) if v in (float("inf"), float("-inf")) else v for k, v in solver_args.items()},
                "discrete": not t.is_floating_point(), "time_steps": t.tolist(),
                "sigmas": sch.edm_sigma(t if not t.is_floating_point() else t.double()).double().tolist(), "alphas": sch.alpha(t).double().tolist(),
-               "patching": None, "steps": samplers.step_table(sch, solver, t, options or {})}
+               "patching": None}
+    if rounding := rounding_spec("IDDPMPreconditioner", {}) if scheduler == "IDDPMNoiseScheduler" else None:
+        sampler["round_sigma"] = rounding
+    sampler["steps"] = samplers.step_table(sch, solver, t, options or {}, rounding and sigma_rounding(rounding["class"], rounding["args"]))
     edit_manifest(engine, lambda m: m.update(sampler=sampler))
 
 
@@ -203,6 +208,7 @@ SAMPLERS = {  # mirrors of the shipped recipes' pairs (EDM + heun, DDPM + ddim) 
     "vp-heun": ("VPNoiseScheduler", {"beta_min": 0.1, "beta_d": 19.9, "epsilon_s": 1e-3, "t_max": 1.0}, "heun", 6, {}),
     "vp-stochastic-euler": ("VPNoiseScheduler", {}, "edm_stochastic_euler", 8, {"S_churn": 4.0}),
     "iddpm-heun": ("IDDPMNoiseScheduler", {"sigma_min": 0.002, "sigma_max": 81.0}, "heun", 6, {}),
+    "iddpm-stochastic-heun": ("IDDPMNoiseScheduler", {}, "edm_stochastic_heun", 6, {"S_churn": 40.0}),  # t_hat rounded to the table
     "ddpm-ddim": ("DDPMScheduler", {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "ddim", 50, {"eta": 0.0}),
     "ddpm-ancestral": ("DDPMScheduler", {"num_train_timesteps": 100}, "ddim", 20, {"eta": 1.0}),
 }

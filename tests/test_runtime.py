@@ -363,6 +363,61 @@ def test_state_is_float64_as_in_edm(sigma_min, sigma_max, n):
     assert states == [(torch.float64, torch.float64)] * n
 
 
+def edm_stochastic_heun_float64(engine, latents, t_steps, S_churn, round_sigma, generator) -> torch.Tensor:
+    """EDM's generate.py (Alg. 2, S_min = 0, S_max = inf, S_noise = 1) written out, with the network's
+    ``round_sigma`` on the time steps and on t_hat; float64 state, the engine called in float32."""
+    t_steps = torch.cat([round_sigma(t_steps[:-1]), torch.zeros(1, dtype=torch.float64)])
+    x, gamma = latents.double(), min(S_churn / (len(t_steps) - 1), math.sqrt(2) - 1)
+
+    def D(x, t):
+        return engine(x.float(), torch.full((x.shape[0],), float(t), dtype=torch.float32)).double()
+
+    for t_cur, t_next in zip(t_steps[:-1], t_steps[1:]):
+        t_hat = round_sigma(t_cur + gamma * t_cur)
+        x_hat = x + (t_hat**2 - t_cur**2).sqrt() * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        d_cur = (x_hat - D(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d_cur
+        if t_next > 0:
+            x = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * (x - D(x, t_next)) / t_next)
+    return x
+
+
+def test_iddpm_churn_rounds_the_raised_level_to_the_preconditioners_table():
+    """iDDPM + edm_stochastic_heun: t_hat = round_sigma(t + gamma t) as in EDM and PhysicsNeMo's stochastic
+    sampler, so the engine only ever sees levels of the table it was trained on (it got the exact t_hat, for
+    which the iDDPM preconditioner conditions on the nearest level while c_skip / c_out use t_hat)."""
+    from diffexport.diffusion.preconditioners import IDDPMPreconditioner
+    from diffexport.engines.build import sampler_schedule
+    from diffexport.export import validate_recipe
+    from tests.conftest import TINY_RECIPES
+
+    recipe = validate_recipe({**TINY_RECIPES["quickstart"], "preconditioner": {"class": "IDDPMPreconditioner", "args": {}},
+                              "sampler": {"scheduler": {"class": "IDDPMNoiseScheduler", "args": {}}, "solver": "edm_stochastic_heun",
+                                          "num_steps": 8, "solver_options": {"S_churn": 40}}})
+    manifest = sampler_schedule(recipe)
+    assert manifest["round_sigma"] == {"class": "IDDPMPreconditioner", "args": {"C_1": 0.001, "C_2": 0.008, "M": 1000}}
+    table = IDDPMPreconditioner(torch.nn.Identity()).u  # float32, as the engine compares sigma with it
+    assert all(step["churn"]["t_hat"] in IDDPMPreconditioner.sigma_levels().tolist() for step in manifest["steps"])
+    seen, engine = [], ConvEngine()
+
+    class Recording:
+        backend, device, io = engine.backend, engine.device, engine.io
+
+        def __call__(self, x, sigma):
+            seen.append(sigma)
+            return engine(x, sigma)
+
+    latents = manifest["sigmas"][0] * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sample(Recording(), manifest, latents=latents, seed=5)
+    assert all(bool(torch.isin(s, table).all()) for s in seen), [s[0].item() for s in seen if not torch.isin(s, table).all()]
+    pre = IDDPMPreconditioner(torch.nn.Identity()).double()
+    want = edm_stochastic_heun_float64(engine, latents, torch.tensor(manifest["time_steps"], dtype=torch.float64), 40, pre.round_sigma,
+                                       torch.Generator().manual_seed(5))
+    assert rel_l2(out, want) <= 1e-6, rel_l2(out, want)
+    steps = samplers.sample_step_table(engine, latents.double(), manifest["steps"], torch.Generator().manual_seed(5), torch.float32)
+    assert rel_l2(out, steps) <= 1e-6
+
+
 # --- property: every sampler the recipe validation accepts runs on an engine, finite, as its step table says ---------
 
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
@@ -404,20 +459,25 @@ def _valid_samplers(draw):
         options = {"S_churn": draw(st.sampled_from([0.0, 5.0, 80.0])), "S_min": 0.01} if solver.startswith("edm_") else {}
         if solver.endswith("heun"):
             options["alpha"] = draw(st.sampled_from([0.5, 1.0]))
-    return {"scheduler": {"class": cls, "args": args}, "solver": solver, "num_steps": draw(st.integers(1, 8)), "solver_options": options}
+    precond = {"class": "IDDPMPreconditioner", "args": {}} if cls == "IDDPMNoiseScheduler" and draw(st.booleans()) else None
+    sampler = {"scheduler": {"class": cls, "args": args}, "solver": solver, "num_steps": draw(st.integers(1, 8)), "solver_options": options}
+    return {"sampler": sampler, **({"preconditioner": precond} if precond else {})}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sampler=_valid_samplers(), batch=st.integers(1, 5))
-@example(sampler={"scheduler": {"class": "VENoiseScheduler", "args": {}}, "solver": "heun", "num_steps": 2, "solver_options": {}}, batch=2)
-@example(sampler={"scheduler": {"class": "EDMNoiseScheduler", "args": {"rho": 0.25}}, "solver": "euler", "num_steps": 3, "solver_options": {}}, batch=1)
+@example(sampler={"sampler": {"scheduler": {"class": "VENoiseScheduler", "args": {}}, "solver": "heun", "num_steps": 2, "solver_options": {}}}, batch=2)
+@example(sampler={"sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {"rho": 0.25}}, "solver": "euler", "num_steps": 3,
+                              "solver_options": {}}}, batch=1)
+@example(sampler={"sampler": {"scheduler": {"class": "IDDPMNoiseScheduler", "args": {}}, "solver": "edm_stochastic_euler", "num_steps": 5,
+                              "solver_options": {"S_churn": 80.0}}, "preconditioner": {"class": "IDDPMPreconditioner", "args": {}}}, batch=3)
 def test_any_valid_sampler_runs_finite_and_as_its_step_table(sampler, batch):
     from diffexport.engines.build import sampler_schedule
     from diffexport.export import validate_recipe
     from tests.conftest import TINY_RECIPES
 
     try:
-        recipe = validate_recipe({**TINY_RECIPES["quickstart"], "sampler": sampler})
+        recipe = validate_recipe({**TINY_RECIPES["quickstart"], **sampler})  # the sampler, with iDDPM's preconditioner or EDM's
     except ValueError:
         return  # refused by name (tests/test_recipes.py checks how)
     manifest = sampler_schedule(recipe)

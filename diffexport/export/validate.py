@@ -231,7 +231,8 @@ def _solver_problems(recipe: Recipe, scheduler: Any) -> list[str]:
         return [f"sampler.solver: {e}"]
     cls = samplers.SOLVERS[s.solver]
     why = {"num_steps": "set by sampler.num_steps", "generator": "set by the sampler's seed",
-           "noise_scheduler": "set by sampler.scheduler", "denoiser": "set by the engine"}
+           "noise_scheduler": "set by sampler.scheduler", "denoiser": "set by the engine",
+           "round_sigma": "set by the preconditioner"}
     supplied = {k: why[k] for k in samplers.SUPPLIED}
     if problems := _call_problems("sampler.solver_options", cls, s.solver_options, skip=1, supplied=supplied):
         return problems

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from diffexport.diffusion import noise_schedulers, samplers
+from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import NoiseSource
 from diffexport.diffusion.guidance import JointClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
@@ -50,6 +50,19 @@ StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 ENGINE_DTYPE = torch.float32  # the engines' x, sigma and denoised (docs/ENGINE_FORMAT.md)
 STATE_DTYPE = torch.float64  # the solver state, as EDM's generate.py keeps it
+
+
+def make_rounding(spec: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``manifest["sampler"]["round_sigma"]`` (``{"class", "args"}`` of the preconditioner) -> the nearest-level
+    rounding of its noise levels that the stochastic solvers apply to churned levels; None: no rounding."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
+        raise ValueError(f"sampler.round_sigma: expected {{class, args}}, got {spec!r}")
+    try:
+        return preconditioners.sigma_rounding(str(spec.get("class")), spec.get("args", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampler.round_sigma: {e}") from None
 
 
 def make_scheduler(spec: dict) -> Any:
@@ -71,6 +84,7 @@ class SamplerSpec:
     patching: dict | None = None
     guidance: float | None = None  # classifier-free guidance scale (manifest sampler.guidance.cfg)
     clip: tuple[float, float] | None = None  # the data range the final samples are clamped to
+    round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None  # the preconditioner's levels, for churned ones
 
     @property
     def num_steps(self) -> int:
@@ -85,7 +99,8 @@ class SamplerSpec:
         else:
             times = scheduler.timesteps(int(sampler["num_steps"]), dtype=torch.float64)
         return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
-                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None)
+                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None,
+                   make_rounding(sampler.get("round_sigma")))
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
         """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
@@ -193,11 +208,15 @@ def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.
 
 
 def _solver_options(spec: SamplerSpec, generator: torch.Generator | GroupNoise) -> dict:
-    """The recipe's solver options, plus the generator when the solver draws noise and none is set."""
+    """The recipe's solver options, plus the generator when the solver draws noise and none is set, and
+    the preconditioner's ``round_sigma`` for a churning solver."""
     opts = dict(spec.solver_options)
     cls = samplers.SOLVERS.get(spec.solver)
-    if cls is not None and "generator" in inspect.signature(cls).parameters and opts.get("generator") is None:
+    params = inspect.signature(cls).parameters if cls is not None else {}
+    if "generator" in params and opts.get("generator") is None:
         opts["generator"] = generator
+    if "round_sigma" in params and spec.round_sigma is not None:
+        opts["round_sigma"] = spec.round_sigma
     return opts
 
 

@@ -120,17 +120,22 @@ class EDM : public VarianceExploding {
   double smin_, smax_, rho_;
 };
 
+/// `iddpm_sigma_table`: the iDDPM noise levels u_0 > u_1 > ... > u_M = 0 (EDM paper, Table 1).
+std::vector<double> iddpm_table(double C_1, double C_2, int M) {
+  std::vector<double> abar(M + 1), u(M + 1, 0.0);
+  for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
+  for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
+  return u;
+}
+
 class IDDPM : public VarianceExploding {
  public:
   explicit IDDPM(const Args& a) {
     const double smin = a.num("sigma_min", 0.002), smax = a.num("sigma_max", 81.0), C_1 = a.num("C_1", 0.001), C_2 = a.num("C_2", 0.008);
     const int M = static_cast<int>(a.num("M", 1000));
     smin_ = smin, smax_ = smax, M_ = M;
-    std::vector<double> abar(M + 1), u(M + 1, 0.0);
-    for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
-    for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
     std::vector<double> kept;
-    for (double v : u)
+    for (double v : iddpm_table(C_1, C_2, M))
       if (v >= smin && v <= smax) kept.push_back(v);
     u_ = at::tensor(kept, at::kDouble);
   }
@@ -223,6 +228,22 @@ std::shared_ptr<const Schedule> make_schedule(const SamplerSpec& s, const std::s
               "' is not supported by the C++ runner (EDMNoiseScheduler, VENoiseScheduler, VPNoiseScheduler, IDDPMNoiseScheduler, DDPMScheduler)");
 }
 
+/// `sampler.round_sigma` -> the positive noise levels of the preconditioner (`IDDPMPreconditioner.sigma_levels`)
+/// that churned levels are rounded to; empty when the manifest has none (a continuous preconditioner).
+std::vector<double> round_sigma_levels(const Field& sampler, const std::string& where) {
+  if (!sampler.has("round_sigma")) return {};
+  const Field spec = sampler.at("round_sigma");
+  const std::string cls = spec.at("class").str();
+  if (cls != "IDDPMPreconditioner")
+    throw Error(where + "round_sigma.class: '" + cls + "' is not supported by the C++ runner (IDDPMPreconditioner)");
+  const Json& json = spec.has("args") ? spec.at("args").json() : Json::object();
+  const Args a(json, where + "round_sigma.args.", {"C_1", "C_2", "M"});
+  std::vector<double> levels;
+  for (double v : iddpm_table(a.num("C_1", 0.001), a.num("C_2", 0.008), static_cast<int>(a.num("M", 1000))))
+    if (v > 0) levels.push_back(v);
+  return levels;
+}
+
 /// The solver and its options (samplers.py signatures), checked against what the manifest gives.
 struct SolverSpec {
   std::string name;
@@ -298,9 +319,10 @@ Array to_array(const Tensor& t) {
 class Run {
  public:
   Run(const Engine& e, Backend& backend, const Schedule& sch, const SolverSpec& solver, std::vector<Tensor> conditions, uint64_t seed,
-      double guidance)
+      double guidance, const std::vector<double>& levels)
       : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)), guidance_(guidance),
         gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {
+    if (!levels.empty()) levels_ = at::tensor(levels, at::kDouble);
     if (guidance_ != 1)  // classifier-free guidance: conditional rows, then unconditional ones (vector conditions zeroed)
       for (size_t i = 0; i < conditions_.size(); ++i)
         joint_.push_back(at::cat({conditions_[i], e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]}));
@@ -396,11 +418,16 @@ class Run {
     return last.any().item<bool>() ? at::where(bv(last, x), x_euler, x_heun) : x_heun;
   }
 
-  /// EDM churn: raise the noise level s -> s (1 + γ) where S_min <= s <= S_max, adding fresh noise.
+  /// EDM churn: raise the noise level s -> s (1 + γ) where S_min <= s <= S_max (rounded to the nearest of the
+  /// preconditioner's levels when it has them, EDM's round_sigma), adding fresh noise.
   std::pair<Tensor, Tensor> churn(const Tensor& x, const Tensor& t, double gamma_max) {
     const Tensor s = sch_.edm_sigma(t);
     const Tensor gamma = ((s >= solver_.S_min) & (s <= solver_.S_max)).to(s.scalar_type()) * gamma_max;
-    const Tensor s_hat = s * (gamma + 1);
+    Tensor s_hat = s * (gamma + 1);
+    if (levels_.defined()) {  // preconditioners.level_rounding
+      const Tensor index = (s_hat.reshape({-1, 1}).to(at::kDouble) - levels_.reshape({1, -1})).abs().argmin(1);
+      s_hat = at::where(gamma > 0, levels_.index({index}).reshape(s_hat.sizes()).to(s_hat.scalar_type()), s_hat);
+    }
     const Tensor t_hat = at::where(gamma > 0, sch_.edm_sigma_inv(s_hat), t);
     const Tensor a = bv(sch_.alpha(t), x), a_hat = bv(sch_.alpha(t_hat), x);
     const Tensor noise = bv((at::pow(s_hat, 2) - at::pow(s, 2)).clamp_min(0).sqrt() * solver_.S_noise, x) *
@@ -429,11 +456,12 @@ class Run {
   std::vector<Tensor> conditions_, joint_;
   double guidance_;
   at::Generator gen_;
+  Tensor levels_;  // the preconditioner's noise levels (sampler.round_sigma), undefined: no rounding
 };
 
 const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "solver_args", "discrete",
                                             "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance",
-                                            "clip"};
+                                            "clip",      "round_sigma"};
 
 bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
 
@@ -494,6 +522,7 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
     clip_ = {clip[0].number(), clip[1].number()};
   }
   schedule_ = make_schedule(s, where);
+  levels_ = round_sigma_levels(sampler, where);
   solver_spec(s, *schedule_, where);  // checked here, so that a bad solver fails before the denoiser loads
   Tensor times;
   if (!s.time_steps.empty() && (options.steps <= 0 || options.steps == s.num_steps)) {
@@ -573,7 +602,7 @@ Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw
   for (size_t i = 2; i < engine_.inputs.size(); ++i) conds.push_back(to_tensor(conditions.at(engine_.inputs[i].name)));
   Tensor times = at::tensor(times_, at::kDouble);
   if (schedule_->discrete()) times = times.to(at::kLong);
-  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
+  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_, levels_);
   // runtime.sample: float32 latents, a float64 state and times (samplers.sample: the times in x's dtype), float32 samples
   const Tensor x = (draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents)).to(at::kDouble);
   Tensor out = loop.sample(x, times).to(at::kFloat);
