@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensordict import TensorDict
 from torch import nn
 
@@ -228,3 +230,24 @@ def test_ddpm_preconditioner_is_the_epsilon_model_in_edm_form():
     x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     expected = x - s.view(-1, 1, 1, 1) * Eps()(x * abar.sqrt().float().view(-1, 1, 1, 1), t.float())
     torch.testing.assert_close(DDPMPreconditioner(Eps())(x, s), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sigma=st.floats(0.0065, 2.5e4))
+def test_sampler_rounding_is_the_iddpm_preconditioners_round_sigma(sigma):
+    """What the stochastic samplers round a churned level to (``rounding_spec`` -> ``sigma_rounding``, no model)
+    is the level ``IDDPMPreconditioner.round_sigma`` picks, in float64 (its buffer holds the float32 values);
+    continuous preconditioners have no rounding."""
+    from diffexport.diffusion.preconditioners import IDDPMPreconditioner, rounding_spec, sigma_rounding
+
+    spec = rounding_spec("IDDPMPreconditioner", {"M": 1000})
+    assert spec == {"class": "IDDPMPreconditioner", "args": {"C_1": 0.001, "C_2": 0.008, "M": 1000}}
+    assert rounding_spec("EDMPreconditioner", {"sigma_data": 0.5}) is None and rounding_spec("VPPreconditioner", {}) is None
+    s = torch.tensor([sigma], dtype=torch.float64)
+    got = sigma_rounding(spec["class"], spec["args"])(s)
+    levels = IDDPMPreconditioner.sigma_levels()
+    assert got.dtype == torch.float64 and got.item() in levels.tolist()
+    assert (s - got).abs().item() == (s - levels).abs().min().item()  # the nearest level
+    pre = IDDPMPreconditioner(nn.Identity())
+    if (levels - s).abs().sort().values[:2].diff().abs().item() > 1e-5 * sigma:  # not at a tie between two levels
+        assert got.float().item() == pre.round_sigma(s.float()).item()

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffexport.diffusion import (
     DDPMScheduler,
@@ -45,6 +47,23 @@ def test_ve_vp_iddpm_timesteps():
     assert (idd[:-2] > idd[1:-1]).all()
     for t in (ve, vp, idd):
         assert t.shape == (N + 1,) and t[-1] == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(sigma_min=st.floats(1e-3, 10.0), ratio=st.floats(1.01, 1e4), M=st.sampled_from([10, 100, 1000]))
+def test_iddpm_timesteps_decrease_for_every_step_count_the_table_allows(sigma_min, ratio, M):
+    """Up to the number L of levels in [sigma_min, sigma_max] the steps are distinct table levels; L + 1 is
+    refused naming the table (it used to repeat levels, refused later as 'not decreasing; check its range')."""
+    try:
+        sched = IDDPMNoiseScheduler(sigma_min=sigma_min, sigma_max=sigma_min * ratio, M=M)
+    except ValueError:
+        return  # no level in range: refused by the constructor
+    L = len(sched.u)
+    for n in sorted({n for n in (1, 2, L // 2, L) if 1 <= n <= L}):
+        t = sched.timesteps(n, dtype=torch.float64)[:-1]
+        assert len(t) == n and bool((t[:-1] > t[1:]).all()) and bool(torch.isin(t, sched.u).all())
+    with pytest.raises(ValueError, match=rf"num_steps must be <= {L}: the iDDPM table of M = {M} has {L} levels between sigma_min"):
+        sched.timesteps(L + 1)
 
 
 def test_iddpm_table():

@@ -156,6 +156,12 @@ def test_load_errors_name_what_is_wrong(tmp_path, built_quickstart):
     (tmp_path / MANIFEST).write_text(json.dumps(edited))
     with pytest.raises(EngineError, match="field 'sampler' is missing"):
         load(tmp_path)
+    rounded = read_manifest(built_quickstart)  # an EDM engine with iDDPM's rounding of churned noise levels
+    rounded["sampler"]["round_sigma"] = {"class": "IDDPMPreconditioner", "args": {"C_1": 0.001, "C_2": 0.008, "M": 1000}}
+    (tmp_path / MANIFEST).write_text(json.dumps(rounded))
+    with pytest.raises(EngineError, match=r"field 'sampler.round_sigma' is \{'class': 'IDDPMPreconditioner'.*but the recipe's "
+                                          r"preconditioner gives None; the manifest is damaged or edited"):
+        load(tmp_path)
 
 
 def test_aoti_package_runs_only_where_it_was_compiled(built_conditional):

@@ -126,6 +126,9 @@ BROKEN = {
     "DDPM sigma over float32": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler", "args": {"beta_end": 0.9}}, solver="ddim", num_steps=4),
                                 "sampler.scheduler.args: DDPMScheduler gives noise levels beyond float32"),
     "DDPM steps > T": (lambda d: d["sampler"].update(scheduler={"class": "DDPMScheduler", "args": {"num_train_timesteps": 5}}, solver="ddim", num_steps=10), "sampler.num_steps: DDPMScheduler: must be <= num_train_timesteps = 5"),
+    "iDDPM steps > levels": (lambda d: d["sampler"].update(scheduler={"class": "IDDPMNoiseScheduler", "args": {"sigma_max": 0.01}}, num_steps=3),
+                             "sampler.num_steps: IDDPMNoiseScheduler: must be <= 2: the iDDPM table of M = 1000 has 2 levels between "
+                             "sigma_min = 0.002 and sigma_max = 0.01"),
     "guidance with patching": (lambda d: d.update(conditions=[{"name": "class_labels", "kind": "vector", "shape": [4]}],
                                                   model={**d["model"], "args": {**d["model"]["args"], "label_dim": 4}},
                                                   sampler={**d["sampler"], "guidance": {"cfg": 2.0}, "patching": {"img_shape": [24, 24]}}),

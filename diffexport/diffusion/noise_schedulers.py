@@ -385,7 +385,12 @@ class IDDPMNoiseScheduler(_VarianceExploding):
         require(len(self.u) > 0, "sigma_min", f"<= sigma_max with an iDDPM level in between (levels {u[-2]:.4g}..{u[0]:.4g})", sigma_min)
 
     def timesteps(self, num_steps: int, *, device=None, dtype=None) -> Tensor:
-        """N entries of the in-range table at evenly spaced (rounded) indices, then 0."""
+        """N entries of the in-range table at evenly spaced (rounded) indices, then 0. ``num_steps``
+        must not exceed the number of table levels between sigma_min and sigma_max (else some repeat)."""
+        check_num_steps(num_steps)
+        require(num_steps <= len(self.u), "num_steps",
+                f"<= {len(self.u)}: the iDDPM table of M = {self.M} has {len(self.u)} levels between sigma_min = "
+                f"{self.sigma_min:g} and sigma_max = {self.sigma_max:g} (more steps would repeat levels; widen the range or raise M)", num_steps)
         idx = ((len(self.u) - 1) * _ramp(num_steps)).round().long()
         return _append_zero(self.u[idx], device, dtype)
 

@@ -15,7 +15,9 @@ buffers; input checks are skipped while tracing (``torch.compiler.is_compiling()
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,6 +59,13 @@ class BaseAffinePreconditioner(nn.Module, ABC):
     def round_sigma(self, sigma: Tensor) -> Tensor:
         """The noise level the model is conditioned on nearest to ``sigma`` (identity: continuous)."""
         return sigma
+
+    @classmethod
+    def sigma_levels(cls, **args: Any) -> Tensor | None:
+        """Without a model: the positive noise levels (float64, decreasing) that an instance built with
+        ``args`` conditions on, which samplers round a raised (churned) noise level to as EDM's
+        ``round_sigma(t_hat)`` does (:func:`level_rounding`); None when continuous (no rounding)."""
+        return None
 
     def forward(self, x: Tensor, t: Tensor, condition: Condition = None, **model_kwargs: Any) -> Tensor:
         """``D(x, t)`` at diffusion time ``t`` [B] (PhysicsNeMo's API): :meth:`denoise` at ``sigma(t)``."""
@@ -153,6 +162,12 @@ class IDDPMPreconditioner(BaseAffinePreconditioner):
         self.C_1, self.C_2, self.M = C_1, C_2, M
         self.register_buffer("u", iddpm_sigma_table(C_1, C_2, M).float())
 
+    @classmethod
+    def sigma_levels(cls, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000) -> Tensor:
+        """The table's positive levels u_0 > ... > u_{M-1} in float64 (``u`` is their float32 rounding, and u_M = 0)."""
+        u = iddpm_sigma_table(C_1, C_2, M)
+        return u[u > 0]
+
     def round_sigma(self, sigma: Tensor, return_index: bool = False) -> Tensor:
         """Nearest table level u_j to each sigma (or its index j), same shape as sigma."""
         index = (sigma.reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape)
@@ -164,6 +179,43 @@ class IDDPMPreconditioner(BaseAffinePreconditioner):
 
     def model_output(self, F_x: Tensor, x: Tensor) -> Tensor:
         return F_x[:, : x.shape[1]] if F_x.ndim > 1 and F_x.shape[1] == 2 * x.shape[1] else F_x
+
+
+def level_rounding(levels: Tensor | None) -> Callable[[Tensor], Tensor] | None:
+    """``round_sigma(sigma)``: each sigma replaced by the nearest of ``levels`` (compared in float64; same
+    shape and dtype as sigma), e.g. of :meth:`IDDPMPreconditioner.sigma_levels`; None when ``levels`` is."""
+    if levels is None:
+        return None
+
+    def round_sigma(sigma: Tensor) -> Tensor:
+        lv = levels.to(device=sigma.device, dtype=torch.float64)
+        index = (sigma.reshape(-1, 1).double() - lv.reshape(1, -1)).abs().argmin(dim=1)
+        return lv[index].reshape(sigma.shape).to(sigma.dtype)
+
+    return round_sigma
+
+
+def _preconditioner_class(class_name: str) -> type[BaseAffinePreconditioner]:
+    cls = globals().get(class_name)
+    if not (isinstance(cls, type) and issubclass(cls, BaseAffinePreconditioner)):
+        raise ValueError(f"{class_name!r} is not a preconditioner of diffexport.diffusion")
+    return cls
+
+
+def rounding_spec(class_name: str, args: dict[str, Any]) -> dict | None:
+    """``{"class", "args"}`` for :func:`sigma_rounding` (the args :meth:`~BaseAffinePreconditioner.sigma_levels`
+    takes, defaults filled in) when ``class_name(model, **args)`` conditions on discrete noise levels, else None:
+    the manifest's ``sampler.round_sigma``."""
+    cls = _preconditioner_class(class_name)
+    params = inspect.signature(cls.sigma_levels).parameters.values()
+    levels_args = {p.name: args.get(p.name, p.default) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {"class": class_name, "args": levels_args} if cls.sigma_levels(**levels_args) is not None else None
+
+
+def sigma_rounding(class_name: str, args: dict[str, Any]) -> Callable[[Tensor], Tensor] | None:
+    """:func:`level_rounding` of ``class_name(model, **args)``'s :meth:`~BaseAffinePreconditioner.sigma_levels`
+    (no model built); ``ValueError`` naming the class when it is not a preconditioner of this module."""
+    return level_rounding(_preconditioner_class(class_name).sigma_levels(**args))
 
 
 class DDPMPreconditioner(BaseAffinePreconditioner):

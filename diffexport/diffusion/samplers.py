@@ -99,19 +99,23 @@ class _EDMChurnSolver:
         x_hat = alpha(t_hat)/alpha(t) x + alpha(t_hat) sqrt(s_hat^2 - s^2) S_noise eps
 
     ``eps`` comes from ``generator`` (a ``torch.Generator``, an int seed, or None for the global
-    RNG): the same seed gives the same trajectory bit for bit.
+    RNG): the same seed gives the same trajectory bit for bit. ``round_sigma`` (the preconditioner's,
+    e.g. ``IDDPMPreconditioner.round_sigma`` or :func:`~diffexport.diffusion.preconditioners.level_rounding`)
+    rounds ``s_hat`` to a noise level the network was trained on where gamma > 0, as EDM and PhysicsNeMo's
+    stochastic sampler do (None: identity, right for continuous preconditioners).
     """
 
     scheduler_type = LinearGaussianNoiseScheduler
 
     def __init__(self, ode: Solver, S_churn: float, S_min: float, S_max: float, S_noise: float, num_steps: int,
-                 generator: GeneratorLike | NoiseSource, noise_scheduler: LinearGaussianNoiseScheduler | None) -> None:
+                 generator: GeneratorLike | NoiseSource, noise_scheduler: LinearGaussianNoiseScheduler | None,
+                 round_sigma: Callable[[Tensor], Tensor] | None = None) -> None:
         check_num_steps(num_steps)
         require(S_churn >= 0, "S_churn", ">= 0", S_churn)
         require(S_min >= 0, "S_min", ">= 0", S_min)
         require(S_max >= S_min, "S_max", f">= S_min = {S_min}", S_max)
         require(S_noise >= 0, "S_noise", ">= 0", S_noise)
-        self.ode, self.noise_scheduler, self.noise = ode, noise_scheduler, NoiseSource.of(generator)
+        self.ode, self.noise_scheduler, self.noise, self.round_sigma = ode, noise_scheduler, NoiseSource.of(generator), round_sigma
         self.S_churn, self.S_min, self.S_max, self.S_noise, self.num_steps = S_churn, S_min, S_max, S_noise, num_steps
         self.gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
 
@@ -121,6 +125,8 @@ class _EDMChurnSolver:
         s = t if ns is None else ns.edm_sigma(t)
         gamma = ((s >= self.S_min) & (s <= self.S_max)).to(s.dtype) * self.gamma
         s_hat = s * (1 + gamma)
+        if self.round_sigma is not None:  # EDM: t_hat = net.round_sigma(t_cur + gamma t_cur)
+            s_hat = torch.where(gamma > 0, self.round_sigma(s_hat), s_hat)
         t_hat = torch.where(gamma > 0, s_hat if ns is None else ns.edm_sigma_inv(s_hat), t)
         a, a_hat = (1.0, 1.0) if ns is None else (batch_view(ns.alpha(t), x), batch_view(ns.alpha(t_hat), x))
         noise = batch_view((s_hat**2 - s**2).clamp(min=0).sqrt() * self.S_noise, x) * self.noise.randn_like(x)
@@ -138,8 +144,9 @@ class EDMStochasticEulerSolver(_EDMChurnSolver):
 
     def __init__(self, denoiser: Denoiser, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
                  S_noise: float = 1.0, num_steps: int = 18, generator: GeneratorLike = None, *,
-                 noise_scheduler: LinearGaussianNoiseScheduler | None = None) -> None:
-        super().__init__(EulerSolver(denoiser), S_churn, S_min, S_max, S_noise, num_steps, generator, noise_scheduler)
+                 noise_scheduler: LinearGaussianNoiseScheduler | None = None,
+                 round_sigma: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__(EulerSolver(denoiser), S_churn, S_min, S_max, S_noise, num_steps, generator, noise_scheduler, round_sigma)
 
 
 class EDMStochasticHeunSolver(_EDMChurnSolver):
@@ -148,8 +155,10 @@ class EDMStochasticHeunSolver(_EDMChurnSolver):
 
     def __init__(self, denoiser: Denoiser, S_churn: float = 0.0, S_min: float = 0.0, S_max: float = float("inf"),
                  S_noise: float = 1.0, num_steps: int = 18, generator: GeneratorLike = None, *,
-                 noise_scheduler: LinearGaussianNoiseScheduler | None = None, alpha: float = 1.0) -> None:
-        super().__init__(HeunSolver(denoiser, alpha), S_churn, S_min, S_max, S_noise, num_steps, generator, noise_scheduler)
+                 noise_scheduler: LinearGaussianNoiseScheduler | None = None, alpha: float = 1.0,
+                 round_sigma: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__(HeunSolver(denoiser, alpha), S_churn, S_min, S_max, S_noise, num_steps, generator, noise_scheduler,
+                         round_sigma)
 
 
 class DDIMSolver:
@@ -180,7 +189,7 @@ SOLVERS: dict[str, type] = {
 
 
 #: solver constructor arguments the sampling loop supplies (never a recipe's ``solver_options``)
-SUPPLIED = ("denoiser", "noise_scheduler", "num_steps", "generator")
+SUPPLIED = ("denoiser", "noise_scheduler", "num_steps", "generator", "round_sigma")
 
 
 def solvers_for(scheduler: type | object) -> list[str]:
@@ -234,7 +243,10 @@ def sample(
 
     Args:
         denoiser: ``(x, t) -> update`` from ``noise_scheduler.get_denoiser(...)``.
-        xN: initial latents [B, *] (``noise_scheduler.init_latents``); sets dtype and device.
+        xN: initial latents [B, *] (``noise_scheduler.init_latents``); sets the device and the dtype of
+            the state, times, slopes and per-step noise (as PhysicsNeMo's ``sample``). Pass float64 latents
+            for EDM's float64 loop over a float32 network (``edm_x0_predictor(denoiser_dtype=float32)``),
+            as :func:`diffexport.runtime.sample` does.
         noise_scheduler: supplies ``timesteps(num_steps)`` unless ``time_steps`` is given.
         num_steps: number of steps N >= 1 (ignored when ``time_steps`` is given).
         solver: a key of :data:`SOLVERS` or a :class:`Solver` instance. For string keys,
@@ -308,23 +320,29 @@ def _churn(solver: _EDMChurnSolver, scheduler: LinearGaussianNoiseScheduler, t: 
     if not (solver.gamma > 0 and solver.S_min <= s <= solver.S_max):
         return None
     s_hat = s * (1 + solver.gamma)
+    if solver.round_sigma is not None:
+        s_hat = _at(solver.round_sigma, s_hat)
     t_hat = _at(scheduler.edm_sigma_inv, s_hat)
     a, a_hat = _at(scheduler.alpha, t), _at(scheduler.alpha, t_hat)
-    return {"t_hat": t_hat, "x_scale": a_hat / a, "noise_scale": a_hat * math.sqrt(s_hat**2 - s**2) * solver.S_noise}
+    return {"t_hat": t_hat, "x_scale": a_hat / a, "noise_scale": a_hat * math.sqrt(max(s_hat**2 - s**2, 0.0)) * solver.S_noise}
 
 
-def step_table(scheduler: NoiseScheduler, solver: str, time_steps: Tensor, options: dict[str, Any] | None = None) -> list[dict]:
+def step_table(scheduler: NoiseScheduler, solver: str, time_steps: Tensor, options: dict[str, Any] | None = None,
+               round_sigma: Callable[[Tensor], Tensor] | None = None) -> list[dict]:
     """Every step of :func:`sample` with solver ``solver`` as plain numbers, for runtimes without
     this package (the C++ runner); the format is ``sampler.steps`` of ``docs/ENGINE_FORMAT.md``.
 
     ODE solvers: ``{"t_cur", "t_next", "churn", "h", "evals", ["a21"], "b"}``, each eval a slope
     ``c_x x + c_d D(in_scale x, sigma)``; ``x_next = x_0 + h sum_k b_k d_k``. ``ddim``:
     ``{"t_cur", "t_next", "evals", "ddim": {"c_x", "c_x0", "c_noise"}}``, ``x_next = c_x x + c_x0 x0 + c_noise z``.
+    ``round_sigma``: the preconditioner's, for the churned noise levels (as :class:`EDMStochasticHeunSolver` takes it).
     """
     check_fit(solver, scheduler)
     n = len(time_steps) - 1
     ts = time_steps.tolist()
-    obj = make_solver(solver, lambda x, t: x, options, scheduler, n)
+    cls = SOLVERS.get(solver)
+    supplied = {"round_sigma": round_sigma} if round_sigma is not None and cls and "round_sigma" in inspect.signature(cls).parameters else {}
+    obj = make_solver(solver, lambda x, t: x, {**(options or {}), **supplied}, scheduler, n)
     table = []
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         if isinstance(obj, DDIMSolver):
@@ -357,16 +375,20 @@ def _ddim_step(solver: DDIMSolver, t_cur: int, t_next: int) -> dict:
 
 
 def sample_step_table(denoiser_fn: Callable[[Tensor, Tensor], Tensor], xN: Tensor, steps: list[dict],
-                      generator: torch.Generator | None = None) -> Tensor:
+                      generator: torch.Generator | None = None, denoiser_dtype: torch.dtype | None = None) -> Tensor:
     """Run a :func:`step_table` with an EDM denoiser ``D(x, sigma [B])`` (an engine): the reference
-    for runtimes that read ``manifest["sampler"]["steps"]``. Noise is drawn as :func:`sample`
-    draws it (one ``randn`` per step of a churning or ``eta > 0`` solver), so with the same
-    ``generator`` the two agree to float rounding."""
+    for runtimes that read ``manifest["sampler"]["steps"]``. As in :func:`sample`, xN's dtype is the
+    state's (float64 in :func:`diffexport.runtime.sample`); D gets x and sigma in ``denoiser_dtype``
+    (float32 for an engine; None: the state's) and its output is cast back. Noise is drawn as
+    :func:`sample` draws it (one ``randn`` in the state's dtype per step of a churning or ``eta > 0``
+    solver), so with the same ``generator`` the two agree to float rounding."""
     x, B = xN, xN.shape[0]
+    dtype = denoiser_dtype or xN.dtype
     stochastic = any(s.get("churn") for s in steps) or any(s.get("ddim", {}).get("c_noise") for s in steps)
 
     def D(x: Tensor, e: dict) -> Tensor:
-        return denoiser_fn(e["in_scale"] * x, torch.full((B,), e["sigma"], dtype=x.dtype, device=x.device))
+        sigma = torch.full((B,), e["sigma"], dtype=dtype, device=x.device)
+        return denoiser_fn((e["in_scale"] * x).to(dtype), sigma).to(x.dtype)
 
     for step in steps:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if stochastic else None

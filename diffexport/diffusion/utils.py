@@ -14,7 +14,8 @@ from diffexport.diffusion.noise_schedulers import LinearGaussianNoiseScheduler
 
 
 def edm_x0_predictor(
-    denoiser_fn: EDMDenoiserFn, noise_scheduler: LinearGaussianNoiseScheduler | None = None, **conditions: Any
+    denoiser_fn: EDMDenoiserFn, noise_scheduler: LinearGaussianNoiseScheduler | None = None, *,
+    denoiser_dtype: torch.dtype | None = None, **conditions: Any
 ) -> Predictor:
     """Turn an EDM denoiser ``D(x, sigma, **conditions)`` -- an exported engine, or a preconditioner
     -- into the x0-predictor ``(x_t, t) -> x0`` that ``noise_scheduler.get_denoiser`` consumes.
@@ -29,6 +30,10 @@ def edm_x0_predictor(
     Without a scheduler ``t`` is passed through as sigma. ``conditions`` are bound keyword
     arguments; extra arguments given at call time are forwarded too (so the result also works as a
     DiffusionModel, e.g. in :class:`~diffexport.diffusion.losses.MSEDSMLoss`).
+
+    ``denoiser_dtype`` (e.g. float32, an engine's I/O): ``D`` gets ``x`` and ``sigma`` cast to it and
+    its output is cast back to x's dtype, so a float64 sampler state drives a float32 network as
+    EDM's ``generate.py`` does (None: D sees x's dtype).
     """
 
     def x0_predictor(x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -36,9 +41,12 @@ def edm_x0_predictor(
             check_batch("t", t, x.shape[0], exact_1d=True)
         kwargs = {**conditions, **kwargs}
         if noise_scheduler is None:
-            return denoiser_fn(x, t, *args, **kwargs)
-        alpha = batch_view(noise_scheduler.alpha(t), x).to(x.dtype)
-        return denoiser_fn(x / alpha, noise_scheduler.edm_sigma(t).to(x.dtype), *args, **kwargs)
+            x_in, sigma = x, t
+        else:
+            x_in, sigma = x / batch_view(noise_scheduler.alpha(t), x).to(x.dtype), noise_scheduler.edm_sigma(t).to(x.dtype)
+        if denoiser_dtype is None:
+            return denoiser_fn(x_in, sigma, *args, **kwargs)
+        return denoiser_fn(x_in.to(denoiser_dtype), sigma.to(denoiser_dtype), *args, **kwargs).to(x.dtype)
 
     return x0_predictor
 

@@ -28,6 +28,7 @@ import yaml
 from torch.export import ExportedProgram
 
 from diffexport.diffusion import samplers
+from diffexport.diffusion.preconditioners import rounding_spec, sigma_rounding
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import (
     FORMAT, LEFTOVER, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
@@ -127,9 +128,10 @@ def sampler_schedule(recipe: Recipe) -> dict:
     s = recipe.sampler
     scheduler = scheduler_of(recipe)
     cls, solver = type(scheduler), samplers.SOLVERS[s.solver]
+    rounding = rounding_spec(recipe.preconditioner.class_name, recipe.preconditioner.args)  # iDDPM's levels, else None
     try:
-        t = scheduler.timesteps(s.num_steps)
-        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options)
+        t = scheduler.timesteps(s.num_steps, dtype=torch.float64)  # the runtime's float64 times (int64 when discrete)
+        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options, rounding and sigma_rounding(rounding["class"], rounding["args"]))
     except (TypeError, ValueError) as e:  # check_recipe refuses these first
         raise RecipeError(f"{_source(recipe)}: sampler: {s.scheduler.class_name} with {s.solver}: {e}") from None
     alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t if not t.is_floating_point() else t.double())
@@ -143,6 +145,7 @@ def sampler_schedule(recipe: Recipe) -> dict:
         "patching": s.patching.model_dump() if s.patching else None,
         "steps": steps,
         **({"guidance": s.guidance.model_dump()} if s.guidance else {}),
+        **({"round_sigma": rounding} if rounding else {}),
         **({"clip": list(s.clip)} if s.clip else {}),
     }  # fmt: skip
 

@@ -304,8 +304,8 @@ def _finite_list(value: Any, length: int | None) -> bool:
 
 def _check_sampler(path: Path, sampler: dict, recipe: Any) -> None:
     """``EngineError`` unless ``sampler`` is the one of ``recipe``: same scheduler class (its args a
-    superset of the recipe's, constructible), solver, steps, options and patching, with N + 1 finite
-    ``time_steps`` / ``sigmas`` (≥ 0)."""
+    superset of the recipe's, constructible), solver, steps, options, patching and the preconditioner's
+    ``round_sigma``, with N + 1 finite ``time_steps`` / ``sigmas`` (≥ 0)."""
     from diffexport.diffusion import noise_schedulers, samplers
 
     def bad(field: str, why: str) -> EngineError:
@@ -330,6 +330,14 @@ def _check_sampler(path: Path, sampler: dict, recipe: Any) -> None:
             raise bad(field, f"is {sampler.get(field)!r}, but the recipe says {value!r}")
     if want.solver not in samplers.SOLVERS:
         raise bad("solver", f"{want.solver!r} is not one of {', '.join(samplers.SOLVERS)}")
+    from diffexport.diffusion.preconditioners import rounding_spec
+
+    try:
+        rounding = rounding_spec(recipe.preconditioner.class_name, recipe.preconditioner.args)
+    except (TypeError, ValueError) as e:
+        raise bad("round_sigma", f"cannot follow from the recipe's preconditioner ({e})") from None
+    if sampler.get("round_sigma") != rounding:  # the preconditioner's noise levels, for churned ones
+        raise bad("round_sigma", f"is {sampler.get('round_sigma')!r}, but the recipe's preconditioner gives {rounding!r}")
     n = want.num_steps + 1
     if not _finite_list(sampler.get("sigmas"), n) or any(v < 0 for v in sampler["sigmas"]):
         raise bad("sigmas", f"must be {n} finite numbers >= 0")

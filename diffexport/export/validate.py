@@ -214,7 +214,9 @@ def _schedule_problems(recipe: Recipe, scheduler: Any) -> list[str]:
         head = ", ".join(f"{v:.4g}" for v in sigmas[:4].tolist())
         return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels that are not finite, positive and "
                 f"decreasing over {n} steps ({head}, ...); check its range"]
-    sigmas32 = scheduler.edm_sigma(t if not t.is_floating_point() else t.float()).float()  # as the runtime computes them
+    # in float32 as the engines compute with sigma (VP's expm1 overflows exactly where sigma**2 does); the
+    # sampler computes sigma in float64 and casts it to float32 for the engine
+    sigmas32 = scheduler.edm_sigma(t if not t.is_floating_point() else t.float()).float()
     if not bool(torch.isfinite(sigmas32).all()) or not bool((sigmas32[:-1] > 0).all()):
         return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels beyond float32 (the engine's sigma "
                 f"input; largest {sigmas.max().item():.4g}, smallest {sigmas[:-1].min().item():.4g}); narrow its range"]
@@ -229,7 +231,8 @@ def _solver_problems(recipe: Recipe, scheduler: Any) -> list[str]:
         return [f"sampler.solver: {e}"]
     cls = samplers.SOLVERS[s.solver]
     why = {"num_steps": "set by sampler.num_steps", "generator": "set by the sampler's seed",
-           "noise_scheduler": "set by sampler.scheduler", "denoiser": "set by the engine"}
+           "noise_scheduler": "set by sampler.scheduler", "denoiser": "set by the engine",
+           "round_sigma": "set by the preconditioner"}
     supplied = {k: why[k] for k in samplers.SUPPLIED}
     if problems := _call_problems("sampler.solver_options", cls, s.solver_options, skip=1, supplied=supplied):
         return problems

@@ -6,8 +6,14 @@ arguments from ``manifest["sampler"]`` and turns the engine into the solver's de
     engine -> [CUDA graph] -> batch chunks -> NaN/Inf guard -> edm_x0_predictor(·, scheduler)
            -> [patch-wise, fused] -> scheduler.get_denoiser -> diffusion.samplers.sample
 
+Precision, as EDM's ``generate.py``: the solver state (x, the time steps, slopes and their
+combination) is float64; each engine call gets float32 x and sigma and its output is cast back
+(``edm_x0_predictor(denoiser_dtype=float32)``); the samples returned are float32. A float32 state lost
+about sigma_max * 6e-8 of x per step to cancellation (2 EDM Heun steps from 80: 1e-5 to 5e-4 of the sample).
+
 Randomness comes from one seeded ``torch.Generator`` on the engine's device: it draws the initial
-latents (unless given) and then every per-step noise of a stochastic solver, so a seed fixes the
+latents (float32, unless given) and then every per-step noise of a stochastic solver (float64, in the
+state's dtype), so a seed fixes the
 samples bit for bit on a given device. With a list of seeds (:class:`GroupNoise`), each group of
 rows has its own generator, so a sample does not depend on what it was batched with (Triton).
 
@@ -23,13 +29,14 @@ on whole images of the engine's size).
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from diffexport.diffusion import noise_schedulers, samplers
+from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import NoiseSource
 from diffexport.diffusion.guidance import JointClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
@@ -41,6 +48,21 @@ from diffexport.runtime.inputs import condition_specs, global_index_spec
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], Any]
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
+ENGINE_DTYPE = torch.float32  # the engines' x, sigma and denoised (docs/ENGINE_FORMAT.md)
+STATE_DTYPE = torch.float64  # the solver state, as EDM's generate.py keeps it
+
+
+def make_rounding(spec: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``manifest["sampler"]["round_sigma"]`` (``{"class", "args"}`` of the preconditioner) -> the nearest-level
+    rounding of its noise levels that the stochastic solvers apply to churned levels; None: no rounding."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("args", {}), dict):
+        raise ValueError(f"sampler.round_sigma: expected {{class, args}}, got {spec!r}")
+    try:
+        return preconditioners.sigma_rounding(str(spec.get("class")), spec.get("args", {}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"sampler.round_sigma: {e}") from None
 
 
 def make_scheduler(spec: dict) -> Any:
@@ -62,6 +84,7 @@ class SamplerSpec:
     patching: dict | None = None
     guidance: float | None = None  # classifier-free guidance scale (manifest sampler.guidance.cfg)
     clip: tuple[float, float] | None = None  # the data range the final samples are clamped to
+    round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None  # the preconditioner's levels, for churned ones
 
     @property
     def num_steps(self) -> int:
@@ -74,13 +97,14 @@ class SamplerSpec:
         if (ts := sampler.get("time_steps")) is not None:  # integers for discrete schedules (DDPM)
             times = torch.tensor(ts, dtype=torch.int64 if all(isinstance(t, int) for t in ts) else torch.float64)
         else:
-            times = scheduler.timesteps(int(sampler["num_steps"]))
+            times = scheduler.timesteps(int(sampler["num_steps"]), dtype=torch.float64)
         return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
-                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None)
+                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None,
+                   make_rounding(sampler.get("round_sigma")))
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
         """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
-        return replace(self, time_steps=self.scheduler.timesteps(num_steps))
+        return replace(self, time_steps=self.scheduler.timesteps(num_steps, dtype=torch.float64))
 
     def edm_sigmas(self) -> torch.Tensor:
         """The EDM noise level the engine receives at each time step (float64, [N + 1])."""
@@ -184,11 +208,15 @@ def initial_latents(spec: SamplerSpec, shape: tuple[int, ...], generator: torch.
 
 
 def _solver_options(spec: SamplerSpec, generator: torch.Generator | GroupNoise) -> dict:
-    """The recipe's solver options, plus the generator when the solver draws noise and none is set."""
+    """The recipe's solver options, plus the generator when the solver draws noise and none is set, and
+    the preconditioner's ``round_sigma`` for a churning solver."""
     opts = dict(spec.solver_options)
     cls = samplers.SOLVERS.get(spec.solver)
-    if cls is not None and "generator" in inspect.signature(cls).parameters and opts.get("generator") is None:
+    params = inspect.signature(cls).parameters if cls is not None else {}
+    if "generator" in params and opts.get("generator") is None:
         opts["generator"] = generator
+    if "round_sigma" in params and spec.round_sigma is not None:
+        opts["round_sigma"] = spec.round_sigma
     return opts
 
 
@@ -210,11 +238,11 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
         if gi_spec is not None:
             raise ValueError(f"engine input '{gi_spec.name}' needs patch-wise sampling, but the sampler has no patching")
         if spec.guidance is None or spec.guidance == 1:
-            return edm_x0_predictor(d, spec.scheduler, **conditions), guard
+            return edm_x0_predictor(d, spec.scheduler, denoiser_dtype=ENGINE_DTYPE, **conditions), guard
         # classifier-free guidance: conditional and unconditional rows (class labels zeroed) in one call
         vectors = {s.name for s in condition_specs(engine) if s.kind == "vector"}
         both = {k: torch.cat([v, v.new_zeros(v.shape) if k in vectors else v]) for k, v in conditions.items()}
-        return JointClassifierFreeGuidance(edm_x0_predictor(d, spec.scheduler, **both), spec.guidance), guard
+        return JointClassifierFreeGuidance(edm_x0_predictor(d, spec.scheduler, denoiser_dtype=ENGINE_DTYPE, **both), spec.guidance), guard
     if spec.guidance is not None and spec.guidance != 1:
         raise ValueError("sampler.guidance: classifier-free guidance is not supported with patching")
     from tensordict import TensorDict
@@ -225,7 +253,7 @@ def engine_predictor(engine: Engine, spec: SamplerSpec, conditions: dict[str, to
     if any(i < s for i, s in zip(p["img_shape"], patch)):  # GridPatching2D would crop the patches to the image
         raise ValueError(f"sampler.patching.img_shape: {list(p['img_shape'])} is smaller than the engine's {patch[0]}x{patch[1]} patch")
     patching = GridPatching2D(tuple(p["img_shape"]), patch, p.get("overlap_pix", 0), p.get("boundary_pix", 0))
-    per_patch = edm_x0_predictor(d, spec.scheduler)
+    per_patch = edm_x0_predictor(d, spec.scheduler, denoiser_dtype=ENGINE_DTYPE)
 
     def predictor(x: torch.Tensor, t: torch.Tensor, condition: TensorDict | None = None, **kw: Any) -> torch.Tensor:
         return per_patch(x, t, **(dict(condition.items()) if condition is not None else {}), **kw)
@@ -269,7 +297,7 @@ def sample(
         chunk: rows per engine call (default: the engine's ``batch.max``).
         check_finite: stop with :class:`~diffexport.runtime.guards.SamplingError` at the first NaN/Inf.
         cuda_graph: replay each engine call from a CUDA graph (CUDA engines, static shapes).
-        on_step: ``on_step(i, t_cur, t_next, x)`` after every step.
+        on_step: ``on_step(i, t_cur, t_next, x)`` after every step (x: the float64 state).
         condition_sources: where each condition came from (e.g. a file), named in shape errors.
         guidance: classifier-free guidance scale replacing the recipe's ``sampler.guidance.cfg``.
     """
@@ -278,6 +306,8 @@ def sample(
         spec = spec.with_steps(num_steps)
     if guidance is not None:
         spec = replace(spec, guidance=guidance)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1):
+        raise ValueError(f"batch must be an int >= 1 (the number of samples), got {batch!r}")
     device = engine.device
     c, h, w = image_shape(engine, spec)
     if batch is None and latents is None:
@@ -304,6 +334,6 @@ def sample(
             f(i, t_cur, t_next, x)
 
     denoiser = spec.scheduler.get_denoiser(x0_predictor=predictor)
-    x = samplers.sample(denoiser, latents, spec.scheduler, spec.num_steps, solver=spec.solver,
-                        time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook)
+    x = samplers.sample(denoiser, latents.to(STATE_DTYPE), spec.scheduler, spec.num_steps, solver=spec.solver,
+                        time_steps=spec.time_steps, solver_options=_solver_options(spec, generator), on_step=hook).float()
     return x.clamp_(*spec.clip) if spec.clip else x

@@ -1,5 +1,6 @@
 // The manifest's sampler, step for step as diffexport/diffusion/samplers.py computes it, in ATen
 // ops (the same kernels as the Python runtime): noise schedulers, ODE right-hand side, solvers.
+// As there (and EDM's generate.py), the state, times and slopes are float64; the engine gets float32.
 #include "diffexport/sampler.h"
 
 #include <ATen/ATen.h>
@@ -7,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <set>
 
@@ -31,6 +33,13 @@ Tensor ramp(int n) { return at::arange(n, at::kDouble) / static_cast<double>(std
 Tensor lerp(double a, double b, int n) {
   const Tensor r = ramp(n);
   return at::lerp(at::full_like(r, a), at::full_like(r, b), r);
+}
+
+/// `v` as Python's `{v:g}` writes it (6 significant digits).
+std::string num_str(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
 }
 
 Tensor append_zero(const Tensor& t) { return at::cat({t, at::zeros({1}, t.options())}); }
@@ -84,7 +93,7 @@ class Schedule {
   virtual Tensor sigma_inv(const Tensor& s) const = 0;
   virtual Tensor edm_sigma(const Tensor& t) const { return sigma(t) / alpha(t); }
   virtual Tensor edm_sigma_inv(const Tensor& s) const { return sigma_inv(s); }
-  virtual Tensor timesteps(int n) const = 0;  ///< [n + 1]: float32 (int64 when discrete)
+  virtual Tensor timesteps(int n) const = 0;  ///< [n + 1]: float64 (int64 when discrete)
   virtual Tensor alpha_bar(const Tensor&) const { throw Error("alpha_bar: only for DDPMScheduler"); }
 };
 
@@ -104,33 +113,45 @@ class EDM : public VarianceExploding {
   explicit EDM(const Args& a) : smin_(a.num("sigma_min", 0.002)), smax_(a.num("sigma_max", 80.0)), rho_(a.num("rho", 7.0)) {}
   Tensor timesteps(int n) const override {
     const double a = std::pow(smax_, 1 / rho_), b = std::pow(smin_, 1 / rho_);
-    return append_zero(at::pow(lerp(a, b, n), rho_)).to(at::kFloat);
+    return append_zero(at::pow(lerp(a, b, n), rho_));
   }
 
  private:
   double smin_, smax_, rho_;
 };
 
+/// `iddpm_sigma_table`: the iDDPM noise levels u_0 > u_1 > ... > u_M = 0 (EDM paper, Table 1).
+std::vector<double> iddpm_table(double C_1, double C_2, int M) {
+  std::vector<double> abar(M + 1), u(M + 1, 0.0);
+  for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
+  for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
+  return u;
+}
+
 class IDDPM : public VarianceExploding {
  public:
   explicit IDDPM(const Args& a) {
     const double smin = a.num("sigma_min", 0.002), smax = a.num("sigma_max", 81.0), C_1 = a.num("C_1", 0.001), C_2 = a.num("C_2", 0.008);
     const int M = static_cast<int>(a.num("M", 1000));
-    std::vector<double> abar(M + 1), u(M + 1, 0.0);
-    for (int j = 0; j <= M; ++j) abar[j] = std::pow(std::sin(0.5 * M_PI * j / M / (C_2 + 1)), 2);
-    for (int j = M; j > 0; --j) u[j - 1] = std::sqrt((std::pow(u[j], 2) + 1) / std::max(abar[j - 1] / abar[j], C_1) - 1);
+    smin_ = smin, smax_ = smax, M_ = M;
     std::vector<double> kept;
-    for (double v : u)
+    for (double v : iddpm_table(C_1, C_2, M))
       if (v >= smin && v <= smax) kept.push_back(v);
     u_ = at::tensor(kept, at::kDouble);
   }
   Tensor timesteps(int n) const override {
+    if (n > u_.size(0))  // more steps than levels would repeat some (IDDPMNoiseScheduler.timesteps refuses the same)
+      throw Error("num_steps must be <= " + std::to_string(u_.size(0)) + ": the iDDPM table of M = " + std::to_string(M_) + " has " +
+                  std::to_string(u_.size(0)) + " levels between sigma_min = " + num_str(smin_) + " and sigma_max = " + num_str(smax_) +
+                  ", got " + std::to_string(n));
     const Tensor idx = (ramp(n) * (u_.size(0) - 1)).round().to(at::kLong);
-    return append_zero(u_.index({idx})).to(at::kFloat);
+    return append_zero(u_.index({idx}));
   }
 
  private:
   Tensor u_;
+  double smin_ = 0, smax_ = 0;
+  int M_ = 0;
 };
 
 class VE : public Schedule {  // t = σ²
@@ -143,7 +164,7 @@ class VE : public Schedule {  // t = σ²
   Tensor sigma_dot(const Tensor& t) const override { return t.sqrt().reciprocal() * 0.5; }
   Tensor timesteps(int n) const override {
     const double ratio = smin_ * smin_ / (smax_ * smax_);
-    return append_zero(at::pow(ratio, ramp(n)) * (smax_ * smax_)).to(at::kFloat);
+    return append_zero(at::pow(ratio, ramp(n)) * (smax_ * smax_));
   }
 
  private:
@@ -161,7 +182,7 @@ class VP : public Schedule {
   Tensor sigma_dot(const Tensor& t) const override { return (t * bd_ + bmin_) * 0.5 * at::pow(alpha(t), 2) / sigma(t); }
   Tensor edm_sigma(const Tensor& t) const override { return at::expm1(a_(t)).sqrt(); }
   Tensor edm_sigma_inv(const Tensor& s) const override { return t_of_a(at::log1p(at::pow(s, 2))); }
-  Tensor timesteps(int n) const override { return append_zero(lerp(tmax_, eps_, n)).to(at::kFloat); }
+  Tensor timesteps(int n) const override { return append_zero(lerp(tmax_, eps_, n)); }
 
  private:
   Tensor a_(const Tensor& t) const { return at::pow(t, 2) * (0.5 * bd_) + t * bmin_; }
@@ -205,6 +226,22 @@ std::shared_ptr<const Schedule> make_schedule(const SamplerSpec& s, const std::s
   if (s.scheduler == "DDPMScheduler") return std::make_shared<DDPM>(Args(a, w, {"num_train_timesteps", "beta_start", "beta_end"}));
   throw Error(where + "scheduler.class: '" + s.scheduler +
               "' is not supported by the C++ runner (EDMNoiseScheduler, VENoiseScheduler, VPNoiseScheduler, IDDPMNoiseScheduler, DDPMScheduler)");
+}
+
+/// `sampler.round_sigma` -> the positive noise levels of the preconditioner (`IDDPMPreconditioner.sigma_levels`)
+/// that churned levels are rounded to; empty when the manifest has none (a continuous preconditioner).
+std::vector<double> round_sigma_levels(const Field& sampler, const std::string& where) {
+  if (!sampler.has("round_sigma")) return {};
+  const Field spec = sampler.at("round_sigma");
+  const std::string cls = spec.at("class").str();
+  if (cls != "IDDPMPreconditioner")
+    throw Error(where + "round_sigma.class: '" + cls + "' is not supported by the C++ runner (IDDPMPreconditioner)");
+  const Json& json = spec.has("args") ? spec.at("args").json() : Json::object();
+  const Args a(json, where + "round_sigma.args.", {"C_1", "C_2", "M"});
+  std::vector<double> levels;
+  for (double v : iddpm_table(a.num("C_1", 0.001), a.num("C_2", 0.008), static_cast<int>(a.num("M", 1000))))
+    if (v > 0) levels.push_back(v);
+  return levels;
 }
 
 /// The solver and its options (samplers.py signatures), checked against what the manifest gives.
@@ -282,9 +319,10 @@ Array to_array(const Tensor& t) {
 class Run {
  public:
   Run(const Engine& e, Backend& backend, const Schedule& sch, const SolverSpec& solver, std::vector<Tensor> conditions, uint64_t seed,
-      double guidance)
+      double guidance, const std::vector<double>& levels)
       : e_(e), backend_(backend), sch_(sch), solver_(solver), conditions_(std::move(conditions)), guidance_(guidance),
         gen_(at::make_generator<at::CPUGeneratorImpl>(solver.has_seed ? solver.seed : seed)) {
+    if (!levels.empty()) levels_ = at::tensor(levels, at::kDouble);
     if (guidance_ != 1)  // classifier-free guidance: conditional rows, then unconditional ones (vector conditions zeroed)
       for (size_t i = 0; i < conditions_.size(); ++i)
         joint_.push_back(at::cat({conditions_[i], e.inputs[i + 2].kind == "vector" ? at::zeros_like(conditions_[i]) : conditions_[i]}));
@@ -342,12 +380,14 @@ class Run {
     return outs.size() == 1 ? outs[0] : at::cat(outs);
   }
 
-  /// `edm_x0_predictor`: x0 = D(x_t / α(t), σ(t)/α(t)); with guidance `JointClassifierFreeGuidance`:
+  /// `edm_x0_predictor(denoiser_dtype=float32)`: x0 = D(x_t / α(t), σ(t)/α(t)), computed in the state's
+  /// float64, the engine's input cast to float32 and its output back; with guidance `JointClassifierFreeGuidance`:
   /// one call on [x; x] with [cond; uncond], then uncond + cfg·(cond − uncond).
   Tensor x0(const Tensor& x, const Tensor& t) {
     auto predict = [&](const Tensor& xs, const Tensor& ts, const std::vector<Tensor>& conditions) {
       const Tensor alpha = bv(sch_.alpha(ts), xs).to(xs.scalar_type());
-      return engine(xs / alpha, sch_.edm_sigma(ts).to(xs.scalar_type()), conditions);
+      const Tensor sigma = sch_.edm_sigma(ts).to(xs.scalar_type());
+      return engine((xs / alpha).to(at::kFloat), sigma.to(at::kFloat), conditions).to(xs.scalar_type());
     };
     if (guidance_ == 1) return predict(x, t, conditions_);
     const std::vector<Tensor> both = predict(at::cat({x, x}), at::cat({t, t}), joint_).chunk(2);
@@ -378,11 +418,16 @@ class Run {
     return last.any().item<bool>() ? at::where(bv(last, x), x_euler, x_heun) : x_heun;
   }
 
-  /// EDM churn: raise the noise level s -> s (1 + γ) where S_min <= s <= S_max, adding fresh noise.
+  /// EDM churn: raise the noise level s -> s (1 + γ) where S_min <= s <= S_max (rounded to the nearest of the
+  /// preconditioner's levels when it has them, EDM's round_sigma), adding fresh noise.
   std::pair<Tensor, Tensor> churn(const Tensor& x, const Tensor& t, double gamma_max) {
     const Tensor s = sch_.edm_sigma(t);
     const Tensor gamma = ((s >= solver_.S_min) & (s <= solver_.S_max)).to(s.scalar_type()) * gamma_max;
-    const Tensor s_hat = s * (gamma + 1);
+    Tensor s_hat = s * (gamma + 1);
+    if (levels_.defined()) {  // preconditioners.level_rounding
+      const Tensor index = (s_hat.reshape({-1, 1}).to(at::kDouble) - levels_.reshape({1, -1})).abs().argmin(1);
+      s_hat = at::where(gamma > 0, levels_.index({index}).reshape(s_hat.sizes()).to(s_hat.scalar_type()), s_hat);
+    }
     const Tensor t_hat = at::where(gamma > 0, sch_.edm_sigma_inv(s_hat), t);
     const Tensor a = bv(sch_.alpha(t), x), a_hat = bv(sch_.alpha(t_hat), x);
     const Tensor noise = bv((at::pow(s_hat, 2) - at::pow(s, 2)).clamp_min(0).sqrt() * solver_.S_noise, x) *
@@ -411,11 +456,12 @@ class Run {
   std::vector<Tensor> conditions_, joint_;
   double guidance_;
   at::Generator gen_;
+  Tensor levels_;  // the preconditioner's noise levels (sampler.round_sigma), undefined: no rounding
 };
 
 const std::set<std::string> kSamplerKeys = {"scheduler", "solver", "num_steps", "solver_options", "solver_args", "discrete",
                                             "time_steps", "sigmas", "alphas",    "steps",          "patching",    "guidance",
-                                            "clip"};
+                                            "clip",      "round_sigma"};
 
 bool close(double a, double b) { return a == b || std::abs(a - b) <= 1e-6 * std::max(1.0, std::max(std::abs(a), std::abs(b))); }
 
@@ -476,6 +522,7 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
     clip_ = {clip[0].number(), clip[1].number()};
   }
   schedule_ = make_schedule(s, where);
+  levels_ = round_sigma_levels(sampler, where);
   solver_spec(s, *schedule_, where);  // checked here, so that a bad solver fails before the denoiser loads
   Tensor times;
   if (!s.time_steps.empty() && (options.steps <= 0 || options.steps == s.num_steps)) {
@@ -555,10 +602,10 @@ Array Sampler::run(const Array& latents, const Conditions& conditions, bool draw
   for (size_t i = 2; i < engine_.inputs.size(); ++i) conds.push_back(to_tensor(conditions.at(engine_.inputs[i].name)));
   Tensor times = at::tensor(times_, at::kDouble);
   if (schedule_->discrete()) times = times.to(at::kLong);
-  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_);
-  Tensor x = draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents);
-  if (!schedule_->discrete()) times = times.to(at::kFloat);  // samplers.sample: the times in x's dtype
-  Tensor out = loop.sample(x, times);
+  Run loop(engine_, *backend_, *schedule_, solver, std::move(conds), options_.seed, guidance_, levels_);
+  // runtime.sample: float32 latents, a float64 state and times (samplers.sample: the times in x's dtype), float32 samples
+  const Tensor x = (draw_latents ? loop.latents(latents.shape, times[0]) : to_tensor(latents)).to(at::kDouble);
+  Tensor out = loop.sample(x, times).to(at::kFloat);
   if (!clip_.empty()) out.clamp_(clip_[0], clip_[1]);
   return to_array(out);
 }

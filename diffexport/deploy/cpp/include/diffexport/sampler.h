@@ -66,6 +66,7 @@ class Sampler {
   std::vector<double> times_, sigmas_;
   double guidance_ = 1.0;
   std::vector<double> clip_;  // [low, high] the samples are clamped to (sampler.clip), or empty
+  std::vector<double> levels_;  // the preconditioner's noise levels churned ones round to (sampler.round_sigma), or empty
   std::unique_ptr<Backend> backend_;
 };
 
