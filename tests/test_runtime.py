@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from diffexport.cli import app
 from diffexport.diffusion import samplers
 from diffexport.diffusion.utils import edm_x0_predictor
-from diffexport.engines import load, read_manifest
+from diffexport.engines import EngineError, load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
 from diffexport.runtime.bench import CpuShare, bench_engine, machine_load, round_robin
@@ -143,7 +143,7 @@ def test_batched_engine_chunks_and_pads():
 
 def test_check_conditions_broadcasts_casts_and_names_the_culprit():
     io = IOSpec([TensorSpec("x", [-1, 1, 2, 2], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
-                 TensorSpec("label", [-1, 4], kind="vector"), TensorSpec("lead", [-1], "int64", "index")], [], {"min": 1, "max": 8})
+                 TensorSpec("label", [-1, 4], kind="vector"), TensorSpec("lead", [-1], "int64", "index", high=4)], [], {"min": 1, "max": 8})
     engine = type("E", (), {"io": io, "device": torch.device("cpu"), "backend": "fake"})()
     out = check_conditions(engine, {"label": torch.ones(4, dtype=torch.float64), "lead": torch.tensor([1.0, 2.0, 3.0])}, 3)
     assert out["label"].shape == (3, 4) and out["label"].dtype == torch.float32
@@ -154,6 +154,9 @@ def test_check_conditions_broadcasts_casts_and_names_the_culprit():
         check_conditions(engine, {"label": torch.ones(2, 4), "lead": torch.zeros(3)}, 3, sources={"label": "labels.npy"})
     with pytest.raises(ValueError, match="missing \\['lead'\\]"):
         check_conditions(engine, {"label": torch.ones(3, 4)}, 3)
+    for lead, bad in (([0, 4, 1], "4 at row 1"), ([2.0, 3.0, -1.0], "-1 at row 2"), (7, "7 at row 0")):
+        with pytest.raises(ValueError, match=rf"^lt.npy: condition 'lead' holds {bad}, outside its range \[0, 4\)$"):
+            check_conditions(engine, {"label": torch.ones(3, 4), "lead": torch.tensor(lead)}, 3, sources={"lead": "lt.npy"})
 
 
 def test_conditional_sampling_in_chunks_matches_one_call(conditional, built_conditional):
@@ -285,6 +288,32 @@ def test_sample_cli_cycles_labels_over_the_latents_batch(built_dhariwal, tmp_pat
                                      "--steps", "2", "--out", str(out), "--overwrite"])
         assert r.exit_code == 0, r.output
         assert np.load(out).shape == (3, 3, 16, 16)
+
+
+def _sample_lead_time(engine_dir, tmp_path, value, *extra):
+    """``diffexport sample`` of the lead-time engine with ``-c lead_time_label=value``, 4 samples x 2 steps:
+    (result, samples or None)."""
+    out = tmp_path / "o.npy"
+    r = CliRunner().invoke(app, ["sample", str(engine_dir), "-c", f"lead_time_label={value}", "--batch", "4",
+                                 "--steps", "2", "--out", str(out), "--overwrite", *extra])
+    return r, (np.load(out) if r.exit_code == 0 else None)
+
+
+def test_index_condition_out_of_range_is_refused_in_one_line(built_lead_time, tmp_path):
+    """``lead_time_label`` (lead_time_steps 4) takes values in [0, 4), recorded in the io; a file or an
+    engine call outside it is refused in one line naming the tensor, value and range (ONNX Runtime
+    raised a GatherND error, or used the last lead time for -1)."""
+    spec = next(s for s in read_manifest(built_lead_time)["io"]["inputs"] if s["kind"] == "index")
+    assert spec == {"name": "lead_time_label", "shape": [-1], "dtype": "int64", "kind": "index", "high": 4}
+    for values, bad in (([1, 9, 0, 0], "9 at row 1"), ([-1, 0, 0, 0], "-1 at row 0")):
+        np.save(tmp_path / "lt.npy", np.array(values))
+        r, _ = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")
+        assert r.exit_code == 1 and r.output.strip() == f"error: {tmp_path / 'lt.npy'}: condition 'lead_time_label' holds {bad}, outside its range [0, 4)"
+    np.save(tmp_path / "lt.npy", np.array([0, 3, 1, 2]))
+    assert _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[0].exit_code == 0
+    engine = load(built_lead_time, "onnxruntime")
+    with pytest.raises(EngineError, match=r"^onnxruntime: input 'lead_time_label' holds 4 at row 1, outside its range \[0, 4\)$"):
+        engine(torch.randn(2, 2, 16, 16), torch.ones(2), lead_time_label=torch.tensor([0, 4]))
 
 
 # --- property: every sampler the recipe validation accepts runs on an engine, finite, as its step table says ---------

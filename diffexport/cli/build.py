@@ -160,7 +160,8 @@ def _show(engine_dir: Path, m: dict) -> None:
         table.add_column(column)
     for direction, specs in (("in", io["inputs"]), ("out", io["outputs"])):
         for s in specs:
-            table.add_row(direction, s["name"], s["kind"], s["dtype"], "[" + ", ".join("B" if d == -1 else str(d) for d in s["shape"]) + "]")
+            kind = s["kind"] + (f" in [0, {s['high']})" if "high" in s else "")
+            table.add_row(direction, s["name"], escape(kind), s["dtype"], "[" + ", ".join("B" if d == -1 else str(d) for d in s["shape"]) + "]")
     out.print(table)
 
     s = m["sampler"]
