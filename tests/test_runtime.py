@@ -316,6 +316,23 @@ def test_index_condition_out_of_range_is_refused_in_one_line(built_lead_time, tm
         engine(torch.randn(2, 2, 16, 16), torch.ones(2), lead_time_label=torch.tensor([0, 4]))
 
 
+def test_index_condition_given_as_integers_on_the_cli(built_lead_time, tmp_path):
+    """``-c lead_time_label=3`` (was refused as "class labels need a vector condition") and ``=0,1``
+    (cycled over --batch) sample as the same values from a file; values outside [0, 4) are refused."""
+    np.save(tmp_path / "lt.npy", np.array([0, 1, 0, 1]))
+    by_file, (r, by_list) = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[1], _sample_lead_time(built_lead_time, tmp_path, "0,1")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(by_list, by_file)
+    np.save(tmp_path / "lt.npy", np.array([3, 3, 3, 3]))
+    by_file, (r, by_scalar) = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[1], _sample_lead_time(built_lead_time, tmp_path, "3")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(by_scalar, by_file)
+    assert np.abs(by_scalar - by_list).max() > 1e-4  # the lead time reaches the model
+    for value, bad in (("9", "9 at row 0"), ("0,-2", "-2 at row 1")):
+        r, _ = _sample_lead_time(built_lead_time, tmp_path, value)
+        assert r.exit_code == 1 and r.output.strip() == f"error: --condition lead_time_label={value}: condition 'lead_time_label' holds {bad}, outside its range [0, 4)"
+
+
 # --- property: every sampler the recipe validation accepts runs on an engine, finite, as its step table says ---------
 
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402

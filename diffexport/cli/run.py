@@ -64,14 +64,22 @@ def _load_npy(path: Path, what: str, integer_ok: bool = False) -> np.ndarray:
 
 def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``NAME=FILE.npy`` items -> tensors and file names by condition name; ``NAME=3`` / ``NAME=0,1,2``
-    (no such file) is one-hot class labels of that vector condition, cycled over ``batch``."""
+    (no such file) is the values of that index condition, or one-hot class labels of that vector
+    condition, cycled over ``batch``."""
     tensors, files = {}, {}
+    kinds = {c.name: c.kind for c in condition_specs(engine)} if engine is not None else {}
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
         if name in tensors:
             raise fail(f"--condition {name}: given twice; give each condition once")
+        if kinds.get(name) == "index" and re.fullmatch(r"-?\d+(,-?\d+)*", file) and not Path(file).exists():
+            values = [int(v) for v in file.split(",")]  # range-checked with the engine's io by the sampler
+            if any(abs(v) >= 2**63 for v in values):
+                raise fail(f"--condition {item}: an index condition's values are int64")
+            tensors[name], files[name] = torch.tensor([values[i % len(values)] for i in range(batch or len(values))]), f"--condition {item}"
+            continue
         if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
             try:
                 tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
@@ -137,7 +145,7 @@ def sample(
     latents: Path = typer.Option(None, "--latents", help="Initial state [N, C, H, W] .npy at the first time step: unit noise times alphas[0]*sigmas[0] of the manifest "
                                                    "(sigma_max for EDM/VE, about 1 for VP and DDPM)."),
     condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
-                                        "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
+                                        "NAME=3 or NAME=0,1,2: an index condition's values, or a vector condition's one-hot class labels, cycled over --batch."),
     label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
     steps: int = typer.Option(None, "--steps", min=1, max=MAX_STEPS, help="Number of sampler steps (default: the recipe's)."),
     device: str = typer.Option(None, "--device", help="torch device to run on: cpu, cuda, cuda:N (default: where the artifact runs)."),
