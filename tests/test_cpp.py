@@ -293,7 +293,7 @@ def test_npy_versions_and_robust_manifest(engine_ok, runner, tmp_path):
         path = tmp_path / f"latents_v{major}.npy"
         with open(path, "wb") as f:
             np.lib.format.write_array(f, np.load(inputs["latents"]), version=(major, 0))
-        done = run(runner / BINARY, engine, {**inputs, "latents": path}, tmp_path / "v.npy")
+        done = run(runner / BINARY, engine, {**inputs, "latents": path}, tmp_path / "v.npy", "--overwrite")
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.load(tmp_path / "v1.npy"))
 
@@ -409,6 +409,25 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
     done = run(runner / BINARY, engine_ok, {**inputs, "latents": tmp_path / "trunc.npy"}, tmp_path / "out.npy")
     assert done.returncode != 0 and "trunc.npy: file has" in done.stderr and "(truncated)" in done.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_existing_output_is_replaced_only_with_overwrite(engine_ok, runner, tmp_path):
+    """As ``diffexport sample``: an existing --out file is refused before any work (one line naming it)
+    unless --overwrite; a folder or a symlink is never replaced."""
+    inputs, out = make_inputs(engine_ok, tmp_path), tmp_path / "out.npy"
+    out.write_bytes(b"mine")
+    done = run(runner / BINARY, engine_ok, inputs, out)
+    assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --out {out}: already exists; pass --overwrite to replace it, "
+                                                 "or choose another --out\n")
+    assert out.read_bytes() == b"mine"
+    done = run(runner / BINARY, engine_ok, inputs, out, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert np.load(out).shape[0] == N
+    (tmp_path / "link.npy").symlink_to(out)
+    for path, what in ((tmp_path, "folder"), (tmp_path / "link.npy", "symlink")):
+        done = run(runner / BINARY, engine_ok, inputs, path, "--overwrite")
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --out {path}: is a {what}; refusing to replace it\n")
+    assert (tmp_path / "link.npy").is_symlink()
 
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):
