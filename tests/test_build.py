@@ -310,3 +310,9 @@ def test_auto_bf16_aoti_candidate_is_left_out_where_bf16_is_emulated(monkeypatch
     assert emulated_bf16(explicit, "cpu") is None and emulated_bf16(fp32, "cpu") is None and emulated_bf16(auto, "cuda") is None
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert emulated_bf16(auto, "cpu") is None
+
+
+def test_cli_inspect_shows_an_index_conditions_range(built_lead_time: Path):
+    r = runner.invoke(app, ["inspect", str(built_lead_time)])
+    assert r.exit_code == 0, r.output
+    assert "lead_time_label" in r.stdout and "index in [0, 4)" in r.stdout, r.stdout
