@@ -21,3 +21,20 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be created in ``folder`` (when it does not exist yet: in the nearest existing
+    folder above it, where it would be created), or None when they can. Found out by creating and
+    removing a temporary file there: permission bits do not stop root, a read-only mount or /proc does."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffexport-probe.", dir=existing)
+    except OSError as e:
+        return f"cannot create files in {existing} ({e.strerror or type(e).__name__})"
+    os.close(fd)
+    os.unlink(probe)
+    return None

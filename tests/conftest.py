@@ -15,6 +15,8 @@ redrawn by ``randomize_``, batch range [1, 4] unless noted):
 * ``built_dhariwal`` -- DhariwalUNet 16x16 (32 channels) with ``class_labels`` [4]; onnx only.
 * ``built_seed_unet`` -- the seed DDPM ``DiffusionModel`` (16x16, hidden dims [8, 16]) inside the
   DDPMPreconditioner (epsilon prediction, 1000 discrete steps), DDPMScheduler + ddim; onnx only.
+* ``built_lead_time`` -- SongUNetPosLtEmbd 16x16, x 2 channels, an index condition ``lead_time_label``
+  (``lead_time_steps: 4``, so values in [0, 4)), batch [1, 4], Heun x 4; onnx only.
 * ``perturbed_onnx_engine`` -- ``(engine_dir, onnx.ModelProto, weight)``: a copy of ``built_quickstart``
   whose ONNX has one element of one decoder conv weight changed, the manifest hashes re-signed.
 
@@ -66,6 +68,17 @@ TINY_RECIPES: dict[str, dict] = {
         "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
         "export": {"targets": ["onnx"]},
         **EDM,
+    },
+    "lead_time": {
+        "name": "tiny-lead-time",
+        "model": {"class": "SongUNetPosLtEmbd", "init": {"seed": 5},
+                  "args": {**TINY, "in_channels": 2 + 4 + 2, "out_channels": 2, "gridtype": "sinusoidal", "N_grid_channels": 4,
+                           "lead_time_channels": 2, "lead_time_steps": 4}},
+        "conditions": [{"name": "lead_time_label", "kind": "index"}],
+        "inputs": {"batch": {"min": 1, "opt": 2, "max": 4}},
+        "export": {"targets": ["onnx"]},
+        **EDM,
+        "sampler": {**EDM["sampler"], "num_steps": 4},
     },
     "seed_unet": {
         "name": "tiny-seed-unet",
@@ -122,6 +135,11 @@ def aoti_engine_dir(built_conditional) -> Path:
 @pytest.fixture(scope="session")
 def built_dhariwal(tmp_path_factory, tiny_recipe_paths) -> Path:
     return _build(tmp_path_factory, tiny_recipe_paths["dhariwal"])
+
+
+@pytest.fixture(scope="session")
+def built_lead_time(tmp_path_factory, tiny_recipe_paths) -> Path:
+    return _build(tmp_path_factory, tiny_recipe_paths["lead_time"])
 
 
 @pytest.fixture(scope="session")

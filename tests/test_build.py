@@ -256,8 +256,21 @@ def test_cli_errors_are_one_paragraph(tmp_path: Path, tiny_recipe_paths):
     assert r.exit_code == 1 and "error:" in r.output and "broken.yaml: sampler.num_steps" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "e").exists()
 
-    r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--targets", "onnx,tflite", "--out", str(tmp_path / "e")])
-    assert r.exit_code == 1 and "export.targets[1]" in r.output, r.output
+    for targets, message in (("onnx,tflite", "Input should be 'onnx', 'aoti', 'tensorrt', 'openvino' or 'auto' (got 'tflite')"),
+                             (",", "give at least one target, or auto"), ("onnx,auto", "auto stands alone")):
+        r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--targets", targets, "--out", str(tmp_path / "e")])
+        assert r.exit_code == 1 and r.output.startswith(f"error: --targets {targets}: {message}"), r.output  # not the recipe file
+        assert r.output.count("\n") == 1 and "quickstart.yaml" not in r.output, r.output
+
+    (tmp_path / "file").write_text("")
+    for out, message in ((Path("/proc/e"), "cannot create files in /proc"), (tmp_path / "file" / "e", f"{tmp_path / 'file'} is not a folder")):
+        r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--out", str(out)])
+        assert r.exit_code == 1 and r.output.startswith(f"error: --out {out}: {message}"), r.output  # not a temporary folder
+        assert ".building" not in r.output and r.output.count("\n") == 1, r.output
+    elsewhere = tmp_path / "elsewhere.yaml"  # the recipe's output, not --out
+    elsewhere.write_text(tiny_recipe_paths["quickstart"].read_text() + "output: /proc/e\n")
+    r = runner.invoke(app, ["build", str(elsewhere)])
+    assert r.exit_code == 1 and r.output.startswith("error: /proc/e: cannot build the engine there: cannot create files in /proc"), r.output
 
     if not HAS_TENSORRT:
         r = runner.invoke(app, ["build", str(tiny_recipe_paths["quickstart"]), "--targets", "tensorrt", "--out", str(tmp_path / "e")])
@@ -297,3 +310,9 @@ def test_auto_bf16_aoti_candidate_is_left_out_where_bf16_is_emulated(monkeypatch
     assert emulated_bf16(explicit, "cpu") is None and emulated_bf16(fp32, "cpu") is None and emulated_bf16(auto, "cuda") is None
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert emulated_bf16(auto, "cpu") is None
+
+
+def test_cli_inspect_shows_an_index_conditions_range(built_lead_time: Path):
+    r = runner.invoke(app, ["inspect", str(built_lead_time)])
+    assert r.exit_code == 0, r.output
+    assert "lead_time_label" in r.stdout and "index in [0, 4)" in r.stdout, r.stdout

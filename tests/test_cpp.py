@@ -160,7 +160,7 @@ def index_engine_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cpp") / "index"
     out.mkdir()
     io = IOSpec([TensorSpec("x", [-1, 2, 8, 8], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
-                 TensorSpec("cond", [-1, 1, 8, 8], "float32", "image"), TensorSpec("lead", [-1], "int64", "index")],
+                 TensorSpec("cond", [-1, 1, 8, 8], "float32", "image"), TensorSpec("lead", [-1], "int64", "index", high=5)],
                 [TensorSpec("denoised", [-1, 2, 8, 8], kind="denoised")], {"min": 2, "opt": 2, "max": 3})
     g, batch = torch.Generator().manual_seed(0), torch.export.Dim("batch", min=2, max=3)
     example = (torch.randn(2, 2, 8, 8, generator=g), torch.tensor([0.5, 3.0]), torch.randn(2, 1, 8, 8, generator=g), torch.tensor([1, 4]))
@@ -280,13 +280,28 @@ def test_iddpm_steps_beyond_the_table_refused(index_engine_dir, runner, tmp_path
 
 def test_index_condition_and_padding(index_engine_dir, runner, tmp_path):
     """int64 conditions reach the package; 4 rows run as chunks of 3 and 1, the 1 padded to the
-    minimum batch 2 by repeating its row (the padding must not leak into the kept rows)."""
+    minimum batch 2 by repeating its row (the padding must not leak into the kept rows). Index values
+    outside [0, high) of the io (the package would read out of bounds) are refused in one line; a
+    manifest without ``high`` (older ones) still refuses negative values."""
     inputs = make_inputs(index_engine_dir, tmp_path, n=4)
     check_parity(runner, index_engine_dir, inputs, tmp_path / "out.npy")
     bad = tmp_path / "lead_f32.npy"
     np.save(bad, np.load(inputs["lead"]).astype(np.float32))
     done = run(runner / BINARY, index_engine_dir, {**inputs, "lead": bad}, tmp_path / "bad.npy")
     assert done.returncode != 0 and "condition 'lead': expected int64 [4], got float32 [4]" in done.stderr
+    engine = shutil.copytree(index_engine_dir, tmp_path / "engine")
+    for values, message in (([0, 4, 5, 1], "holds 5 at row 2, outside its range [0, 5)"), ([0, -1, 2, 3], "holds -1 at row 1, outside its range [0, 5)"),
+                            (None, "holds -1 at row 1, but must be >= 0")):
+        if values is None:
+            edit_manifest(engine, lambda m: m["io"]["inputs"][3].pop("high"))
+        else:
+            np.save(bad, np.array(values, np.int64))
+        done = run(runner / BINARY, engine, {**inputs, "lead": bad}, tmp_path / "bad.npy")
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: condition 'lead' {message}\n")
+    assert not (tmp_path / "bad.npy").exists()
+    edit_manifest(engine, lambda m: m["io"]["inputs"][3].update(high=0))
+    done = run(runner / BINARY, engine, inputs, tmp_path / "bad.npy")
+    assert done.returncode == 1 and "io.inputs[3].high: expected an integer >= 1, got 0" in done.stderr, done.stderr
 
 
 def test_npy_versions_and_robust_manifest(engine_ok, runner, tmp_path):
@@ -299,7 +314,7 @@ def test_npy_versions_and_robust_manifest(engine_ok, runner, tmp_path):
         path = tmp_path / f"latents_v{major}.npy"
         with open(path, "wb") as f:
             np.lib.format.write_array(f, np.load(inputs["latents"]), version=(major, 0))
-        done = run(runner / BINARY, engine, {**inputs, "latents": path}, tmp_path / "v.npy")
+        done = run(runner / BINARY, engine, {**inputs, "latents": path}, tmp_path / "v.npy", "--overwrite")
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.load(tmp_path / "v1.npy"))
 
@@ -415,6 +430,25 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
     done = run(runner / BINARY, engine_ok, {**inputs, "latents": tmp_path / "trunc.npy"}, tmp_path / "out.npy")
     assert done.returncode != 0 and "trunc.npy: file has" in done.stderr and "(truncated)" in done.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+def test_existing_output_is_replaced_only_with_overwrite(engine_ok, runner, tmp_path):
+    """As ``diffexport sample``: an existing --out file is refused before any work (one line naming it)
+    unless --overwrite; a folder or a symlink is never replaced."""
+    inputs, out = make_inputs(engine_ok, tmp_path), tmp_path / "out.npy"
+    out.write_bytes(b"mine")
+    done = run(runner / BINARY, engine_ok, inputs, out)
+    assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --out {out}: already exists; pass --overwrite to replace it, "
+                                                 "or choose another --out\n")
+    assert out.read_bytes() == b"mine"
+    done = run(runner / BINARY, engine_ok, inputs, out, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert np.load(out).shape[0] == N
+    (tmp_path / "link.npy").symlink_to(out)
+    for path, what in ((tmp_path, "folder"), (tmp_path / "link.npy", "symlink")):
+        done = run(runner / BINARY, engine_ok, inputs, path, "--overwrite")
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --out {path}: is a {what}; refusing to replace it\n")
+    assert (tmp_path / "link.npy").is_symlink()
 
 
 def test_cpp_stage_survives_rename_and_cli(engine_ok, runner, tmp_path):

@@ -188,3 +188,30 @@ def test_mark_updates_status_and_parity_atomically(tmp_path, built_quickstart):
         mark(engine_dir, status="great")
     assert [p.name for p in engine_dir.iterdir() if p.name.startswith(".") and p.name != ".cache"] == []  # no temp files left (.cache: parity's)
     assert sha256_file(engine_dir / "weights.pt") == after["weights"]["sha256"]
+
+
+def test_index_range_is_in_the_io_and_older_manifests_get_it_from_the_recipe(tmp_path, built_lead_time):
+    """An index input's io entry records its exclusive bound ``high`` (``lead_time_steps``; the model's
+    default 9 when the recipe leaves it out). A manifest written before (no ``high``) loads, with the
+    range taken from its recipe, and its engine refuses values outside it; an edited ``high`` is refused."""
+    import inspect
+
+    from diffexport.models import SongUNetPosLtEmbd
+    from diffexport.recipes import io_spec, parse_recipe
+
+    manifest = read_manifest(built_lead_time)
+    recipe = {k: v for k, v in manifest["recipe"].items()}
+    recipe["model"] = {**recipe["model"], "args": {k: v for k, v in recipe["model"]["args"].items() if k != "lead_time_steps"}}
+    default = inspect.signature(SongUNetPosLtEmbd).parameters["lead_time_steps"].default
+    assert io_spec(parse_recipe(recipe)).inputs[2].high == default == 9
+    engine_dir = shutil.copytree(built_lead_time, tmp_path / "old")
+    old = json.loads((engine_dir / MANIFEST).read_text())
+    del old["io"]["inputs"][2]["high"]
+    write_manifest(engine_dir, old)
+    assert read_manifest(engine_dir)["io"] == manifest["io"]
+    with pytest.raises(EngineError, match=r"input 'lead_time_label' holds 4 at row 0, outside its range \[0, 4\)"):
+        load(engine_dir, "onnxruntime")(torch.zeros(1, 2, 16, 16), torch.ones(1), lead_time_label=torch.tensor([4]))
+    old["io"]["inputs"][2]["high"] = 9
+    write_manifest(engine_dir, old)
+    with pytest.raises(EngineError, match="field 'io' does not match the engine's recipe"):
+        read_manifest(engine_dir)

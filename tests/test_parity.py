@@ -9,6 +9,11 @@ unconditional, onnx) and ``built_conditional`` (image + vector conditions, onnx 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +106,66 @@ def test_parity_stage_and_cli_mark_failure(perturbed, onnx_engine_dir, tmp_path)
     assert runner.invoke(app, ["parity", str(engine_dir), "--report", str(tmp_path / "bad")]).exit_code == 1
     ok = runner.invoke(app, ["parity", str(onnx_engine_dir), "--report", str(tmp_path / "good")])
     assert ok.exit_code == 0, ok.output
+
+
+def engine_files(engine: Path) -> dict[str, bytes]:
+    """Every file of an engine directory but the reference cache, by relative path."""
+    return {str(p.relative_to(engine)): p.read_bytes() for p in engine.rglob("*") if p.is_file() and ".cache" not in p.relative_to(engine).parts}
+
+
+def test_unmarked_parity_leaves_the_engine_directory_as_it_was(built_lead_time, tmp_path):
+    """Without --mark a check writes its report only to --report (it rewrote the engine's parity.md
+    as FAIL while the manifest said ok); a --report inside the engine or unwritable is refused first."""
+    engine = shutil.copytree(built_lead_time, tmp_path / "engine")
+    before, runner = engine_files(engine), CliRunner()
+    r = runner.invoke(app, ["parity", str(engine), "--per-call-rtol", "1e-12"])
+    assert r.exit_code == 1 and "FAIL" in r.output and "report: not written (--report DIR writes parity.json/.md/.png)" in r.output, r.output
+    assert engine_files(engine) == before and read_manifest(engine)["status"] == "ok"
+    r = runner.invoke(app, ["parity", str(engine), "--per-call-rtol", "1e-12", "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 1 and f"report: {tmp_path / 'rep' / 'parity.md'}" in r.output, r.output
+    assert "FAIL" in (tmp_path / "rep" / "parity.md").read_text() and engine_files(engine) == before
+    for report, why in ((engine, "is inside the engine directory"), (engine / "rep", "is inside the engine directory"),
+                        (Path("/proc/rep"), "cannot create files in /proc")):
+        r = runner.invoke(app, ["parity", str(engine), "--report", str(report)])
+        assert r.exit_code == 1 and r.output.startswith(f"error: --report {report}: {why}") and r.output.count("\n") == 1, r.output
+    assert engine_files(engine) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root ignores permissions; setpriv is needed to run as nobody")
+def test_read_only_engine_is_checked_uncached_and_mark_is_refused_before_any_work(built_lead_time):
+    """An engine folder the user cannot write (root ignores permission bits: run as nobody): the check
+    passes with a note that the reference is not cached (it computed everything, then failed with
+    "Permission denied" writing the report); --mark is refused before any work, naming the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="diffexport-read-only-"))  # not under pytest's 0700 tmp: nobody reads it
+    try:
+        engine, home = folder / "engine", folder / "home"
+        shutil.copytree(built_lead_time, engine, ignore=shutil.ignore_patterns(".cache"))
+        home.mkdir(mode=0o777)
+        folder.chmod(0o755)
+        home.chmod(0o777)
+        for p in [engine, *engine.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        before = engine_files(engine)
+        as_nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"] if os.geteuid() == 0 else []
+
+        def parity(*args: str) -> tuple[int, str]:
+            done = subprocess.run([*as_nobody, sys.executable, "-c", "from diffexport.cli import main; main()", "parity", str(engine), *args],
+                                  capture_output=True, text=True, cwd=home, timeout=600, env={**os.environ, "HOME": str(home)})
+            return done.returncode, done.stdout + done.stderr
+
+        code, output = parity("--report", str(home / "rep"))
+        assert code == 0, output
+        assert f"note: {engine / '.cache' / 'parity'}: cannot create files in {engine} (Permission denied); the torch reference is " \
+               "computed, not cached" in output, output
+        assert "PASS" in (home / "rep" / "parity.md").read_text()
+        code, output = parity("--mark")
+        assert (code, output.strip()) == (1, f"error: --mark: the engine directory {engine} cannot be updated: cannot create files in {engine} "
+                                             "(Permission denied)"), output
+        assert engine_files(engine) == before and not (engine / ".cache").exists()
+    finally:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        shutil.rmtree(folder)
 
 
 def test_build_with_failing_parity_exits_nonzero_and_marks_failed(tmp_path, tiny_recipe_paths):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from diffexport.cli import app
 from diffexport.diffusion import samplers
 from diffexport.diffusion.utils import edm_x0_predictor
-from diffexport.engines import load, read_manifest
+from diffexport.engines import EngineError, load, read_manifest
 from diffexport.recipes import IOSpec, TensorSpec
 from diffexport.runtime import BatchedEngine, CUDAGraphEngine, SamplerSpec, SamplingError, check_conditions, sample, save_png_grid
 from diffexport.runtime.bench import CpuShare, bench_engine, machine_load, round_robin
@@ -143,7 +143,7 @@ def test_batched_engine_chunks_and_pads():
 
 def test_check_conditions_broadcasts_casts_and_names_the_culprit():
     io = IOSpec([TensorSpec("x", [-1, 1, 2, 2], kind="x"), TensorSpec("sigma", [-1], kind="sigma"),
-                 TensorSpec("label", [-1, 4], kind="vector"), TensorSpec("lead", [-1], "int64", "index")], [], {"min": 1, "max": 8})
+                 TensorSpec("label", [-1, 4], kind="vector"), TensorSpec("lead", [-1], "int64", "index", high=4)], [], {"min": 1, "max": 8})
     engine = type("E", (), {"io": io, "device": torch.device("cpu"), "backend": "fake"})()
     out = check_conditions(engine, {"label": torch.ones(4, dtype=torch.float64), "lead": torch.tensor([1.0, 2.0, 3.0])}, 3)
     assert out["label"].shape == (3, 4) and out["label"].dtype == torch.float32
@@ -154,6 +154,9 @@ def test_check_conditions_broadcasts_casts_and_names_the_culprit():
         check_conditions(engine, {"label": torch.ones(2, 4), "lead": torch.zeros(3)}, 3, sources={"label": "labels.npy"})
     with pytest.raises(ValueError, match="missing \\['lead'\\]"):
         check_conditions(engine, {"label": torch.ones(3, 4)}, 3)
+    for lead, bad in (([0, 4, 1], "4 at row 1"), ([2.0, 3.0, -1.0], "-1 at row 2"), (7, "7 at row 0")):
+        with pytest.raises(ValueError, match=rf"^lt.npy: condition 'lead' holds {bad}, outside its range \[0, 4\)$"):
+            check_conditions(engine, {"label": torch.ones(3, 4), "lead": torch.tensor(lead)}, 3, sources={"lead": "lt.npy"})
 
 
 def test_conditional_sampling_in_chunks_matches_one_call(conditional, built_conditional):
@@ -416,6 +419,49 @@ def test_iddpm_churn_rounds_the_raised_level_to_the_preconditioners_table():
     assert rel_l2(out, want) <= 1e-6, rel_l2(out, want)
     steps = samplers.sample_step_table(engine, latents.double(), manifest["steps"], torch.Generator().manual_seed(5), torch.float32)
     assert rel_l2(out, steps) <= 1e-6
+
+
+def _sample_lead_time(engine_dir, tmp_path, value, *extra):
+    """``diffexport sample`` of the lead-time engine with ``-c lead_time_label=value``, 4 samples x 2 steps:
+    (result, samples or None)."""
+    out = tmp_path / "o.npy"
+    r = CliRunner().invoke(app, ["sample", str(engine_dir), "-c", f"lead_time_label={value}", "--batch", "4",
+                                 "--steps", "2", "--out", str(out), "--overwrite", *extra])
+    return r, (np.load(out) if r.exit_code == 0 else None)
+
+
+def test_index_condition_out_of_range_is_refused_in_one_line(built_lead_time, tmp_path):
+    """``lead_time_label`` (lead_time_steps 4) takes values in [0, 4), recorded in the io; a file or an
+    engine call outside it is refused in one line naming the tensor, value and range (ONNX Runtime
+    raised a GatherND error, or used the last lead time for -1)."""
+    spec = next(s for s in read_manifest(built_lead_time)["io"]["inputs"] if s["kind"] == "index")
+    assert spec == {"name": "lead_time_label", "shape": [-1], "dtype": "int64", "kind": "index", "high": 4}
+    for values, bad in (([1, 9, 0, 0], "9 at row 1"), ([-1, 0, 0, 0], "-1 at row 0")):
+        np.save(tmp_path / "lt.npy", np.array(values))
+        r, _ = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")
+        assert r.exit_code == 1 and r.output.strip() == f"error: {tmp_path / 'lt.npy'}: condition 'lead_time_label' holds {bad}, outside its range [0, 4)"
+    np.save(tmp_path / "lt.npy", np.array([0, 3, 1, 2]))
+    assert _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[0].exit_code == 0
+    engine = load(built_lead_time, "onnxruntime")
+    with pytest.raises(EngineError, match=r"^onnxruntime: input 'lead_time_label' holds 4 at row 1, outside its range \[0, 4\)$"):
+        engine(torch.randn(2, 2, 16, 16), torch.ones(2), lead_time_label=torch.tensor([0, 4]))
+
+
+def test_index_condition_given_as_integers_on_the_cli(built_lead_time, tmp_path):
+    """``-c lead_time_label=3`` (was refused as "class labels need a vector condition") and ``=0,1``
+    (cycled over --batch) sample as the same values from a file; values outside [0, 4) are refused."""
+    np.save(tmp_path / "lt.npy", np.array([0, 1, 0, 1]))
+    by_file, (r, by_list) = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[1], _sample_lead_time(built_lead_time, tmp_path, "0,1")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(by_list, by_file)
+    np.save(tmp_path / "lt.npy", np.array([3, 3, 3, 3]))
+    by_file, (r, by_scalar) = _sample_lead_time(built_lead_time, tmp_path, tmp_path / "lt.npy")[1], _sample_lead_time(built_lead_time, tmp_path, "3")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(by_scalar, by_file)
+    assert np.abs(by_scalar - by_list).max() > 1e-4  # the lead time reaches the model
+    for value, bad in (("9", "9 at row 0"), ("0,-2", "-2 at row 1")):
+        r, _ = _sample_lead_time(built_lead_time, tmp_path, value)
+        assert r.exit_code == 1 and r.output.strip() == f"error: --condition lead_time_label={value}: condition 'lead_time_label' holds {bad}, outside its range [0, 4)"
 
 
 # --- property: every sampler the recipe validation accepts runs on an engine, finite, as its step table says ---------

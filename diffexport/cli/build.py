@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -17,7 +18,9 @@ from diffexport.engines.build import Finalize
 from diffexport.engines.manifest import engine_problems, hash_records
 from diffexport.export import TargetUnavailable
 from diffexport.parity import parity_stage
+from diffexport.fileio import unwritable
 from diffexport.recipes import Recipe, RecipeError, load_recipe
+from diffexport.recipes.schema import Export
 from diffexport.runtime.bench import rank_stage
 
 STATUS_STYLE = {"ok": "green", "failed": "red", "unchecked": "yellow"}
@@ -87,11 +90,13 @@ def build(
         spec = load_recipe(recipe)
         if no_parity:
             spec = spec.model_copy(update={"parity": spec.parity.model_copy(update={"enabled": False})})
-        wanted = [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None
+        wanted = _targets(targets, spec) if targets is not None else None
+        if out is not None and (why := unwritable(out.parent)):
+            raise fail(f"--out {out}: {why}")
         result = build_engine(spec, out, wanted, force=force, progress=progress, finalize=finalize_stages(spec))
     except BaseException as e:
         progress.stop()
-        if debug or isinstance(e, SystemExit):
+        if debug or isinstance(e, (SystemExit, typer.Exit)):  # (an Exit: its error line is printed)
             raise
         if isinstance(e, KeyboardInterrupt):
             raise fail("interrupted; the engine directory was left as it was", 130) from None
@@ -103,6 +108,18 @@ def build(
     typer.echo(result.engine_dir)
     if result.manifest.get("status") == "failed":
         raise fail(f"{result.engine_dir}: parity failed; see {result.engine_dir / 'parity.md'}")
+
+
+def _targets(option: str, spec: Recipe) -> list[str]:
+    """``--targets a,b`` as a list, checked as ``export.targets`` is (a ``fail`` naming the option)."""
+    wanted = [t.strip() for t in option.split(",") if t.strip()]
+    try:
+        Export.model_validate({**spec.export.model_dump(), "targets": wanted})
+    except ValidationError as e:
+        err = e.errors()[0]
+        got = f" (got {err['input']!r})" if err["type"] == "literal_error" else ""
+        raise fail(f"--targets {option}: {err['msg'].removeprefix('Value error, ')}{got}") from None
+    return wanted
 
 
 def _unexpected(e: BaseException, recipe: Path, stage: str) -> str:
@@ -160,7 +177,8 @@ def _show(engine_dir: Path, m: dict) -> None:
         table.add_column(column)
     for direction, specs in (("in", io["inputs"]), ("out", io["outputs"])):
         for s in specs:
-            table.add_row(direction, s["name"], s["kind"], s["dtype"], "[" + ", ".join("B" if d == -1 else str(d) for d in s["shape"]) + "]")
+            kind = s["kind"] + (f" in [0, {s['high']})" if "high" in s else "")
+            table.add_row(direction, s["name"], escape(kind), s["dtype"], "[" + ", ".join("B" if d == -1 else str(d) for d in s["shape"]) + "]")
     out.print(table)
 
     s = m["sampler"]

@@ -19,11 +19,11 @@ from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS, check_device, default_backend, load
 from diffexport.engines.verdict import ALLOW_FLAG
 from diffexport.engines.manifest import read_manifest
-from diffexport.parity.harness import run_parity
+from diffexport.parity.harness import default_cache_dir, run_parity
 from diffexport.recipes.schema import MAX_STEPS
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
-from diffexport.fileio import write_atomic
+from diffexport.fileio import unwritable, write_atomic
 from diffexport.runtime.images import save_png_grid
 from diffexport.runtime.inputs import condition_specs
 from diffexport.runtime.sampler import one_hot_condition, sample as run_sampler
@@ -64,14 +64,22 @@ def _load_npy(path: Path, what: str, integer_ok: bool = False) -> np.ndarray:
 
 def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``NAME=FILE.npy`` items -> tensors and file names by condition name; ``NAME=3`` / ``NAME=0,1,2``
-    (no such file) is one-hot class labels of that vector condition, cycled over ``batch``."""
+    (no such file) is the values of that index condition, or one-hot class labels of that vector
+    condition, cycled over ``batch``."""
     tensors, files = {}, {}
+    kinds = {c.name: c.kind for c in condition_specs(engine)} if engine is not None else {}
     for item in items:
         name, sep, file = item.partition("=")
         if not sep or not name or not file:
             raise fail(f"--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got {item!r}")
         if name in tensors:
             raise fail(f"--condition {name}: given twice; give each condition once")
+        if kinds.get(name) == "index" and re.fullmatch(r"-?\d+(,-?\d+)*", file) and not Path(file).exists():
+            values = [int(v) for v in file.split(",")]  # range-checked with the engine's io by the sampler
+            if any(abs(v) >= 2**63 for v in values):
+                raise fail(f"--condition {item}: an index condition's values are int64")
+            tensors[name], files[name] = torch.tensor([values[i % len(values)] for i in range(batch or len(values))]), f"--condition {item}"
+            continue
         if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
             try:
                 tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
@@ -140,7 +148,7 @@ def sample(
     latents: Path = typer.Option(None, "--latents", help="Initial state [N, C, H, W] .npy at the first time step: unit noise times alphas[0]*sigmas[0] of the manifest "
                                                    "(sigma_max for EDM/VE, about 1 for VP and DDPM)."),
     condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
-                                        "NAME=3 or NAME=0,1,2: one-hot class labels, cycled over --batch."),
+                                        "NAME=3 or NAME=0,1,2: an index condition's values, or a vector condition's one-hot class labels, cycled over --batch."),
     label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
     steps: int = typer.Option(None, "--steps", min=1, max=MAX_STEPS, help="Number of sampler steps (default: the recipe's)."),
     device: str = typer.Option(None, "--device", help="torch device to run on: cpu, cuda, cuda:N (default: where the artifact runs)."),
@@ -195,19 +203,24 @@ def sample(
 def parity(
     engine_dir: Path = ENGINE_DIR,
     backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact."),
-    report: Path = typer.Option(None, "--report", help="Folder for parity.json/.md/.png (default: the engine directory)."),
+    report: Path = typer.Option(None, "--report", help="Folder to write parity.json/.md/.png into (outside the engine directory). "
+                                "Default: none (the table is printed); with --mark the engine's own report is rewritten too."),
     per_call_rtol: float = typer.Option(None, help="Override the per-call relative L2 tolerance."),
     final_rtol: float = typer.Option(None, help="Override the final-sample relative L2 tolerance."),
     device: str = typer.Option(None, "--device", help="torch device to run on (default: where each artifact runs)."),
-    mark: bool = typer.Option(False, "--mark", help="Record the result (status ok | failed, summary) in the manifest: "
-                              "how a --no-parity build is verified."),
+    mark: bool = typer.Option(False, "--mark", help="Record the result (status ok | failed, summary) in the manifest and the "
+                              "engine's parity.json/.md/.png: how a --no-parity build is verified."),
 ) -> None:
     """Check ENGINE_DIR's backends against the torch reference; exit 1 when any check fails.
 
-    Checking an unchecked or failed engine is always allowed (that is what verifies it)."""
+    Without --mark the engine directory is left as it was (only the reference cache ENGINE_DIR/.cache/parity
+    is written, when it can be). Checking an unchecked or failed engine is always allowed (that is what verifies it)."""
     try:
         check_device(device)
         _check_parity_options(engine_dir, backend, {"--per-call-rtol": per_call_rtol, "--final-rtol": final_rtol})
+        _check_parity_outputs(engine_dir, report, mark)
+        if why := unwritable(cache := default_cache_dir(engine_dir)):
+            console.print(f"note: {cache}: {why}; the torch reference is computed, not cached", soft_wrap=True, markup=False)
         result = run_parity(engine_dir, backend or None, report, update_manifest=mark, per_call_rtol=per_call_rtol,
                             final_rtol=final_rtol, device=device)
     except EngineError as e:
@@ -227,7 +240,9 @@ def parity(
             console.print(f"[red]{name}[/]: {e['error']}", soft_wrap=True)
         if e.get("divergence"):
             console.print(f"[red]{name}[/]: {e['divergence']['summary']}", soft_wrap=True)
-    console.print(f"report: {Path(report or engine_dir) / 'parity.md'}", soft_wrap=True)
+    written = [str(Path(f) / "parity.md") for f in dict.fromkeys([*([report] if report else []), *([engine_dir] if mark else [])])]
+    console.print(f"report: {', '.join(written)}" if written else "report: not written (--report DIR writes parity.json/.md/.png)",
+                  soft_wrap=True, markup=False)
     if not result["passed"]:
         raise typer.Exit(1)
 
@@ -246,6 +261,20 @@ def _check_parity_options(engine_dir: Path, backends: list[str], tolerances: dic
             raise EngineError(f"--backend {name}: unknown backend; expected one of {', '.join(b for b in BACKENDS if b != 'torch')}")
         if BACKENDS[name] not in built:
             raise EngineError(f"--backend {name}: no '{BACKENDS[name]}' artifact in this engine (built: {', '.join(built) or 'none'})")
+
+
+def _check_parity_outputs(engine_dir: Path, report: Path | None, mark: bool) -> None:
+    """Refuse, before any work, a --report folder inside the engine directory (unless it is the engine
+    directory itself with --mark) and a folder that cannot be written: --report's, and the engine
+    directory with --mark (its manifest and report are rewritten)."""
+    engine, folder = engine_dir.resolve(), report.resolve() if report else None
+    if folder is not None and (folder == engine and not mark or engine in folder.parents):
+        raise EngineError(f"--report {report}: is inside the engine directory {engine_dir}; write the report elsewhere "
+                          "(the engine's own report is rewritten only with --mark)")
+    if folder is not None and (why := unwritable(report)):
+        raise EngineError(f"--report {report}: {why}")
+    if mark and (why := unwritable(engine_dir)):
+        raise EngineError(f"--mark: the engine directory {engine_dir} cannot be updated: {why}")
 
 
 def _g(v: float | None) -> str:

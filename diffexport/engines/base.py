@@ -53,7 +53,24 @@ def _check(spec: TensorSpec, t: torch.Tensor, batch: int, backend: str) -> torch
     want = [batch, *spec.shape[1:]]
     if list(t.shape) != want:
         raise EngineError(f"{backend}: input '{spec.name}' must have shape {want} (batch {batch}), got {list(t.shape)}")
+    if t.device.type == "cpu" and (why := index_range_error(spec, t)):  # (no device sync: a CUDA graph may be capturing)
+        raise EngineError(f"{backend}: input {why}")
     return t
+
+
+def index_range_error(spec: TensorSpec, t: torch.Tensor) -> str | None:
+    """``"'NAME' holds V at row R, outside its range [0, HIGH)"`` when the ``index`` input ``t`` of
+    ``spec`` has a value below 0 or (with ``spec.high``) at or above ``spec.high``; None otherwise."""
+    if spec.kind != "index" or t.numel() == 0:
+        return None
+    flat = t.reshape(-1)
+    bad = (flat < 0) | (flat >= spec.high) if spec.high is not None else flat < 0
+    if not bool(bad.any()):
+        return None
+    i = int(bad.nonzero()[0])
+    at = f" at row {i}" if t.ndim == 1 else ""
+    allowed = f"outside its range [0, {spec.high})" if spec.high is not None else "but must be >= 0"
+    return f"'{spec.name}' holds {int(flat[i])}{at}, {allowed}"
 
 
 def artifact_path(engine_dir: Path, manifest: dict, target: str) -> Path:

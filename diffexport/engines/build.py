@@ -34,7 +34,7 @@ from diffexport.engines.manifest import (
     FORMAT, LEFTOVER, MANIFEST, content_key, device_info, file_record, engine_problems, hash_records, read_manifest, sha256_file, versions,
     write_manifest,
 )  # fmt: skip
-from diffexport.fileio import write_atomic
+from diffexport.fileio import unwritable, write_atomic
 from diffexport.engines.torch_engine import backbone
 from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
 from diffexport.export.validate import resolved_args, scheduler_of
@@ -401,6 +401,8 @@ def build_engine(
     start = time.perf_counter()
     recipe = check_recipe(resolve_recipe(load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe, targets))
     engine_dir = engine_dir_for(recipe, out_dir)
+    if why := unwritable(engine_dir.parent):  # (it is built beside its place, then renamed)
+        raise EngineError(f"{engine_dir}: cannot build the engine there: {why}")
     _check_replaceable(engine_dir)
     stages, todo = _Stages(progress), candidates(recipe)
     skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision) or emulated_bf16(c, recipe.export.device))}

@@ -271,7 +271,8 @@ LEFTOVER = re.compile(r"\.(.+)\.(\d+)\.(?:.*\.(building)|(old))")
 
 def check_manifest(path: Path, manifest: dict) -> None:
     """``EngineError`` naming the field when a required field is missing or of the wrong type, the
-    status is unknown, or ``io`` is not the contract that follows from ``recipe``."""
+    status is unknown, or ``io`` is not the contract that follows from ``recipe``. An ``io`` without
+    the ranges of its index inputs (older manifests) gets them from the recipe, in ``manifest``."""
     from diffexport.recipes import IOSpec, RecipeError, io_spec, parse_recipe
 
     for key, kind in REQUIRED.items():
@@ -291,10 +292,18 @@ def check_manifest(path: Path, manifest: dict) -> None:
         raise EngineError(f"{path}: field 'recipe' is not a valid recipe: {str(e).splitlines()[-1].strip()}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineError(f"{path}: field 'io' is invalid ({type(e).__name__}: {e})") from None
-    if io.to_dict() != want:
+    got = io.to_dict()
+    if got != want and got == _without_index_ranges(want):  # written before io recorded them: from the recipe
+        manifest["io"] = got = want
+    if got != want:
         raise EngineError(f"{path}: field 'io' does not match the engine's recipe (expected {json.dumps(want, separators=(',', ':'))[:300]}); "
                           "the manifest was edited, rebuild the engine")
     _check_sampler(path, manifest["sampler"], recipe)
+
+
+def _without_index_ranges(io: dict) -> dict:
+    """``io`` without the ``high`` of its index inputs (the form manifests had before they recorded it)."""
+    return {**io, "inputs": [{k: v for k, v in s.items() if k != "high"} for s in io["inputs"]]}
 
 
 def _finite_list(value: Any, length: int | None) -> bool:

@@ -379,13 +379,14 @@ def summary(report: dict) -> dict:
 def run_parity(engine_dir: str | Path, backends: list[str] | None = None, report_dir: str | Path | None = None,
                update_manifest: bool = False, **options: Any) -> dict:
     """Check every candidate in ``backends`` (default: every built artifact) against one reference,
-    then write the report files (``parity.json``, ``.md``, ``.png``) in ``report_dir`` (default: the
-    engine directory); ``update_manifest`` also records status and summary there, and writes the report
-    into the engine directory whatever ``report_dir``. ``options``: those of :class:`ParityRun`."""
+    then write the report files (``parity.json``, ``.md``, ``.png``) in ``report_dir`` (none when
+    None); ``update_manifest`` also writes them into the engine directory and records status and
+    summary in its manifest. Without it the engine directory is left as it was (but for the reference
+    cache). ``options``: those of :class:`ParityRun`."""
     if update_manifest and "torch" in (backends or []):
         raise EngineError("backend torch: the reference cannot verify an engine; check its artifacts' backends")
     report = check_engine(engine_dir, backends, **options)
-    folders = dict.fromkeys(Path(f).resolve() for f in (report_dir or engine_dir, *([engine_dir] if update_manifest else [])))
+    folders = dict.fromkeys(Path(f).resolve() for f in ([report_dir] if report_dir else []) + ([engine_dir] if update_manifest else []))
     for folder in folders:  # a marked run's report is also the engine's parity.json, the one its summary names
         write_report(report, folder)
     if update_manifest:
@@ -422,7 +423,7 @@ def parity_stage(tmp_engine_dir: Path, manifest: dict) -> None:
     """
     if not manifest["recipe"].get("parity", {}).get("enabled", True):
         return
-    report = run_parity(tmp_engine_dir)
+    report = run_parity(tmp_engine_dir, report_dir=tmp_engine_dir)
     manifest["status"] = "ok" if report["passed"] else "failed"
     manifest["parity"] = json_safe(summary(report))
 

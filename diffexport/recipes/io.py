@@ -9,13 +9,15 @@ from dataclasses import asdict, dataclass, field, fields
 @dataclass(frozen=True)
 class TensorSpec:
     """One engine input or output; ``shape[0] == -1`` is the dynamic batch. ``grid`` (kind
-    ``global_index`` only): the global (H, W) its row/column values index."""
+    ``global_index`` only): the global (H, W) its row/column values index. ``high`` (kind ``index``
+    only): the exclusive upper bound of its values, which lie in ``[0, high)``."""
 
     name: str
     shape: list[int]
     dtype: str = "float32"
     kind: str = "tensor"  # x | sigma | vector | image | index | global_index | denoised
     grid: list[int] | None = None
+    high: int | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -47,6 +49,8 @@ def _spec(entry: object, where: str) -> TensorSpec:
         raise ValueError(f"{where} has unknown keys {unknown} (expected {sorted(known)})")
     if missing := sorted({"name", "shape"} - set(entry)):
         raise ValueError(f"{where} lacks {missing}")
+    if "high" in entry and (not isinstance(entry["high"], int) or isinstance(entry["high"], bool) or entry["high"] < 1):
+        raise ValueError(f"{where}.high must be an integer >= 1, got {entry['high']!r}")
     return TensorSpec(**entry)
 
 

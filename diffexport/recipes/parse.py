@@ -179,16 +179,28 @@ def _patch_shape(recipe: Recipe, cls: str, resolution: tuple[int, int]) -> tuple
     return p.patch_shape[0], p.patch_shape[1]
 
 
-def _condition_spec(c: Condition) -> TensorSpec:
-    dtype = "int64" if c.kind == "index" else "float32"
-    return TensorSpec(c.name, [-1, *c.shape], dtype, c.kind)
+LEAD_TIME_STEPS = 9  # SongUNetPosLtEmbd's default lead_time_steps (PhysicsNeMo 2.2)
+
+
+def index_high(recipe: Recipe, name: str) -> int | None:
+    """The exclusive upper bound of index condition ``name``: ``lead_time_steps`` for the
+    ``lead_time_label`` of a ``SongUNetPosLtEmbd``; None when the model does not say."""
+    if recipe.model.class_name == "SongUNetPosLtEmbd" and name == "lead_time_label":
+        return _check_size("model.args.lead_time_steps", recipe.model.args.get("lead_time_steps", LEAD_TIME_STEPS), 1 << 20)
+    return None
+
+
+def _condition_spec(recipe: Recipe, c: Condition) -> TensorSpec:
+    if c.kind == "index":
+        return TensorSpec(c.name, [-1, *c.shape], "int64", c.kind, high=index_high(recipe, c.name))
+    return TensorSpec(c.name, [-1, *c.shape], "float32", c.kind)
 
 
 def io_spec(recipe: Recipe) -> IOSpec:
     """The exported denoiser's contract: ``x [B,C,H,W]``, ``sigma [B]``, conditions[, ``global_index``] → ``denoised``."""
     c, h, w = image_shape(recipe)
     inputs = [TensorSpec("x", [-1, c, h, w], kind="x"), TensorSpec("sigma", [-1], kind="sigma")]
-    inputs += [_condition_spec(cnd) for cnd in recipe.conditions]
+    inputs += [_condition_spec(recipe, cnd) for cnd in recipe.conditions]
     if (p := recipe.sampler.patching) is not None and p.global_index:
         inputs.append(global_index_spec(h, w, tuple(p.img_shape)))
     outputs = [TensorSpec("denoised", [-1, c, h, w], kind="denoised")]

@@ -40,7 +40,7 @@ from diffexport.diffusion import noise_schedulers, preconditioners, samplers
 from diffexport.diffusion.base import NoiseSource
 from diffexport.diffusion.guidance import JointClassifierFreeGuidance
 from diffexport.diffusion.utils import edm_x0_predictor
-from diffexport.engines.base import Engine
+from diffexport.engines.base import Engine, index_range_error
 from diffexport.runtime.batching import BatchedEngine
 from diffexport.runtime.cuda_graphs import CUDAGraphEngine
 from diffexport.runtime.guards import FiniteGuard
@@ -124,7 +124,8 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
     """``conditions`` by engine input name, each ``[batch, *shape]`` with the engine's dtype, on its device.
 
     A condition given without its batch axis, or with batch 1, is repeated over the batch. With
-    patching, ``image_hw`` is the full image size that image conditions must have. ``sources``
+    patching, ``image_hw`` is the full image size that image conditions must have; index conditions
+    must lie in their io range ``[0, high)``. ``sources``
     (e.g. file names by condition) prefix the ``ValueError`` messages.
     """
     conditions = dict(conditions or {})
@@ -149,6 +150,8 @@ def check_conditions(engine: Engine, conditions: dict[str, torch.Tensor] | None,
         dtype = _DTYPES[spec.dtype]
         if dtype == torch.int64 and t.is_floating_point() and not bool((t == t.round()).all()):
             raise ValueError(f"{where}condition '{spec.name}' is an index (int64) but holds non-integer values")
+        if why := index_range_error(spec, t):
+            raise ValueError(f"{where}condition {why}")
         out[spec.name] = t.to(device=engine.device, dtype=dtype).contiguous()
     return out
 

@@ -24,6 +24,7 @@ TensorSpec tensor_spec(const Field& j) {
     throw Error(j.path() + ".dtype: " + e.what());
   }
   for (const Field& d : j.at("shape").array()) t.shape.push_back(d.integer());
+  if (j.has("high") && (t.high = j.at("high").integer()) < 1) throw Error(j.path() + ".high: expected an integer >= 1, got " + std::to_string(t.high));
   return t;
 }
 
@@ -117,6 +118,15 @@ Engine load_engine(const std::string& dir) {
     throw Error(path + ": " + err.what());
   }
   return e;
+}
+
+void check_index_range(const TensorSpec& spec, const Array& values) {
+  const int64_t* v = values.i64();
+  const int64_t n = numel(values.shape);
+  for (int64_t i = 0; i < n; ++i)
+    if (v[i] < 0 || (spec.high > 0 && v[i] >= spec.high))
+      throw Error("condition '" + spec.name + "' holds " + std::to_string(v[i]) + " at row " + std::to_string(i) + ", " +
+                  (spec.high > 0 ? "outside its range [0, " + std::to_string(spec.high) + ")" : std::string("but must be >= 0")));
 }
 
 std::string Engine::verified_artifact(const std::string& target) const {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "diffexport/runtime.h"
@@ -14,6 +15,7 @@ namespace {
 struct Args {
   std::string engine, latents, out;
   int64_t batch = 0;
+  bool overwrite = false;
   std::vector<std::string> conditions;  // NAME=FILE.npy
   diffexport::SamplerOptions options;
 };
@@ -36,7 +38,8 @@ void describe(CLI::App& app, Args& a) {
   app.add_option("--engine", a.engine, "engine directory (manifest.json)")->required()->type_name("DIR");
   app.add_option("--latents", a.latents, "initial latents .npy")->type_name("IN.npy");
   app.add_option("--batch", a.batch, "draw N latents from --seed instead of --latents")->type_name("N")->check(CLI::Range(1, 1000000));
-  app.add_option("--out", a.out, "samples .npy (written atomically)")->required()->type_name("OUT.npy");
+  app.add_option("--out", a.out, "samples .npy (written atomically; an existing file only with --overwrite)")->required()->type_name("OUT.npy");
+  app.add_flag("--overwrite", a.overwrite, "replace an existing --out file");
   app.add_option("--condition", a.conditions, "a condition input (repeatable)")->type_name("NAME=FILE.npy")->allow_extra_args(false);
   app.add_option("--steps", a.options.steps, "re-discretise the schedule with K steps")->type_name("K")->check(CLI::Range(1, 1000000));
   app.add_option("--seed", a.options.seed, "seeds the latents and the stochastic solvers' noise (default 0)")->type_name("S")->check(kSeedRange);
@@ -47,6 +50,16 @@ void describe(CLI::App& app, Args& a) {
 }
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+/// Before any work, as `diffexport sample`: nothing existing is replaced without --overwrite, never a folder or a symlink.
+void check_out(const std::string& out, bool overwrite) {
+  namespace fs = std::filesystem;
+  const fs::file_status status = fs::symlink_status(out);
+  if (fs::is_directory(status) || fs::is_symlink(status))
+    throw diffexport::Error("--out " + out + ": is a " + (fs::is_directory(status) ? "folder" : "symlink") + "; refusing to replace it");
+  if (fs::exists(status) && !overwrite)
+    throw diffexport::Error("--out " + out + ": already exists; pass --overwrite to replace it, or choose another --out");
+}
 
 }  // namespace
 
@@ -64,6 +77,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (args.latents.empty() == (args.batch == 0)) throw diffexport::Error("give exactly one of --latents IN.npy and --batch N (see --help)");
+    check_out(args.out, args.overwrite);
     diffexport::Sampler sampler(args.engine, args.options);
     diffexport::Conditions conditions;
     for (const std::string& c : args.conditions) {

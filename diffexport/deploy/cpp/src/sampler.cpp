@@ -579,6 +579,7 @@ void Sampler::check(const Array& latents, const Conditions& conditions) const {
     if (it->second.dtype != spec.dtype || it->second.shape != shape)
       throw Error("condition '" + spec.name + "': expected " + expected + ", got " + dtype_name(it->second.dtype) + " " +
                   shape_str(it->second.shape));
+    if (spec.kind == "index") check_index_range(spec, it->second);
   }
   for (const auto& kv : conditions)
     if (std::none_of(engine_.inputs.begin() + 2, engine_.inputs.end(), [&](const TensorSpec& s) { return s.name == kv.first; }))

@@ -17,6 +17,7 @@ struct TensorSpec {
   std::string name, kind;  // kind: x | sigma | vector | image | index | denoised
   DType dtype = DType::Float32;
   std::vector<int64_t> shape;
+  int64_t high = 0;  // kind index: values lie in [0, high) (io "high"; 0 when the manifest does not record it)
 };
 
 /// The sampler the engine was built for (`manifest.sampler`, docs/ENGINE_FORMAT.md).
@@ -45,6 +46,10 @@ struct Engine {
 
 /// Read and check `DIR/manifest.json`; `Error` naming the file and field when it is unusable.
 Engine load_engine(const std::string& dir);
+
+/// `Error` naming the condition, the first bad value, its row and the range when the int64 values of
+/// the index input `spec` are not all in [0, spec.high) (>= 0 when `high` is not recorded).
+void check_index_range(const TensorSpec& spec, const Array& values);
 
 /// A view of one host tensor handed to a backend.
 struct TensorView {
