@@ -221,3 +221,17 @@ def test_openvino_without_the_engines_onnx_gets_only_the_self_contained_reposito
     with pytest.raises(EngineError, match="needs a tensorrt or onnx artifact"):
         native_target(m)
     assert [p.name for p in triton_stage(engine, m)] == ["triton-python"]
+
+
+def test_static_blob_whose_input_port_has_merged_names(tmp_path, tiny_recipe_paths):
+    """The DDPM U-Net's static-batch blobs name input ``x`` also ``mul_247`` (the CPU plugin merged a
+    folded op's name into it): the engine matches the manifest's names among each port's names."""
+    from diffexport.export.denoiser import example_inputs
+    from diffexport.recipes import IOSpec
+
+    result = build_engine(tiny_recipe_paths["seed_unet"], tmp_path / "e", ["openvino"], finalize=[("parity", parity_stage)])
+    assert result.manifest["status"] == "ok", (tmp_path / "e" / "parity.md").read_text()
+    io = IOSpec.from_dict(result.manifest["io"])
+    for batch in sorted({1, *map(int, result.manifest["artifacts"]["openvino"]["static"])}):
+        x, sigma = example_inputs(io, batch, seed=batch)
+        assert rel_l2(load(result.engine_dir, "openvino")(x, sigma), load(result.engine_dir, "torch")(x, sigma)) <= 1e-5

@@ -24,6 +24,19 @@ def import_openvino():
     return openvino
 
 
+def check_port_names(path: Path, compiled, io: IOSpec) -> None:
+    """``EngineError`` unless ``compiled``'s inputs and outputs carry the manifest's names in its order.
+
+    A port may have several tensor names: with a static batch, OpenVINO's CPU plugin folds ops and
+    merges names (DDPM U-Net: input ``x`` also named ``mul_247``, which ``get_any_name`` returned), so
+    a port matches when the manifest's name is one of its names."""
+    ports = [p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs]
+    want = [s.name for s in io.inputs], [s.name for s in io.outputs]
+    if any(len(have) != len(names) or any(n not in h for n, h in zip(names, have)) for have, names in zip(ports, want)):
+        shown = tuple([sorted(h) for h in have] for have in ports)
+        raise EngineError(f"{path}: model inputs/outputs {shown} do not match the manifest's {want}")
+
+
 class OpenVINOEngine:
     """``engine(x, sigma, **conditions) -> denoised`` through OpenVINO infer requests.
 
@@ -58,10 +71,7 @@ class OpenVINOEngine:
             if batch is not None:
                 model.reshape({p.get_any_name(): self._ov.PartialShape([batch, *p.get_partial_shape()[1:]]) for p in model.inputs})
             compiled = self._core.compile_model(model, device, self.config)
-        names = [p.get_any_name() for p in compiled.inputs], [p.get_any_name() for p in compiled.outputs]
-        want = [s.name for s in self.io.inputs], [s.name for s in self.io.outputs]
-        if names != want:
-            raise EngineError(f"{path}: model inputs/outputs {names} do not match the manifest's {want}")
+        check_port_names(path, compiled, self.io)
         return compiled.create_infer_request()
 
     @torch.no_grad()
