@@ -36,7 +36,10 @@ from diffexport.engines.manifest import (
 )  # fmt: skip
 from diffexport.fileio import write_atomic
 from diffexport.engines.torch_engine import backbone
-from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
+from diffexport.export import (
+    FILENAMES, GROUP_NORM_OPSET, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target,
+    precision_unsupported, require,
+)  # fmt: skip
 from diffexport.export.validate import resolved_args, scheduler_of
 from diffexport.export.worker import AotiWorker
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
@@ -196,9 +199,12 @@ def emulated_bf16(c: Candidate, device: str) -> str | None:
             "bf16 would be emulated, several times slower than fp32")
 
 
-def unavailable(target: str, precision: str = "fp32") -> str | None:
-    """Why ``target`` cannot be built here at ``precision`` (``None`` when it can): TensorRT needs
-    its package and a GPU, OpenVINO its package (and for bf16 a CPU with native bf16)."""
+def unavailable(target: str, precision: str = "fp32", opset: int = GROUP_NORM_OPSET) -> str | None:
+    """Why ``target`` cannot be built here at ``precision`` (``None`` when it can): not at all
+    (:func:`~diffexport.export.precision_unsupported`), TensorRT needs its package and a GPU,
+    OpenVINO its package (and for bf16 a CPU with native bf16)."""
+    if why := precision_unsupported(target, precision, opset):
+        return why
     if target == "openvino":
         try:
             import openvino  # noqa: F401
@@ -403,7 +409,7 @@ def build_engine(
     engine_dir = engine_dir_for(recipe, out_dir)
     _check_replaceable(engine_dir)
     stages, todo = _Stages(progress), candidates(recipe)
-    skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision) or emulated_bf16(c, recipe.export.device))}
+    skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision, recipe.export.opset) or emulated_bf16(c, recipe.export.device))}
     if len(skipped) == len(todo):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)
