@@ -119,6 +119,10 @@ def test_blob_that_cannot_be_imported_falls_back_to_the_onnx(tmp_path, auto_engi
     write_manifest(engine_dir, m)
     got, want = _call(engine_dir, "openvino")
     assert rel_l2(got, want) <= 1e-5
+    onnx_file = engine_dir / m["artifacts"]["onnx"]["file"]
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")  # the source the fallback would compile is checked too
+    with pytest.raises(EngineError, match=r"denoiser\.onnx: sha256 does not match manifest\.json"):
+        load(engine_dir, "openvino")
     art["source"] = None
     write_manifest(engine_dir, m)
     with pytest.raises(EngineError, match="cannot import this blob"):

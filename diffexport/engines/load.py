@@ -77,7 +77,9 @@ def load(engine_dir: str | Path, backend: str | None = None, device: str | torch
         if device is not None and torch.device(device).type != "cpu":
             raise EngineError(f"{path}: the OpenVINO engine runs on the CPU, not {device}")
         source = inside(engine_dir, record["source"]) if record.get("source") else None
-        return OpenVINOEngine(path, io, record, source=source, **options)
+        records = [r.get("files") for r in manifest["artifacts"].values() if isinstance(r, dict)]
+        hashed = [files.get(record.get("source")) for files in records if isinstance(files, dict)]
+        return OpenVINOEngine(path, io, record, source=source, source_sha256=next(filter(None, hashed), None), **options)
     if backend.startswith("aoti"):
         from diffexport.engines.aoti import AOTIEngine
 

@@ -2,7 +2,8 @@
 
 Loading imports ``openvino`` only (no exporter). Blobs are imported with the compile properties
 their manifest record lists; when this OpenVINO cannot import one (another version), the record's
-``source`` ONNX is compiled again with the same properties and shape (slower, same result).
+``source`` ONNX is compiled again with the same properties and shape (slower, same result), once its
+sha256 matches the manifest's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffexport.engines.base import EngineError, check_inputs
+from diffexport.engines.manifest import MANIFEST, sha256_file
 from diffexport.recipes import IOSpec
 
 
@@ -48,9 +50,11 @@ class OpenVINOEngine:
 
     backend = "openvino"
 
-    def __init__(self, path: str | Path, io: IOSpec, record: dict, *, source: Path | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, io: IOSpec, record: dict, *, source: Path | None = None, source_sha256: str | None = None,
+                 threads: int | None = None):
         self._ov = import_openvino()
         self.path, self.io, self.device, self.record, self.source = Path(path), io, torch.device("cpu"), record, source
+        self.source_sha256 = source_sha256  # the manifest's hash of ``source``, checked before it is compiled
         self.config = dict(record.get("config") or {})
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -67,6 +71,9 @@ class OpenVINOEngine:
             if self.source is None or not self.source.is_file():
                 raise EngineError(f"{path}: OpenVINO {self._ov.get_version()} cannot import this blob (written by "
                                   f"{self.record.get('openvino', '?')}): {str(e).strip().splitlines()[0]}; rebuild the engine") from e
+            if self.source_sha256 is None or sha256_file(self.source) != self.source_sha256:
+                raise EngineError(f"{self.source}: sha256 does not match {MANIFEST} (or is not recorded there); refusing to compile "
+                                  "it in place of the blob; rebuild the engine") from e
             model = self._core.read_model(str(self.source))
             if batch is not None:
                 model.reshape({p.get_any_name(): self._ov.PartialShape([batch, *p.get_partial_shape()[1:]]) for p in model.inputs})
