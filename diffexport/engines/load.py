@@ -86,7 +86,7 @@ def load(engine_dir: str | Path, backend: str | None = None, device: str | torch
         return AOTIEngine(path, io, device, compiled_for=record.get("device", "cpu"))
     from diffexport.engines.tensorrt import TensorRTEngine
 
-    return TensorRTEngine(path, io, device, compute_capability=record.get("compute_capability"))
+    return TensorRTEngine(path, io, device, compute_capability=record.get("compute_capability"), built_with=record.get("tensorrt"))
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
