@@ -150,6 +150,10 @@ def test_ranking_makes_the_fastest_verified_backend_the_default(auto_engine):
     console = Console(record=True, width=200)
     ranking(console, {**r, "warning": "the machine is busy (1.90 CPUs of other processes)"}, m["default_backend"])
     assert "ranking warning: the machine is busy" in console.export_text()
+    narrow = Console(record=True, width=80)  # a terminal's width: the longest backend name stays on one line
+    ranking(narrow, {**r, "order": ["openvino-bf16", *[b for b in r["order"] if b != "openvino-bf16"]],
+                     "candidates": {**r["candidates"], "openvino-bf16": r["candidates"][r["order"][0]]}}, "openvino-bf16")
+    assert "openvino-bf16 (default)" in narrow.export_text(), narrow.export_text()
 
 
 def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
