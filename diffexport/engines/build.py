@@ -413,7 +413,10 @@ def build_engine(
     if len(skipped) == len(todo):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)
-    device, tools = device_info(recipe.export.device), versions()  # (fails early when CUDA is asked for and absent)
+    try:  # fails early when CUDA is asked for and absent
+        device, tools = device_info(recipe.export.device), versions()
+    except EngineError as e:
+        raise EngineError(f"{_source(recipe)}: export.device: {e}; build on a machine with a CUDA GPU, or use export.device: cpu") from None
     gpu = device_info("cuda") if any(c.target == "tensorrt" and c.key not in skipped for c in todo) else None
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
     for line in recover(engine_dir):
