@@ -177,6 +177,19 @@ def test_tensorrt_backend_names_the_missing_package(built_quickstart):
         TensorRTEngine(built_quickstart / "denoiser.plan", io)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="TensorRT is not installable here (NVIDIA's index only) and needs a CUDA GPU")
+def test_tensorrt_plan_refuses_another_tensorrt_version(tmp_path, tiny_recipe_paths):
+    from diffexport.engines import build_engine
+
+    engine_dir = build_engine(tiny_recipe_paths["quickstart"], tmp_path / "e", ["tensorrt"]).engine_dir
+    m = read_manifest(engine_dir)
+    io, record = IOSpec.from_dict(m["io"]), m["artifacts"]["tensorrt"]
+    TensorRTEngine(engine_dir / record["file"], io, compute_capability=record["compute_capability"], built_with=record["tensorrt"])
+    with pytest.raises(EngineError, match="plan built with TensorRT 0.0.1, this is TensorRT"):
+        TensorRTEngine(engine_dir / record["file"], io, built_with="0.0.1")
+
+
 def test_mark_updates_status_and_parity_atomically(tmp_path, built_quickstart):
     engine_dir = shutil.copytree(built_quickstart, tmp_path / "e")
     before = read_manifest(engine_dir)

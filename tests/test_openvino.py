@@ -119,6 +119,10 @@ def test_blob_that_cannot_be_imported_falls_back_to_the_onnx(tmp_path, auto_engi
     write_manifest(engine_dir, m)
     got, want = _call(engine_dir, "openvino")
     assert rel_l2(got, want) <= 1e-5
+    onnx_file = engine_dir / m["artifacts"]["onnx"]["file"]
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")  # the source the fallback would compile is checked too
+    with pytest.raises(EngineError, match=r"denoiser\.onnx: sha256 does not match manifest\.json"):
+        load(engine_dir, "openvino")
     art["source"] = None
     write_manifest(engine_dir, m)
     with pytest.raises(EngineError, match="cannot import this blob"):
@@ -146,6 +150,10 @@ def test_ranking_makes_the_fastest_verified_backend_the_default(auto_engine):
     console = Console(record=True, width=200)
     ranking(console, {**r, "warning": "the machine is busy (1.90 CPUs of other processes)"}, m["default_backend"])
     assert "ranking warning: the machine is busy" in console.export_text()
+    narrow = Console(record=True, width=80)  # a terminal's width: the longest backend name stays on one line
+    ranking(narrow, {**r, "order": ["openvino-bf16", *[b for b in r["order"] if b != "openvino-bf16"]],
+                     "candidates": {**r["candidates"], "openvino-bf16": r["candidates"][r["order"][0]]}}, "openvino-bf16")
+    assert "openvino-bf16 (default)" in narrow.export_text(), narrow.export_text()
 
 
 def test_rank_stage_leaves_out_failed_candidates(tmp_path, auto_engine):
@@ -221,3 +229,17 @@ def test_openvino_without_the_engines_onnx_gets_only_the_self_contained_reposito
     with pytest.raises(EngineError, match="needs a tensorrt or onnx artifact"):
         native_target(m)
     assert [p.name for p in triton_stage(engine, m)] == ["triton-python"]
+
+
+def test_static_blob_whose_input_port_has_merged_names(tmp_path, tiny_recipe_paths):
+    """The DDPM U-Net's static-batch blobs name input ``x`` also ``mul_247`` (the CPU plugin merged a
+    folded op's name into it): the engine matches the manifest's names among each port's names."""
+    from diffexport.export.denoiser import example_inputs
+    from diffexport.recipes import IOSpec
+
+    result = build_engine(tiny_recipe_paths["seed_unet"], tmp_path / "e", ["openvino"], finalize=[("parity", parity_stage)])
+    assert result.manifest["status"] == "ok", (tmp_path / "e" / "parity.md").read_text()
+    io = IOSpec.from_dict(result.manifest["io"])
+    for batch in sorted({1, *map(int, result.manifest["artifacts"]["openvino"]["static"])}):
+        x, sigma = example_inputs(io, batch, seed=batch)
+        assert rel_l2(load(result.engine_dir, "openvino")(x, sigma), load(result.engine_dir, "torch")(x, sigma)) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,10 @@ BROKEN = {
     "missing checkpoint": (lambda d: d["model"].update(checkpoint="no/such/model.mdlus"), "model.checkpoint: "),
     "checkpoint is a folder": (lambda d: d["model"].update(checkpoint="/"), "model.checkpoint: / is not a file"),
     "huge image": (lambda d: d["model"]["args"].update(img_resolution=10**6), "model.args.img_resolution: must be an int in [1, 8192]"),
+    # a precision the target cannot build: refused before any export, not an ONNX/OpenVINO error after it
+    "bf16 onnx": (lambda d: d["export"].update(precision="bf16"), "export.precision: bf16 with target onnx: ONNX Runtime has no bf16 kernels"),
+    "fp16 openvino": (lambda d: d["export"].update(targets=["openvino"], precision="fp16"), "export.precision: fp16 with target openvino"),
+    "bf16 tensorrt opset 21": (lambda d: d["export"].update(targets=["tensorrt"], precision="bf16"), "export.opset >= 22 (got 21)"),
 }
 
 
@@ -543,3 +548,23 @@ def test_checkpoint_recipe_validates_as_the_recipe_spelling_out_its_args(song_md
 
     merged = {**_song()._init_args, **overrides}
     assert verdict({"checkpoint": str(song_mdlus), "args": overrides}) == verdict({"class": "SongUNet", "args": merged})
+
+
+@pytest.mark.parametrize("target", ["onnx", "aoti", "openvino", "tensorrt"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("opset", [21, 22])
+def test_validation_refuses_exactly_the_unsupported_precisions(target: str, precision: str, opset: int, tmp_path: Path):
+    """Named targets: refused by validation iff ``precision_unsupported``; ``targets: auto``: skipped with that reason."""
+    from diffexport.engines.build import unavailable
+    from diffexport.export import precision_unsupported
+
+    why = precision_unsupported(target, precision, opset)
+    assert (why is not None) == ((target, precision) in {("onnx", "bf16"), ("openvino", "fp16")} or (target, precision, opset) == ("tensorrt", "bf16", 21))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_with(lambda d: d["export"].update(targets=[target], precision=precision, opset=opset))))
+    if why is None:
+        check_recipe(load_recipe(path))
+    else:
+        with pytest.raises(RecipeError, match=re.escape(f"export.precision: {precision} with target {target}: {why}")):
+            check_recipe(load_recipe(path))
+        assert unavailable(target, precision, opset) == why  # targets: auto skips it before lowering anything

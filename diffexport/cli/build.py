@@ -220,7 +220,7 @@ def ranking(out: Console, r: dict, default: str | None) -> None:
                         f"default backend: {default or 'none'})", title_justify="left")
     batches = [str(b) for b in r.get("batches", [])]
     for column in ("#", "backend", "precision", *(f"ms @ batch {b}" for b in batches), "score"):
-        table.add_column(column, justify="left" if column in ("backend", "precision") else "right")
+        table.add_column(column, justify="left" if column in ("backend", "precision") else "right", no_wrap=column == "backend")
     for i, name in enumerate(r.get("order", []), 1):
         c = r["candidates"][name]
         table.add_row(str(i), name + (" (default)" if name == default else ""), c["precision"],

@@ -36,7 +36,10 @@ from diffexport.engines.manifest import (
 )  # fmt: skip
 from diffexport.fileio import unwritable, write_atomic
 from diffexport.engines.torch_engine import backbone
-from diffexport.export import FILENAMES, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target, require
+from diffexport.export import (
+    FILENAMES, GROUP_NORM_OPSET, Denoiser, TargetUnavailable, build_denoiser, check_recipe, export_program, export_target,
+    precision_unsupported, require,
+)  # fmt: skip
 from diffexport.export.validate import resolved_args, scheduler_of
 from diffexport.export.worker import AotiWorker
 from diffexport.recipes import IOSpec, Recipe, RecipeError, io_spec, load_recipe, parse_recipe, resolve_path
@@ -196,9 +199,12 @@ def emulated_bf16(c: Candidate, device: str) -> str | None:
             "bf16 would be emulated, several times slower than fp32")
 
 
-def unavailable(target: str, precision: str = "fp32") -> str | None:
-    """Why ``target`` cannot be built here at ``precision`` (``None`` when it can): TensorRT needs
-    its package and a GPU, OpenVINO its package (and for bf16 a CPU with native bf16)."""
+def unavailable(target: str, precision: str = "fp32", opset: int = GROUP_NORM_OPSET) -> str | None:
+    """Why ``target`` cannot be built here at ``precision`` (``None`` when it can): not at all
+    (:func:`~diffexport.export.precision_unsupported`), TensorRT needs its package and a GPU,
+    OpenVINO its package (and for bf16 a CPU with native bf16)."""
+    if why := precision_unsupported(target, precision, opset):
+        return why
     if target == "openvino":
         try:
             import openvino  # noqa: F401
@@ -405,11 +411,14 @@ def build_engine(
         raise EngineError(f"{engine_dir}: cannot build the engine there: {why}")
     _check_replaceable(engine_dir)
     stages, todo = _Stages(progress), candidates(recipe)
-    skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision) or emulated_bf16(c, recipe.export.device))}
+    skipped = {c.key: why for c in todo if (why := unavailable(c.target, c.precision, recipe.export.opset) or emulated_bf16(c, recipe.export.device))}
     if len(skipped) == len(todo):
         raise TargetUnavailable("nothing left to build: " + "; ".join(f"{t}: {why}" for t, why in skipped.items()))
     io, schedule = io_spec(recipe), sampler_schedule(recipe)
-    device, tools = device_info(recipe.export.device), versions()  # (fails early when CUDA is asked for and absent)
+    try:  # fails early when CUDA is asked for and absent
+        device, tools = device_info(recipe.export.device), versions()
+    except EngineError as e:
+        raise EngineError(f"{_source(recipe)}: export.device: {e}; build on a machine with a CUDA GPU, or use export.device: cpu") from None
     gpu = device_info("cuda") if any(c.target == "tensorrt" and c.key not in skipped for c in todo) else None
     engine_dir.parent.mkdir(parents=True, exist_ok=True)
     for line in recover(engine_dir):

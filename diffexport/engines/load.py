@@ -77,14 +77,16 @@ def load(engine_dir: str | Path, backend: str | None = None, device: str | torch
         if device is not None and torch.device(device).type != "cpu":
             raise EngineError(f"{path}: the OpenVINO engine runs on the CPU, not {device}")
         source = inside(engine_dir, record["source"]) if record.get("source") else None
-        return OpenVINOEngine(path, io, record, source=source, **options)
+        records = [r.get("files") for r in manifest["artifacts"].values() if isinstance(r, dict)]
+        hashed = [files.get(record.get("source")) for files in records if isinstance(files, dict)]
+        return OpenVINOEngine(path, io, record, source=source, source_sha256=next(filter(None, hashed), None), **options)
     if backend.startswith("aoti"):
         from diffexport.engines.aoti import AOTIEngine
 
         return AOTIEngine(path, io, device, compiled_for=record.get("device", "cpu"))
     from diffexport.engines.tensorrt import TensorRTEngine
 
-    return TensorRTEngine(path, io, device, compute_capability=record.get("compute_capability"))
+    return TensorRTEngine(path, io, device, compute_capability=record.get("compute_capability"), built_with=record.get("tensorrt"))
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:

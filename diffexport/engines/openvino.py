@@ -2,7 +2,8 @@
 
 Loading imports ``openvino`` only (no exporter). Blobs are imported with the compile properties
 their manifest record lists; when this OpenVINO cannot import one (another version), the record's
-``source`` ONNX is compiled again with the same properties and shape (slower, same result).
+``source`` ONNX is compiled again with the same properties and shape (slower, same result), once its
+sha256 matches the manifest's.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffexport.engines.base import EngineError, check_inputs
+from diffexport.engines.manifest import MANIFEST, sha256_file
 from diffexport.recipes import IOSpec
 
 
@@ -22,6 +24,19 @@ def import_openvino():
     except ImportError as e:
         raise EngineError(f"the OpenVINO backend needs the Python package 'openvino' ({e}); pip install openvino") from None
     return openvino
+
+
+def check_port_names(path: Path, compiled, io: IOSpec) -> None:
+    """``EngineError`` unless ``compiled``'s inputs and outputs carry the manifest's names in its order.
+
+    A port may have several tensor names: with a static batch, OpenVINO's CPU plugin folds ops and
+    merges names (DDPM U-Net: input ``x`` also named ``mul_247``, which ``get_any_name`` returned), so
+    a port matches when the manifest's name is one of its names."""
+    ports = [p.get_names() for p in compiled.inputs], [p.get_names() for p in compiled.outputs]
+    want = [s.name for s in io.inputs], [s.name for s in io.outputs]
+    if any(len(have) != len(names) or any(n not in h for n, h in zip(names, have)) for have, names in zip(ports, want)):
+        shown = tuple([sorted(h) for h in have] for have in ports)
+        raise EngineError(f"{path}: model inputs/outputs {shown} do not match the manifest's {want}")
 
 
 class OpenVINOEngine:
@@ -35,9 +50,11 @@ class OpenVINOEngine:
 
     backend = "openvino"
 
-    def __init__(self, path: str | Path, io: IOSpec, record: dict, *, source: Path | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, io: IOSpec, record: dict, *, source: Path | None = None, source_sha256: str | None = None,
+                 threads: int | None = None):
         self._ov = import_openvino()
         self.path, self.io, self.device, self.record, self.source = Path(path), io, torch.device("cpu"), record, source
+        self.source_sha256 = source_sha256  # the manifest's hash of ``source``, checked before it is compiled
         self.config = dict(record.get("config") or {})
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -54,14 +71,14 @@ class OpenVINOEngine:
             if self.source is None or not self.source.is_file():
                 raise EngineError(f"{path}: OpenVINO {self._ov.get_version()} cannot import this blob (written by "
                                   f"{self.record.get('openvino', '?')}): {str(e).strip().splitlines()[0]}; rebuild the engine") from e
+            if self.source_sha256 is None or sha256_file(self.source) != self.source_sha256:
+                raise EngineError(f"{self.source}: sha256 does not match {MANIFEST} (or is not recorded there); refusing to compile "
+                                  "it in place of the blob; rebuild the engine") from e
             model = self._core.read_model(str(self.source))
             if batch is not None:
                 model.reshape({p.get_any_name(): self._ov.PartialShape([batch, *p.get_partial_shape()[1:]]) for p in model.inputs})
             compiled = self._core.compile_model(model, device, self.config)
-        names = [p.get_any_name() for p in compiled.inputs], [p.get_any_name() for p in compiled.outputs]
-        want = [s.name for s in self.io.inputs], [s.name for s in self.io.outputs]
-        if names != want:
-            raise EngineError(f"{path}: model inputs/outputs {names} do not match the manifest's {want}")
+        check_port_names(path, compiled, self.io)
         return compiled.create_infer_request()
 
     @torch.no_grad()

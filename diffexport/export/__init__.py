@@ -37,13 +37,28 @@ _LAZY = {
 }  # fmt: skip
 GROUP_NORM_OPSET = 21  # first ONNX opset whose GroupNormalization matches torch's group_norm
 
-__all__ = sorted({*_LAZY, "FILENAMES", "GROUP_NORM_OPSET", "TARGETS", "export_target"})
+__all__ = sorted({*_LAZY, "FILENAMES", "GROUP_NORM_OPSET", "TARGETS", "export_target", "precision_unsupported"})
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 FILENAMES = {"onnx": "denoiser.onnx", "aoti": "denoiser.pt2", "tensorrt": "denoiser.plan", "openvino": "denoiser.openvino.blob"}
+
+
+BF16_ONNX_OPSET = 22  # first opset whose Conv, Gemm, ... take bfloat16
+
+
+def precision_unsupported(target: str, precision: str, opset: int = GROUP_NORM_OPSET) -> str | None:
+    """Why ``target`` cannot build a ``precision`` engine at ONNX ``opset`` (``None``: it can), known
+    from the recipe alone, so validation refuses it (``targets: auto`` skips it) before any work."""
+    if target == "onnx" and precision == "bf16":
+        return "ONNX Runtime has no bf16 kernels (the engine could not run); bf16 engines are aoti or openvino"
+    if target == "openvino" and precision == "fp16":
+        return "OpenVINO's CPU plugin compiles fp32 or bf16 (its inference precision hint), not fp16"
+    if target == "tensorrt" and precision == "bf16" and opset < BF16_ONNX_OPSET:
+        return f"the plan is built from a bf16 ONNX graph, whose Conv and Gemm need export.opset >= {BF16_ONNX_OPSET} (got {opset})"
+    return None
 
 
 def _onnx(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision: str, opset: int, filename: str, **_) -> dict:

@@ -8,6 +8,7 @@ for: ``cpu`` here, ``cuda`` when built on a GPU (the program is moved there firs
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ def export_aoti(
     configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.pt2")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # torch's own pytree deprecation, raised inside its compile
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
         os.replace(tmp, path)
     finally:

@@ -11,6 +11,7 @@ checked, each failure one line ``<file>: <field path>: <what is allowed>``:
 * solver and scheduler fit (:func:`~diffexport.diffusion.samplers.check_fit`, from each solver's
   ``scheduler_type``); ``sampler.solver_options`` against the solver's signature and ranges;
 * patching: the grid the runtime will cut (:class:`~diffexport.diffusion.multi_diffusion.GridPatching2D`);
+* ``export.precision`` against each named target (:func:`~diffexport.export.precision_unsupported`);
 * non-finite numbers anywhere (``S_max``'s default +inf is had by leaving it out).
 
 Types and ranges of the schema's own fields (batch sizes, opset, ...) are checked when loading
@@ -255,6 +256,14 @@ def _patching_problems(recipe: Recipe) -> list[str]:
                       lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
 
 
+def _export_problems(recipe: Recipe) -> list[str]:
+    from diffexport.export import precision_unsupported
+
+    e = recipe.export
+    whys = {t: precision_unsupported(t, e.precision, e.opset) for t in ([] if e.auto else e.targets)}
+    return [f"export.precision: {e.precision} with target {t}: {why}" for t, why in whys.items() if why]
+
+
 def _raise(recipe: Recipe, problems: list[str]) -> None:
     source = recipe._source or "<recipe>"
     raise RecipeError("invalid recipe\n  " + "\n  ".join(f"{source}: {msg}" for msg in problems))
@@ -295,7 +304,7 @@ def check_recipe(recipe: Recipe) -> Recipe:
     scheduler, sampler_problems = _scheduler(merged)
     if scheduler is not None:
         sampler_problems += _schedule_problems(merged, scheduler) + _solver_problems(merged, scheduler)
-    problems = (problems or _model_lines(recipe, merged)) + _preconditioner_problems(merged) + _patching_problems(merged)
+    problems = (problems or _model_lines(recipe, merged)) + _preconditioner_problems(merged) + _patching_problems(merged) + _export_problems(merged)
     if problems + sampler_problems:
         _raise(recipe, problems + sampler_problems)
     return merged
