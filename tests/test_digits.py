@@ -26,6 +26,7 @@ from diffexport.engines.load import load
 from diffexport.engines.manifest import file_record, read_manifest, write_manifest
 from diffexport.export import validate_recipe
 from diffexport.parity import check_engine, run_parity
+from diffexport.parity.harness import task_line
 from diffexport.parity.digits import load_digits16, load_judge, upsample
 from diffexport.parity.task import frechet_distance, judge_samples, resolve_judge
 
@@ -129,6 +130,15 @@ def test_engine_has_one_hot_class_labels_and_passes_tensor_and_task_parity(digit
     assert entry["task"]["agreement"] >= 0.97 and entry["task"]["accuracy"] >= 0.9
     assert entry["task"]["frechet_reference"] < 0.1
     assert report["task"]["reference"]["accuracy"] >= 0.9
+    assert manifest["parity"]["backends"]["onnxruntime"]["task"].startswith("agreement ")  # the summary inspect shows
+    shown = CliRunner().invoke(app, ["inspect", str(digits_engine)])
+    assert shown.exit_code == 0 and "onnxruntime: task parity: agreement 1, accuracy 1, Frechet" in shown.output, shown.output
+
+
+def test_parity_cli_shows_what_the_judge_saw(digits_engine):
+    """``diffexport parity`` of an engine with a judge prints the task-level result beside the tensor parity."""
+    shown = CliRunner().invoke(app, ["parity", str(digits_engine), "--backend", "onnxruntime"], terminal_width=240)
+    assert shown.exit_code == 0 and "onnxruntime: task parity (digits judge): agreement 1" in shown.output and "(pass)" in shown.output, shown.output
 
 
 def test_engine_with_a_scaled_weight_fails_task_parity(digits_engine, tmp_path):
@@ -142,7 +152,7 @@ def test_engine_with_a_scaled_weight_fails_task_parity(digits_engine, tmp_path):
     write_manifest(broken, manifest)
     report = check_engine(broken, ["onnxruntime"], locate=False)
     task = report["backends"]["onnxruntime"]["task"]
-    assert not task["passed"] and not report["passed"]
+    assert not task["passed"] and not report["passed"] and task_line(task).endswith("(FAIL)")
     assert task["agreement"] < 0.97 and task["accuracy"] < 0.9
 
 

@@ -240,15 +240,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
+LINES = {"task": "task parity"}  # summary fields too long for a table cell: one line per backend below the table
+
+
 def parity(out: Console, summary: dict) -> None:
     """The manifest's parity summary: scalars on one line, ``{name: {metric: value}}`` as a table."""
     tables = {k: v for k, v in summary.items() if isinstance(v, dict) and v and all(isinstance(r, dict) for r in v.values())}
     out.print("[bold]parity[/] " + escape(", ".join(f"{k} {_fmt(v)}" for k, v in summary.items() if k not in tables)))
     for key, rows in tables.items():
-        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row if c not in LINES))
         table = Table(title=f"parity: {key}", title_justify="left")
         for column in ("", *columns):
             table.add_column(column, overflow="fold")
         for name, row in rows.items():
             table.add_row(name, *(escape(_fmt(row[c])) if c in row else "" for c in columns))
         out.print(table)
+        for name, row in rows.items():
+            for c in LINES:
+                if c in row:
+                    out.print(f"{name}: {LINES[c]}: {_fmt(row[c])}", soft_wrap=True, markup=False)

@@ -19,7 +19,7 @@ from diffexport.engines.base import EngineError
 from diffexport.engines.load import BACKENDS, check_device, default_backend, load
 from diffexport.engines.verdict import ALLOW_FLAG
 from diffexport.engines.manifest import read_manifest
-from diffexport.parity.harness import default_cache_dir, run_parity
+from diffexport.parity.harness import default_cache_dir, run_parity, task_line
 from diffexport.recipes.schema import MAX_STEPS
 from diffexport.runtime.bench import bench_engine
 from diffexport.runtime.guards import SamplingError
@@ -236,6 +236,8 @@ def parity(
                       "[green]pass[/]" if e["passed"] else "[red]FAIL[/]")
     console.print(table)
     for name, e in result["backends"].items():
+        if e.get("task"):  # the recipe's parity.judge: what the samples depict
+            console.print(f"{name}: task parity ({result['task']['judge']} judge): {task_line(e['task'])}", soft_wrap=True, markup=False)
         if e.get("error"):
             console.print(f"[red]{name}[/]: {e['error']}", soft_wrap=True)
         if e.get("divergence"):

@@ -371,9 +371,19 @@ def summary(report: dict) -> dict:
             "per_call_rel_l2": e.get("per_call_worst", {}).get("rel_l2"),
             "per_call_f_rel_l2": e.get("per_call_f_worst", {}).get("f_rel_l2"),
             "final_rel_l2": e.get("trajectory", {}).get("final", {}).get("rel_l2"),
+            **({"task": task_line(e["task"])} if e.get("task") else {}),
             **({"error": e["error"]} if e["error"] else {}),
         }  # fmt: skip
     return {"passed": report["passed"], "report": "parity.json", "backends": backends}
+
+
+def task_line(task: dict) -> str:
+    """One backend's task-level parity in a few words (``agreement 0.99, accuracy 1, Frechet 0.012 (pass)``)."""
+    if "error" in task:
+        return f"error: {task['error']}"
+    words = {"agreement": "agreement", "accuracy": "accuracy", "frechet_reference": "Frechet"}
+    line = ", ".join(f"{w} {task[k]:.3g}" for k, w in words.items() if isinstance(task.get(k), (int, float)))
+    return f"{line} ({'pass' if task.get('passed') else 'FAIL'})"
 
 
 def run_parity(engine_dir: str | Path, backends: list[str] | None = None, report_dir: str | Path | None = None,
