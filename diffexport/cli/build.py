@@ -186,8 +186,10 @@ def _show(engine_dir: Path, m: dict) -> None:
     nonzero = [x for x in s["sigmas"] if x > 0]
     out.print(f"[bold]sampler[/] {s['scheduler'].get('class')}({args}), {s['solver']} x {s.get('num_steps')} steps"
               f"{' ' + escape(str(s['solver_options'])) if s.get('solver_options') else ''}, sigma {max(nonzero, default=0):g} -> {min(nonzero, default=0):g} -> 0")
-    if s.get("patching"):
-        out.print(f"  patching {escape(str(s['patching']))}")
+    extras = {"guidance": s.get("guidance"), "clip": s.get("clip"), "patching": s.get("patching")}
+    for key, value in extras.items():  # what else shapes the samples: CFG weight, clamp range, patches
+        if value:
+            out.print(f"  {key} {escape(str(value))}")
 
     table = Table(title="artifacts", title_justify="left")
     for column in ("target", "file", "size", "sha256", "details"):
