@@ -133,7 +133,7 @@ def test_engine_has_one_hot_class_labels_and_passes_tensor_and_task_parity(digit
     assert manifest["parity"]["backends"]["onnxruntime"]["task"].startswith("agreement ")  # the summary inspect shows
     shown = CliRunner().invoke(app, ["inspect", str(digits_engine)])
     assert shown.exit_code == 0 and "onnxruntime: task parity: agreement 1, accuracy 1, Frechet" in shown.output, shown.output
-    assert "guidance {'cfg': 2.0}" in shown.output and "clip [-1, 1]" in shown.output, shown.output
+    assert "guidance {'cfg': 2.0}" in shown.output and "clip [-1.0, 1.0]" in shown.output, shown.output
 
 
 def test_parity_cli_shows_what_the_judge_saw(digits_engine):
