@@ -326,7 +326,7 @@ def bench(
                       f"{r['gflop_per_call']:.3f}", _num(r["gflops"]), _num(r.get("pct_peak"), ".0f"), _num(r.get("sample_s"), ".2f"),
                       _ratio(r.get("sample_vs_torch")), str(r.get("nfe", "-")), "-" if overhead is None else f"{100 * overhead:.1f}%")
     console.print(table)
-    console.print("[dim]loop: share of the sample time outside the NFE engine calls (sampler work, copies)[/]")
+    console.print("[dim]loop: share of the sample time spent outside the engine's calls (sampler work, copies, guards)[/]")
     for name, why in result.get("skipped", {}).items():
         console.print(f"[yellow]skipped[/] {name}: {why} (name it with --backend and {ALLOW_FLAG} to time it anyway)", soft_wrap=True)
     if result["warning"]:

@@ -163,15 +163,22 @@ def count_flops(reference: Engine, inputs: dict[str, torch.Tensor]) -> int:
 
 
 class _Counting:
-    """Counts the rows an engine is called with (to get the number of evaluations of a sample)."""
+    """Counts the rows an engine is called with (the number of evaluations of a sample) and the
+    seconds spent inside its calls (the rest of a sample's time is the sampler loop's). The calls
+    of a sample need not be at its batch: classifier-free guidance calls the engine with 2B rows."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.rows = engine, 0
+        self.engine, self.rows, self.seconds = engine, 0, 0.0
         self.backend, self.io, self.device = engine.backend, engine.io, engine.device
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
         self.rows += x.shape[0]
-        return self.engine(x, sigma, **conditions)
+        _sync({self.device})
+        start = time.perf_counter()
+        out = self.engine(x, sigma, **conditions)
+        _sync({self.device})
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 class _Null:
@@ -241,7 +248,7 @@ def bench_engine(
     """Per backend (the torch reference first) and batch: ``precision``, ``call_ms``, ``call_vs_torch``,
     ``gflops`` (achieved) and ``pct_peak``; with ``full_sample`` also ``sample_s``, ``sample_vs_torch``,
     ``nfe`` (evaluations per sample), ``sample_gflops``, ``loop_overhead`` (the share of the sample
-    time not spent in the NFE engine calls: sampler work, copies, thread wake-ups, noise) and
+    time spent outside the engine's calls, timed around each call: sampler work, copies, guards) and
     ``sampler_only_s`` (one sample with a zero-cost engine: the sampler's own work).
     ``backends`` default to every built artifact that passed parity (all with ``allow_unverified``; those left out
     are listed under ``skipped``), ``batches`` to 1 and 8 (clamped to the engine's
@@ -279,7 +286,7 @@ def bench_engine(
         if full_sample:
             say(f"batch {batch}: full samples ({spec.solver}, {spec.num_steps} steps) of {', '.join(names)}")
             for e in engines.values():
-                e.rows = 0
+                e.rows, e.seconds = 0, 0.0
             conds = sample_conditions(reference, spec, batch)
             runs = round_robin({n: (lambda e=e: sample(e, spec, batch=batch, seed=0, conditions=conds)) for n, e in engines.items()},
                                {e.device for e in engines.values()}, sample_repeats, 0)
@@ -287,8 +294,9 @@ def bench_engine(
             for row in rows[-len(names):]:
                 n = row["backend"]
                 nfe = engines[n].rows // (batch * sample_repeats)
+                in_engine = engines[n].seconds / sample_repeats
                 row.update(sample_s=runs[n], nfe=nfe, sample_gflops=flops * nfe / runs[n] / 1e9,
-                           loop_overhead=(runs[n] - nfe * calls[n]) / runs[n], sampler_only_s=alone)
+                           loop_overhead=(runs[n] - in_engine) / runs[n], sampler_only_s=alone)
     _ratios(rows)
     after, during = machine_load(), share.stop()
     return {"engine": manifest["name"], "skipped": skipped, "device": str(device or "default"), "repeats": repeats, "warmup": warmup,
