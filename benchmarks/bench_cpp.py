@@ -1,6 +1,6 @@
 """C++ runner (``diffexport-sample``) vs the Python runtime: sampling time and parity per engine.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_cpp.py ENGINE_DIR [ENGINE_DIR ...] [--batch 4] [--repeats 3] [--threads 1]
+    python benchmarks/bench_cpp.py ENGINE_DIR [ENGINE_DIR ...] [--batch 4] [--repeats 3] [--threads 1]
 
 Both sample ``--batch`` images from seed 0 with the manifest's sampler on the engine's AOTInductor
 package (verified engines only). Times are the sampling loop alone (the runner's own figure; the

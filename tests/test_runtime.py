@@ -258,6 +258,18 @@ def test_machine_load_watches_other_processes_not_the_load_average():
     assert quiet["load_average"] > 0 and quiet["cores"] >= 1  # recorded, yet not what the warning is based on
 
 
+@pytest.mark.parametrize("policy, warned", [(None, False), ("passive", True), ("ACTIVE", True), ("TRUE", False)])
+def test_machine_load_warns_about_an_openmp_wait_policy_that_skews_the_comparison(monkeypatch, policy, warned):
+    """PASSIVE handicaps the OpenMP runners (torch eager, AOTInductor: every op wakes sleeping threads), ACTIVE
+    slows the runner after them; OpenMP's default (unset) is the fair one."""
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    warning = machine_load(window=0.05)["warning"] or ""
+    assert ("OMP_WAIT_POLICY=" in warning) == warned, warning
+
+
 def test_bench_reports_every_backend_beside_torch(onnx_engine_dir, tmp_path):
     result = bench_engine(onnx_engine_dir, ["onnxruntime"], [1, 2], repeats=1, warmup=0)
     rows = {(r["backend"], r["batch"]): r for r in result["rows"]}

@@ -298,8 +298,9 @@ def bench(
 ) -> None:
     """Time one call and one whole sample of each backend beside the torch reference, interleaved.
 
-    Run it with OMP_WAIT_POLICY=PASSIVE in the environment (torch's spinning OpenMP threads slow the
-    runner after them otherwise); on a loaded machine compare the ratios, not the times.
+    Leave OMP_WAIT_POLICY unset: PASSIVE slows torch eager and AOTInductor (every op wakes sleeping
+    threads), ACTIVE slows the runner after them; runners take turns with a pause between them. On a
+    loaded machine compare the ratios, not the times.
     """
     if json_out is not None and json_out.is_dir():
         raise fail(f"--json {json_out}: is a folder; name the JSON file to write")

@@ -27,6 +27,7 @@ from diffexport.deploy.triton import (
 )
 from diffexport.deploy.triton.config import Instances
 from diffexport.deploy.triton.repository import recipe_instances, served_backend, verify_repository
+from diffexport.deploy.triton.server import OPENMP_BACKENDS
 from diffexport.engines.base import EngineError
 from diffexport.engines.manifest import read_manifest
 from diffexport.engines.verdict import ALLOW_FLAG, require_verified
@@ -123,7 +124,8 @@ def serve(
             typer.echo(repo)
             return
         server = TritonServer(repo, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
-                              metrics_port=metrics_port or None, log_file=log_file)
+                              metrics_port=metrics_port or None, log_file=log_file,
+                              sleep_idle_threads=served_backend(manifest, reason is not None) not in OPENMP_BACKENDS)
     except (EngineError, TritonError, OSError, ImportError) as e:
         raise fail(str(e)) from None
 
