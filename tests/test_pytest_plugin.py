@@ -27,8 +27,8 @@ def _plugin_args() -> list[str]:
     return [] if installed else ["-p", PLUGIN]
 
 
-def run(pytester: pytest.Pytester, *args, subprocess: bool = False) -> pytest.RunResult:
-    argv = [*_plugin_args(), "-p", "no:cacheprovider", "-v", *map(str, args)]
+def run(pytester: pytest.Pytester, *args, subprocess: bool = False, cache: bool = False) -> pytest.RunResult:
+    argv = [*_plugin_args(), *([] if cache else ["-p", "no:cacheprovider"]), "-v", *map(str, args)]
     return pytester.runpytest_subprocess(*argv) if subprocess else pytester.runpytest_inprocess(*argv)
 
 
@@ -83,8 +83,8 @@ def test_perturbed_weight_fails_with_ids_naming_sigma_and_backend(pytester, pert
     assert got["perturbed::manifest"] == "PASSED"  # hashes re-signed: only the numbers differ
     assert any("per_call[sigma=" in k for k in failed)
     text = result.stdout.str()
-    assert "per-call rel L2 of" in text and "first divergent ONNX node" in text and "Conv" in text
-    assert "Traceback" not in text
+    assert "per-call rel L2 of" in text and "first divergent ONNX node, located at sigma=" in text and "Conv" in text
+    assert "Traceback" not in text and "torch.__trace" not in text  # torch.export's empty DEBUG records are no report
 
 
 def test_tampered_and_failed_engines_give_clear_error_items(pytester, good, tmp_path):
@@ -117,6 +117,18 @@ def test_k_selects_a_backend_x_stops_and_rtol_scale_applies(pytester, good):
     result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-x")
     result.assert_outcomes(passed=1, failed=1)  # manifest, then per_call[sigma=80]: ~1e-7 > 1e-14; -x stops there
     assert "1e-14" in result.stdout.str()
+
+
+def test_collected_count_and_last_failed_rerun(pytester, good):
+    """The items count as collected (``-k`` reports them deselected, never a negative selection), and
+    ``--lf`` reruns exactly the failed ``per_call[sigma=...]`` item (its id parses as pytest's own)."""
+    result = run(pytester, "--diffexport-engine", good, "-k", "trajectory")
+    result.stdout.fnmatch_lines([f"*collected {2 + len(SIGMAS)} items / {1 + len(SIGMAS)} deselected / 1 selected"])
+    result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-x", cache=True)
+    result.assert_outcomes(passed=1, failed=1)
+    result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "--lf", cache=True)
+    assert outcomes(result) == {f"quickstart::onnxruntime::per_call[sigma={SIGMAS[0]}]": "FAILED"}
+    result.stdout.fnmatch_lines(["run-last-failure: rerun previous 1 failure*"])
 
 
 def test_fixtures_and_marker_in_users_tests(pytester, good, tmp_path):

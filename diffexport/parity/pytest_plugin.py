@@ -81,7 +81,19 @@ class _Item(pytest.Item):
         return self.config.stash[STATE].run(self.engine_dir)
 
     def runtest(self) -> None:
-        getattr(self, f"_{self.check}")()
+        import logging
+
+        # torch's structured trace (TORCH_TRACE) logs only where its logger has handlers, and pytest's log capture adds
+        # some: hundreds of empty DEBUG records per export (the divergence search) in the failure report, and their payloads
+        trace = logging.getLogger("torch.__trace")
+        ours = [h for h in trace.handlers if type(h).__module__.startswith("_pytest")]
+        for h in ours:
+            trace.removeHandler(h)
+        try:
+            getattr(self, f"_{self.check}")()
+        finally:
+            for h in ours:
+                trace.addHandler(h)
 
     def _manifest(self) -> None:
         from diffexport.engines.base import EngineError
@@ -116,9 +128,9 @@ class _Item(pytest.Item):
             lines.append(f"(D max abs {record['max_abs']:.3g}, F max abs {record['f_max_abs']:.3g})")
             d = self.run().divergence(self.backend)
             if d:
-                at = f" (located at sigma={d['sigma']:.4g})" if d.get("sigma") is not None else ""
+                at = f" at sigma={d['sigma']:.4g}" if d.get("sigma") is not None else ""
                 what = "ONNX node" if self.backend == "onnxruntime" else "module"  # module: parity.module_locate (AOTI)
-                lines.append(f"first divergent {what}{at}: {d['summary']}")
+                lines.append(f"first divergent {what}, located{at}: {d['summary'].removeprefix('first diverging module: ')}")
             _fail(f"{self.backend} ({entry['precision']}): " + "\n".join(lines))
 
     def _trajectory(self) -> None:
@@ -168,7 +180,11 @@ def _engine_items(session: pytest.Session, engine_dir: Path, name: str, backends
     from diffexport.parity.harness import default_backends
 
     engine = _EngineNode.from_parent(session, name=name, path=engine_dir, nodeid=name)
-    items: list[pytest.Item] = [_Item.from_parent(engine, name="manifest", engine_dir=engine_dir, check="manifest")]
+
+    def item(parent: pytest.Collector, name: str, **kw: Any) -> _Item:  # the id as a string, parsed as pytest parses `--lf` ids
+        return _Item.from_parent(parent, name=name, nodeid=f"{parent.nodeid}::{name}", engine_dir=engine_dir, **kw)
+
+    items: list[pytest.Item] = [item(engine, "manifest", check="manifest")]
     try:
         run = session.config.stash[STATE].run(engine_dir)
     except Exception as e:  # an unreadable engine: the manifest item fails with the reason
@@ -179,16 +195,14 @@ def _engine_items(session: pytest.Session, engine_dir: Path, name: str, backends
         node = _EngineNode.from_parent(engine, name=backend, path=engine_dir)
         if backend not in built:
             why = f"unknown backend {backend!r}" if backend not in BACKENDS else "missing"
-            items.append(_Item.from_parent(node, name="artifact", engine_dir=engine_dir, backend=backend,
-                                           check="missing" if backend in BACKENDS else "broken"))
+            items.append(item(node, "artifact", backend=backend, check="missing" if backend in BACKENDS else "broken"))
             items[-1].broken = f"{engine_dir}: {why}; expected one of {', '.join(b for b in BACKENDS if b != 'torch')}"
             continue
         for i, sigma in enumerate(run.plan.sigmas):
-            items.append(_Item.from_parent(node, name=f"per_call[sigma={sigma:.4g}]", engine_dir=engine_dir, backend=backend,
-                                           check="per_call", index=i))
-        items.append(_Item.from_parent(node, name="trajectory", engine_dir=engine_dir, backend=backend, check="trajectory"))
+            items.append(item(node, f"per_call[sigma={sigma:.4g}]", backend=backend, check="per_call", index=i))
+        items.append(item(node, "trajectory", backend=backend, check="trajectory"))
         if run.judge():
-            items.append(_Item.from_parent(node, name="task", engine_dir=engine_dir, backend=backend, check="task"))
+            items.append(item(node, "task", backend=backend, check="task"))
     return items
 
 
@@ -205,7 +219,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for engine in dict.fromkeys(Path(e).resolve() for e in config.getoption("--diffexport-engine")):
         name = engine.name if engine.name not in names else f"{engine.parent.name}-{engine.name}"  # two "quickstart"s
         names.add(name)
-        items.extend(_engine_items(session, engine, name, backends))
+        found = _engine_items(session, engine, name, backends)
+        # reported as collected (the terminal's "collected N items", -k's deselected count, --lf)
+        session.ihook.pytest_collectreport(report=pytest.CollectReport(name, "passed", None, found))
+        items.extend(found)
 
 
 # --- fixtures and marker for users' own tests ---------------------------------------------------------------
