@@ -142,7 +142,7 @@ def server(engine: Path, tmp_path_factory):
     _stop_serve(running)
 
 
-def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], output: str, parameters: dict | None = None) -> np.ndarray:
     client_mod = tritonclient_http if protocol == "http" else tritonclient_grpc
     client = client_mod.InferenceServerClient(url)
     tensors = []
@@ -151,7 +151,7 @@ def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], ou
         t.set_data_from_numpy(a)
         tensors.append(t)
     try:
-        return client.infer(model, tensors).as_numpy(output)
+        return client.infer(model, tensors, parameters=parameters).as_numpy(output)
     finally:
         client.close()  # an open keep-alive connection would hold up the server's shutdown
 
@@ -293,6 +293,42 @@ def test_bls_engine_request_shapes():
 
 def _request(latents: np.ndarray, seeds: list[int], num_steps: int | None = None) -> SamplerRequest:
     return SamplerRequest(torch.from_numpy(latents), {}, seeds, num_steps)
+
+
+def test_request_seed_input_per_sample_or_parameter_per_request():
+    """``seed`` as an input is one per sample ([B, 1]: Triton refuses a [1, 1] input beside B > 1 latents);
+    one seed for the whole request is the request parameter ``seed``; both at once, or a bad value, is refused."""
+    from diffexport.deploy.triton.backend import decode_sampler_request
+
+    class Request:
+        def __init__(self, inputs: dict, params: dict):
+            self.inputs, self.params = inputs, params
+
+        def parameters(self) -> str:
+            return json.dumps(self.params)
+
+    class Tensor:
+        def __init__(self, a: np.ndarray):
+            self.a = a
+
+        def to_dlpack(self):
+            raise TypeError("no dlpack here")
+
+        def as_numpy(self) -> np.ndarray:
+            return self.a
+
+    pb = types.SimpleNamespace(get_input_tensor_by_name=lambda r, name: Tensor(r.inputs[name]) if name in r.inputs else None)
+    specs = [TensorSpec("latents", [-1, 1, 2, 2], "float32", "latents"), TensorSpec("seed", [-1], "int64", "seed")]
+    lat = np.zeros((3, 1, 2, 2), np.float32)
+    assert decode_sampler_request(pb, Request({"latents": lat}, {"seed": 7}), specs).seeds == [7]
+    assert decode_sampler_request(pb, Request({"latents": lat}, {}), specs).seeds == [0]
+    per_sample = decode_sampler_request(pb, Request({"latents": lat, "seed": np.array([[1], [2], [3]])}, {"num_steps": 4}), specs)
+    assert per_sample.seeds == [1, 2, 3] and per_sample.num_steps == 4
+    with pytest.raises(ValueError, match="not both"):
+        decode_sampler_request(pb, Request({"latents": lat, "seed": np.array([[1], [2], [3]])}, {"seed": 7}), specs)
+    for bad in (-1, 2**63, "7", True):
+        with pytest.raises(ValueError, match="request parameter 'seed' must be an integer"):
+            decode_sampler_request(pb, Request({"latents": lat}, {"seed": bad}), specs)
 
 
 def test_batched_runs_split_by_settings_and_max_batch():
@@ -511,6 +547,20 @@ def test_sampler_matches_python_sampler(server, manifest, reference, protocol: s
     latents = latents_for(manifest, 2, seed=1)
     got = infer(protocol, server[protocol], sampler, {"latents": latents}, "samples")
     assert got.shape == latents.shape and rel_l2(got, reference(latents)) <= RTOL
+
+
+@needs_server
+def test_one_seed_per_request_is_a_request_parameter(server, manifest, reference):
+    """A [1, 1] ``seed`` input beside 3 latents is refused by Triton itself (batch sizes differ), so the
+    per-request seed is the request parameter ``seed``."""
+    _, sampler = model_names(manifest["name"])
+    latents = latents_for(manifest, 3, seed=4)
+    with pytest.raises(InferenceServerException, match="batch size does not match"):
+        infer("http", server["http"], sampler, {"latents": latents, "seed": np.array([[5]], np.int64)}, "samples")
+    got = infer("http", server["http"], sampler, {"latents": latents}, "samples", parameters={"seed": 5})
+    assert rel_l2(got, reference(latents)) <= RTOL
+    with pytest.raises(InferenceServerException, match="not both"):
+        infer("grpc", server["grpc"], sampler, {"latents": latents, "seed": np.array([[5]] * 3, np.int64)}, "samples", parameters={"seed": 5})
 
 
 @needs_server

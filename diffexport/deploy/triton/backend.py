@@ -148,33 +148,42 @@ class SamplerRequest:
         return int(self.latents.shape[0])
 
 
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's range, as `diffexport sample --seed`
+
+
 def decode_sampler_request(pb: ModuleType, request: Any, specs: list[TensorSpec]) -> SamplerRequest:
-    """``latents``, conditions and ``seed`` of a request. ``seed`` holds one value per sample ([B])
-    or one for the request ([1]); without it the request is seeded 0, like ``diffexport sample``."""
+    """``latents``, conditions and seeds of a request: the input ``seed`` holds one value per sample
+    ([B, 1]; Triton requires every input of a batched model to have the request's batch size), the
+    request parameter ``seed`` one for the whole request; without either the request is seeded 0,
+    like ``diffexport sample``."""
     t = read_inputs(pb, request, specs)
     latents, seed = t.pop("latents"), t.pop("seed", None)
     if latents.ndim != 4 or latents.shape[0] < 1:
         raise ValueError(f"input 'latents' must be [B, C, H, W] with B >= 1, got {list(latents.shape)}")
     if not bool(torch.isfinite(latents).all()):
         raise ValueError("input 'latents' holds NaN or Inf values")
-    seeds = [0] if seed is None else [int(s) for s in seed.flatten().tolist()]
+    param = _int_parameter(request, "seed", 0, MAX_SEED)
+    if seed is not None and param is not None:
+        raise ValueError("give the seed as the input 'seed' (one per sample) or the request parameter 'seed', not both")
+    seeds = [0 if param is None else param] if seed is None else [int(s) for s in seed.flatten().tolist()]
     if len(seeds) not in (1, latents.shape[0]):
         raise ValueError(f"input 'seed' must hold 1 or {latents.shape[0]} values (one per sample), got {len(seeds)}")
-    return SamplerRequest(latents, t, seeds, _num_steps(request))
+    return SamplerRequest(latents, t, seeds, _int_parameter(request, "num_steps", 1, MAX_STEPS))
 
 
-def _num_steps(request: Any) -> int | None:
-    """The optional request parameter ``num_steps`` (re-discretises the engine's schedule)."""
+def _int_parameter(request: Any, name: str, low: int, high: int) -> int | None:
+    """The optional integer request parameter ``name`` (``num_steps`` re-discretises the engine's
+    schedule, ``seed`` seeds the whole request); ``ValueError`` outside ``[low, high]``."""
     try:
         params = json.loads(request.parameters() or "{}")
     except (AttributeError, TypeError, ValueError):
         return None
-    steps = params.get("num_steps")
-    if steps is None:
+    value = params.get(name)
+    if value is None:
         return None
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"request parameter 'num_steps' must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-    return steps
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"request parameter '{name}' must be an integer in [{low}, {high}], got {value!r}")
+    return value
 
 
 def batched_runs(requests: Sequence[SamplerRequest | BaseException], max_rows: int) -> list[list[int]]:

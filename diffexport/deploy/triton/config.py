@@ -165,7 +165,7 @@ def sampler_config(name: str, io: IOSpec, *, instances: Instances = Instances(),
                    image_hw: Sequence[int] | None = None, batching: bool = True, queue_delay_ms: float = QUEUE_DELAY_MS) -> Any:
     """The Python sampler ``name``: batched like the denoiser (``max_batch_size`` = the engine's max
     batch, dynamic batching), so concurrent requests reach one ``execute`` and are sampled together;
-    ``seed`` ([B, 1], one per sample, or [1, 1] for the request) is optional. The sampler itself runs
+    ``seed`` ([B, 1], one per sample; one per request is the request parameter ``seed``) is optional. The sampler itself runs
     on the CPU (its work is the BLS calls), so only its count follows ``instances``. The batcher
     waits up to ``queue_delay_ms`` for a fuller batch; ``batching=False`` (benchmarks) leaves
     dynamic batching off: one request per ``execute``."""
