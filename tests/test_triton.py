@@ -440,6 +440,35 @@ def test_the_served_backend_must_have_passed_parity(engine: Path, tmp_path: Path
         _model_module("sampler", monkeypatch).TritonPythonModel().initialize(_initialize_args(repo, model_names(m["name"])[1]))
 
 
+def test_openvino_denoiser_pads_batches_and_gpus_get_onnxruntime(engine: Path, tmp_path: Path):
+    """Triton's OpenVINO backend compiles a static batch of max_batch_size and fails smaller executions
+    unless ENABLE_BATCH_PADDING, and runs only KIND_CPU: an engine ranked fastest on OpenVINO gets that
+    parameter, and with ``--gpus`` its denoiser is the ONNX on ONNX Runtime (the verdict checked for it)."""
+    copy = shutil.copytree(engine, tmp_path / "e")
+    m = read_manifest(copy)
+    m["artifacts"]["openvino"] = {"file": m["artifacts"]["onnx"]["file"], "sha256": m["artifacts"]["onnx"]["sha256"],
+                                  "precision": "fp32", "source": m["artifacts"]["onnx"]["file"]}  # as a build ranked it
+    m["default_backend"] = "openvino"
+    m["parity"]["backends"]["openvino"] = dict(m["parity"]["backends"]["onnxruntime"])
+    write_manifest(copy, m)
+    denoiser, sampler = model_names(m["name"])
+    cfg = parse((write_repository(copy) / denoiser / "config.pbtxt").read_text())
+    assert cfg.backend == "openvino" and cfg.parameters["ENABLE_BATCH_PADDING"].string_value == "YES"
+    assert [g.kind for g in cfg.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", "--gpus", "0,1"])
+    assert result.exit_code == 0, result.output
+    cfg = parse((copy / "triton" / denoiser / "config.pbtxt").read_text())
+    assert cfg.platform == "onnxruntime_onnx" and not cfg.backend and [list(g.gpus) for g in cfg.instance_group] == [[0, 1]]
+    assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    sam = parse((copy / "triton" / sampler / "config.pbtxt").read_text())
+    assert sam.parameters["denoiser_backend"].string_value == "onnxruntime"
+    m = read_manifest(copy)
+    m["parity"]["backends"]["onnxruntime"]["passed"] = False  # the backend the GPUs would run failed: refused
+    write_manifest(copy, m)
+    result = CliRunner().invoke(app, ["serve", str(copy), "--write-only", "--gpus", "0"])
+    assert result.exit_code == 1 and "parity failed for backend onnxruntime" in result.output, result.output
+
+
 def test_write_only_writes_the_full_repository_without_a_local_tritonserver(engine: Path, tmp_path: Path, monkeypatch):
     """``--write-only`` is for a Triton of the user's own: neither the presence nor the backends of this
     machine's tritonserver decide which repository it writes."""

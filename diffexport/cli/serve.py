@@ -109,8 +109,8 @@ def serve(
             raise ValueError(f"--log-file {log_file}: is a folder; name the log file to write")
         manifest = read_manifest(engine_dir)
         # --write-only: for a Triton of the user's own, whatever this machine's tritonserver (if any) can load
-        reason = python_only_reason(manifest, None if write_only else available_backends(), forced=python_only)
-        require_verified(engine_dir, manifest, served_backend(manifest, reason is not None), allow_unverified=allow_unverified)
+        reason = python_only_reason(manifest, None if write_only else available_backends(), forced=python_only, gpu=bool(ids))
+        require_verified(engine_dir, manifest, served_backend(manifest, reason is not None, bool(ids)), allow_unverified=allow_unverified)
     except (EngineError, TritonError, ValueError) as e:
         raise fail(str(e)) from None
     if reason:
@@ -125,7 +125,7 @@ def serve(
             return
         server = TritonServer(repo, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
                               metrics_port=metrics_port or None, log_file=log_file,
-                              sleep_idle_threads=served_backend(manifest, reason is not None) not in OPENMP_BACKENDS)
+                              sleep_idle_threads=served_backend(manifest, reason is not None, bool(ids)) not in OPENMP_BACKENDS)
     except (EngineError, TritonError, OSError, ImportError) as e:
         raise fail(str(e)) from None
 

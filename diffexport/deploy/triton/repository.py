@@ -45,6 +45,9 @@ NATIVE = {
 }
 NATIVE_NEEDS = ("tensorrt", "onnx")  # the full repository needs one of these artifacts (OpenVINO serves the ONNX)
 OPENVINO_PRECISION = {"fp32": {}, "bf16": {"HINT_BF16": "YES"}}  # the OpenVINO backend's precision parameters
+# Triton's OpenVINO backend compiles the model for a static batch of max_batch_size and fails every
+# execution of fewer rows unless ENABLE_BATCH_PADDING (its README; openvino.cc); it runs only KIND_CPU.
+OPENVINO_BATCHING = {"ENABLE_BATCH_PADDING": "YES"}
 
 
 def repository_dir(engine_dir: str | Path, python_only: bool = False) -> Path:
@@ -61,9 +64,10 @@ def _built(manifest: dict) -> str:
     return f"(built: {', '.join(manifest.get('artifacts', {})) or 'none'})"
 
 
-def native_target(manifest: dict) -> str:
+def native_target(manifest: dict, gpu: bool = False) -> str:
     """The artifact served by Triton's own backend in the full repository: ``tensorrt`` if built;
-    else the OpenVINO artifact that the build ranked fastest (``default_backend``), when it was
+    else, unless the denoiser is to run on GPUs (``gpu``: Triton's OpenVINO backend runs only on the
+    CPU), the OpenVINO artifact that the build ranked fastest (``default_backend``), when it was
     compiled from the engine's ONNX; else ``onnx``."""
     arts = manifest.get("artifacts", {})
     if not any(t in arts for t in NATIVE_NEEDS):
@@ -71,20 +75,21 @@ def native_target(manifest: dict) -> str:
     if "tensorrt" in arts:
         return "tensorrt"
     chosen = BACKENDS.get(manifest.get("default_backend") or "")
-    if chosen in arts and NATIVE.get(chosen, ("",))[0] == "openvino" and arts[chosen].get("source") == arts["onnx"]["file"]:
+    if not gpu and chosen in arts and NATIVE.get(chosen, ("",))[0] == "openvino" and arts[chosen].get("source") == arts["onnx"]["file"]:
         return chosen
     return "onnx"
 
 
-def python_only_reason(manifest: dict, backends: set[str] | None, *, forced: bool = False) -> str | None:
+def python_only_reason(manifest: dict, backends: set[str] | None, *, forced: bool = False, gpu: bool = False) -> str | None:
     """Why the self-contained repository must be served on a Triton with ``backends`` (``None``: the full one can).
-    ``backends=None``: a Triton not known here (``serve --write-only``), assumed to have the backend."""
+    ``backends=None``: a Triton not known here (``serve --write-only``), assumed to have the backend;
+    ``gpu``: the denoiser is to run on GPUs (:func:`native_target`)."""
     if forced:
         return "--python-only"
     if manifest.get("recipe", {}).get("deploy", {}).get("triton_python_only"):
         return "the recipe sets deploy.triton_python_only"
     try:
-        backend = NATIVE[native_target(manifest)][2]
+        backend = NATIVE[native_target(manifest, gpu)][2]
     except EngineError:
         return "the engine has no onnx or tensorrt artifact for a native backend"
     return None if backends is None or backend in backends else f"this Triton has no {backend} backend (only {', '.join(sorted(backends))})"
@@ -102,12 +107,12 @@ def python_backend(manifest: dict) -> str:
     return backend
 
 
-def served_backend(manifest: dict, python_only: bool = False) -> str:
-    """The runtime backend (``engines.load`` name) whose artifact the repository's denoiser runs: the
-    parity verdict that ``serve`` and the sampler model's ``initialize`` check."""
+def served_backend(manifest: dict, python_only: bool = False, gpu: bool = False) -> str:
+    """The runtime backend (``engines.load`` name) whose artifact the repository's denoiser runs (on
+    GPUs with ``gpu``): the parity verdict that ``serve`` and the sampler model's ``initialize`` check."""
     if python_only:
         return python_backend(manifest)
-    target = native_target(manifest)
+    target = native_target(manifest, gpu)
     return next(b for b, t in BACKENDS.items() if t == target)
 
 
@@ -180,14 +185,14 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         den_cfg = denoiser_config(denoiser, io, instances=instances, parameters={**params, "backend": python_backend(manifest)})
         den_files: dict[str, str | Path] = {"model.py": _model_source("denoiser")}
     else:
-        target = native_target(manifest)
+        target = native_target(manifest, instances.on_gpu)
         platform, fname, _ = NATIVE[target]
         art = manifest["artifacts"][target]
         if target == "tensorrt" and not instances.on_gpu:
             instances = Instances(instances.count, instances.gpus, gpu=True)
         openvino = platform == "openvino"
         den_cfg = denoiser_config(denoiser, io, platform=platform, instances=instances, model_file=fname if openvino else None,
-                                  parameters=OPENVINO_PRECISION[art["precision"]] if openvino else None)
+                                  parameters={**OPENVINO_PRECISION[art["precision"]], **OPENVINO_BATCHING} if openvino else None)
         if openvino:  # the ONNX it was compiled from, with its external data
             art = manifest["artifacts"]["onnx"]
         extra = [f for f in art.get("files", {}) if f != art["file"]]  # ONNX external data keeps its name
@@ -195,7 +200,7 @@ def write_repository(engine_dir: str | Path, *, python_only: bool = False, manif
         for f in den_files.values():
             if not f.is_file():
                 raise EngineError(f"{f}: artifact file is missing (listed in manifest.json)")
-    sam_params = {**params, "denoiser_model": denoiser, "denoiser_backend": served_backend(manifest, python_only)}
+    sam_params = {**params, "denoiser_model": denoiser, "denoiser_backend": served_backend(manifest, python_only, instances.on_gpu)}
     sam_cfg = sampler_config(sampler, io, instances=instances, parameters=sam_params,
                              image_hw=(manifest["sampler"].get("patching") or {}).get("img_shape"), batching=batching,
                              queue_delay_ms=recipe_queue_delay_ms(manifest) if queue_delay_ms is None else queue_delay_ms)
