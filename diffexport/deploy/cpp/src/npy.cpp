@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 
 #include "diffexport/error.h"
@@ -166,24 +168,63 @@ Array read_npy(const std::string& path) {
   for (const char* key : {"descr", "fortran_order", "shape"})
     if (!dict.count(key)) throw Error(path + ": .npy header has no '" + key + "'");
   const auto& descr = dict["descr"].text;
-  if (dict["fortran_order"].text != "False")
-    throw Error(path + ": Fortran-order arrays are not supported; save with np.ascontiguousarray");
+  const bool fortran = dict["fortran_order"].text == "True";
   if (!dict["shape"].is_tuple) throw Error(path + ": .npy header 'shape' is not a tuple");
-  DType dtype;
-  if (descr == "<f4") dtype = DType::Float32;
-  else if (descr == "<i8") dtype = DType::Int64;
-  else throw Error(path + ": dtype '" + descr + "' is not supported (float32 '<f4' or int64 '<i8', little endian)");
+  // as `diffexport sample` reads them: any float (f4, f8) as float32, any integer as int64, either byte order, C or Fortran order
+  const char order = descr.empty() ? '?' : descr[0], kind = descr.size() > 1 ? descr[1] : '?';
+  const int size = descr.size() > 2 ? std::atoi(descr.c_str() + 2) : 0;
+  const bool known = (order == '<' || order == '>' || order == '|' || order == '=') &&
+                     ((kind == 'f' && (size == 4 || size == 8)) || ((kind == 'i' || kind == 'u') && (size == 1 || size == 2 || size == 4 || size == 8)));
+  if (!known || descr.size() != 2 + std::to_string(size).size())
+    throw Error(path + ": dtype '" + descr + "' is not supported (float32/float64, or integers for index and class-label conditions)");
+  const DType dtype = kind == 'f' ? DType::Float32 : DType::Int64;
+  const bool swap = order == '>' && size > 1;  // hosts are little endian (x86-64, aarch64)
 
   const std::vector<int64_t>& shape = dict["shape"].ints;
-  uint64_t expected = dtype_size(dtype);  // data bytes, saturating instead of overflowing
+  uint64_t expected = static_cast<uint64_t>(size);  // data bytes, saturating instead of overflowing
   for (int64_t d : shape) expected = d && expected > (UINT64_MAX >> 1) / d ? UINT64_MAX >> 1 : expected * d;
   expected += offset + header_len;
   if (file_size != expected)
-    throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(shape) + " " +
-                dtype_name(dtype) + " needs " + std::to_string(expected) + (file_size < expected ? " (truncated)" : ""));
-  Array a(dtype, shape);  // allocated only once the file is known to hold it
-  in.read(reinterpret_cast<char*>(a.bytes.data()), static_cast<std::streamsize>(a.bytes.size()));
+    throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(shape) + " '" + descr +
+                "' needs " + std::to_string(expected) + (file_size < expected ? " (truncated)" : ""));
+  std::vector<unsigned char> raw(static_cast<size_t>(expected - offset - header_len));  // allocated once the file is known to hold it
+  in.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
   if (!in) throw Error(path + ": read error");
+  Array a(dtype, shape);
+  const int64_t n = a.numel();
+  float* f32 = kind == 'f' ? a.f32() : nullptr;
+  int64_t* i64 = kind == 'f' ? nullptr : a.i64();
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t src = i;  // Fortran order: the element at C index i is stored at its column-major offset
+    if (fortran) {
+      src = 0;
+      int64_t rest = i, stride = 1;
+      std::vector<int64_t> index(shape.size());
+      for (int64_t k = static_cast<int64_t>(shape.size()) - 1; k >= 0; --k) index[k] = rest % shape[k], rest /= shape[k];
+      for (size_t k = 0; k < shape.size(); ++k) src += index[k] * stride, stride *= shape[k];
+    }
+    unsigned char b[8];
+    std::memcpy(b, raw.data() + src * size, size);
+    if (swap) std::reverse(b, b + size);
+    if (kind == 'f') {
+      double v;
+      if (size == 4) {
+        float f;
+        std::memcpy(&f, b, 4);
+        v = f;
+      } else {
+        std::memcpy(&v, b, 8);
+      }
+      f32[i] = static_cast<float>(v);
+    } else {
+      uint64_t u = 0;
+      std::memcpy(&u, b, size);
+      if (kind == 'i' && size < 8 && (u >> (8 * size - 1)) & 1) u |= ~uint64_t(0) << (8 * size);  // sign-extend
+      if (kind == 'u' && size == 8 && u > uint64_t(INT64_MAX))
+        throw Error(path + ": value " + std::to_string(u) + " at element " + std::to_string(i) + " does not fit int64");
+      i64[i] = static_cast<int64_t>(u);
+    }
+  }
   return a;
 }
 

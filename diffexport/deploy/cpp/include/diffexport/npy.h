@@ -1,4 +1,4 @@
-// Host arrays and the NumPy `.npy` format (v1/v2/v3, C order, little endian; float32 and int64).
+// Host arrays and the NumPy `.npy` format (v1/v2/v3; arrays are float32 or int64, files may hold any float or integer).
 #pragma once
 
 #include <cstdint>
@@ -32,8 +32,9 @@ struct Array {
   const int64_t* i64() const;
 };
 
-/// Read a `.npy` file; `Error` naming the file for a bad header, an unsupported dtype
-/// (only '<f4' and '<i8'), Fortran order, or a size that does not match the shape.
+/// Read a `.npy` file as `diffexport sample` reads it: float32/float64 as float32, any integer as int64
+/// (either byte order), C or Fortran order; `Error` naming the file for a bad header, another dtype
+/// (float16, complex, ...), a uint64 beyond int64, or a size that does not match the shape.
 Array read_npy(const std::string& path);
 
 /// Write `array` as a v1.0 `.npy` file (via a temporary file renamed into place).
