@@ -498,6 +498,22 @@ def test_embed_example(engine_ok, runner):
     assert all(np.isfinite(stds)) and max(stds) < 8  # denoised, not noise at sigma_max = 80
 
 
+def test_add_subdirectory_from_another_project(tmp_path):
+    """README's CMakeLists.txt: add_subdirectory(<the package's cpp folder>) and link diffexport_runtime
+    from the user's own directory configures and generates (libtorch's imported targets resolve there)."""
+    from diffexport.deploy.cpp import SOURCE_DIR
+
+    (tmp_path / "main.cpp").write_text('#include "diffexport/runtime.h"\nint main() { return 0; }\n')
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.21)\nproject(my_app CXX)\n"
+        f"add_subdirectory({SOURCE_DIR.as_posix()} diffexport)\n"
+        "add_executable(my_app main.cpp)\ntarget_link_libraries(my_app PRIVATE diffexport_runtime)\n")
+    done = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "build" / "Makefile").exists() or (tmp_path / "build" / "build.ninja").exists()
+
+
 def _runpath(binary: Path) -> str:
     out = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True).stdout
     return next((line.split("[", 1)[1].rstrip("]") for line in out.splitlines() if "RUNPATH" in line or "RPATH" in line), "")

@@ -74,6 +74,17 @@ def perturbed(perturbed_onnx_engine, tmp_path_factory):
     return engine_dir
 
 
+def test_engine_items_only_unless_test_paths_are_named(pytester, good):
+    """``pytest --diffexport-engine DIR`` runs the engine's items, not the tests around it (in a
+    repository with ``testpaths`` that was the whole suite); named paths run both."""
+    pytester.makepyfile(test_mine="def test_mine():\n    pass\n")
+    pytester.makeini("[pytest]\ntestpaths = .\n")
+    result = run(pytester, "--diffexport-engine", good, "-k", "manifest or mine")
+    assert outcomes(result) == {"quickstart::manifest": "PASSED"}
+    result = run(pytester, ".", "--diffexport-engine", good, "-k", "manifest or mine")
+    assert outcomes(result) == {"quickstart::manifest": "PASSED", "test_mine.py::test_mine": "PASSED"}
+
+
 def test_perturbed_weight_fails_with_ids_naming_sigma_and_backend(pytester, perturbed):
     engine_dir = perturbed
     result = run(pytester, "--diffexport-engine", engine_dir)

@@ -286,7 +286,7 @@ def _g(v: float | None) -> str:
 @app.command()
 def bench(
     engine_dir: Path = ENGINE_DIR,
-    backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact. torch always runs."),
+    backend: list[str] = typer.Option([], "--backend", "-b", help=BACKEND_HELP + " Repeatable; default: every built artifact that passed parity (all with --allow-unverified). torch always runs."),
     batch: list[int] = typer.Option([], "--batch", "-n", help="Batch sizes (repeatable; default: 1 and 8, clamped to the engine's range)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results as JSON."),
     repeats: int = typer.Option(10, min=1, help="Timed calls per backend and batch, in turns of 3 back-to-back calls after an untimed one (median reported)."),
@@ -313,8 +313,8 @@ def bench(
     except EngineError as e:
         raise fail(str(e)) from None
     peak = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items()) or "-"
-    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; {sample_repeats} sample(s) of "
-                        f"{result['solver']} x {result['num_steps']}); peak GFLOP/s {peak}; load average "
+    samples = "no samples" if no_sample else f"{sample_repeats} sample(s) of {result['solver']} x {result['num_steps']}"
+    table = Table(title=f"{result['engine']}: medians ({repeats} calls after {warmup} warm-up; {samples}); peak GFLOP/s {peak}; load average "
                         f"{result['load_average']} on {result['cores']} cores before; meanwhile other processes "
                         f"{_num(result.get('others_cpus'), '.2f')} CPUs, steal {_num(result.get('steal_cpus'), '.2f')}",
                   title_justify="left")

@@ -8,7 +8,8 @@ file of the user's::
     quickstart::onnxruntime::trajectory                the whole sampler's final sample
     quickstart::onnxruntime::task                      task-level parity, where the recipe has a judge
 
-Options: ``--diffexport-engine DIR`` (repeatable), ``--diffexport-backend NAME`` (repeatable;
+Without test paths on the command line only the engines' items run (``pytest tests --diffexport-engine
+DIR`` runs both). Options: ``--diffexport-engine DIR`` (repeatable), ``--diffexport-backend NAME`` (repeatable;
 default every artifact of the engine), ``--diffexport-rtol-scale X`` (multiplies every tolerance).
 Collection reads manifests only; the reference and each backend run on the first item that needs
 them, once per engine and session (and are cached on disk by content, which xdist workers share).
@@ -44,6 +45,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--diffexport-rtol-scale") <= 0:
         raise pytest.UsageError("--diffexport-rtol-scale: must be > 0")
     config.stash[STATE] = _Parity(config.getoption("--diffexport-rtol-scale"))
+    if config.getoption("--diffexport-engine") and config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args = []  # no test paths named: the engines' items only, not the testpaths / current folder
 
 
 class _Parity:
