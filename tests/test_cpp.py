@@ -498,9 +498,12 @@ def test_embed_example(engine_ok, runner):
     assert all(np.isfinite(stds)) and max(stds) < 8  # denoised, not noise at sigma_max = 80
 
 
-def test_add_subdirectory_from_another_project(tmp_path):
+@pytest.mark.parametrize("cli11", [True, False], ids=["with-cli11", "without-cli11"])
+def test_add_subdirectory_from_another_project(tmp_path, cli11):
     """README's CMakeLists.txt: add_subdirectory(<the package's cpp folder>) and link diffexport_runtime
-    from the user's own directory configures and generates (libtorch's imported targets resolve there)."""
+    from the user's own directory configures and generates (libtorch's imported targets resolve there).
+    CLI11 is the runner's alone: without it (CMAKE_DISABLE_FIND_PACKAGE_CLI11) the library still
+    configures, the runner is skipped with a STATUS line; as the top-level project it is still required."""
     from diffexport.deploy.cpp import SOURCE_DIR
 
     (tmp_path / "main.cpp").write_text('#include "diffexport/runtime.h"\nint main() { return 0; }\n')
@@ -508,10 +511,16 @@ def test_add_subdirectory_from_another_project(tmp_path):
         "cmake_minimum_required(VERSION 3.21)\nproject(my_app CXX)\n"
         f"add_subdirectory({SOURCE_DIR.as_posix()} diffexport)\n"
         "add_executable(my_app main.cpp)\ntarget_link_libraries(my_app PRIVATE diffexport_runtime)\n")
-    done = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-                          capture_output=True, text=True, timeout=300)
+    flags = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DCMAKE_DISABLE_FIND_PACKAGE_CLI11={'OFF' if cli11 else 'ON'}"]
+    done = subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(tmp_path / "build"), *flags], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (tmp_path / "build" / "Makefile").exists() or (tmp_path / "build" / "build.ninja").exists()
+    build_files = [p for p in (tmp_path / "build" / "Makefile", tmp_path / "build" / "build.ninja") if p.exists()]
+    assert build_files and "my_app" in build_files[0].read_text()
+    assert (BINARY in build_files[0].read_text()) == cli11
+    assert ("building diffexport_runtime without the diffexport-sample runner" in done.stdout) != cli11, done.stdout
+    if not cli11:  # the runner's own project still needs it, named in the line diffexport/deploy/cpp.py parses
+        done = subprocess.run(["cmake", "-S", str(SOURCE_DIR), "-B", str(tmp_path / "top"), *flags], capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and missing_packages(done.stderr) == ["libcli11-dev"], done.stderr[-2000:]
 
 
 def _runpath(binary: Path) -> str:
