@@ -280,15 +280,17 @@ def test_iddpm_steps_beyond_the_table_refused(index_engine_dir, runner, tmp_path
 
 def test_index_condition_and_padding(index_engine_dir, runner, tmp_path):
     """int64 conditions reach the package; 4 rows run as chunks of 3 and 1, the 1 padded to the
-    minimum batch 2 by repeating its row (the padding must not leak into the kept rows). Index values
-    outside [0, high) of the io (the package would read out of bounds) are refused in one line; a
-    manifest without ``high`` (older ones) still refuses negative values."""
+    minimum batch 2 by repeating its row (the padding must not leak into the kept rows). Integral floats
+    are read as int64 (as ``diffexport sample`` reads them). Index values outside [0, high) of the io (the
+    package would read out of bounds) are refused in one line naming the file; a manifest without ``high``
+    (older ones) still refuses negative values."""
     inputs = make_inputs(index_engine_dir, tmp_path, n=4)
     check_parity(runner, index_engine_dir, inputs, tmp_path / "out.npy")
     bad = tmp_path / "lead_f32.npy"
     np.save(bad, np.load(inputs["lead"]).astype(np.float32))
-    done = run(runner / BINARY, index_engine_dir, {**inputs, "lead": bad}, tmp_path / "bad.npy")
-    assert done.returncode != 0 and "condition 'lead': expected int64 [4], got float32 [4]" in done.stderr
+    done = run(runner / BINARY, index_engine_dir, {**inputs, "lead": bad}, tmp_path / "f32.npy")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "f32.npy"), np.load(tmp_path / "out.npy"))
     engine = shutil.copytree(index_engine_dir, tmp_path / "engine")
     for values, message in (([0, 4, 5, 1], "holds 5 at row 2, outside its range [0, 5)"), ([0, -1, 2, 3], "holds -1 at row 1, outside its range [0, 5)"),
                             (None, "holds -1 at row 1, but must be >= 0")):
@@ -297,7 +299,7 @@ def test_index_condition_and_padding(index_engine_dir, runner, tmp_path):
         else:
             np.save(bad, np.array(values, np.int64))
         done = run(runner / BINARY, engine, {**inputs, "lead": bad}, tmp_path / "bad.npy")
-        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: condition 'lead' {message}\n")
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {bad}: condition 'lead' {message}\n")
     assert not (tmp_path / "bad.npy").exists()
     edit_manifest(engine, lambda m: m["io"]["inputs"][3].update(high=0))
     done = run(runner / BINARY, engine, inputs, tmp_path / "bad.npy")
@@ -325,6 +327,160 @@ def test_npy_versions_and_robust_manifest(engine_ok, runner, tmp_path):
     done = run(runner / BINARY, engine, {**inputs, **{k: tmp_path / f"odd_{k}.npy" for k in odd}}, tmp_path / "odd.npy")
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "odd.npy"), np.load(tmp_path / "v1.npy"))
+
+
+def cli_sample(engine: Path, out: Path, *args: str) -> tuple[int, str]:
+    """``diffexport sample ENGINE --backend aoti --out OUT ARGS`` on one thread (as the runner's --threads 1):
+    its exit code and error line without the ``error: `` prefix ('' when none)."""
+    from typer.testing import CliRunner
+
+    from diffexport.cli import app
+    from diffexport.diffusion.testing import single_thread
+
+    with single_thread():
+        result = CliRunner().invoke(app, ["sample", str(engine), "--backend", "aoti", "--out", str(out), *args])
+    errors = [line.removeprefix("error: ") for line in result.output.splitlines() if line.startswith("error: ")]
+    return result.exit_code, errors[-1] if errors else ""
+
+
+def condition_files(engine: Path, folder: Path, n: int = N) -> dict[str, str]:
+    """Seeded condition files in the forms ``diffexport sample`` takes, by placeholder name (see LABEL_FORMS)."""
+    rng = np.random.default_rng(4)
+    image = next(s for s in manifest_of(engine)["io"]["inputs"] if s["kind"] == "image")
+    files = {"cond": rng.standard_normal((n, *image["shape"][1:])).astype(np.float32),
+             "cond_row": rng.standard_normal(image["shape"][1:]).astype(np.float32),  # one row, no batch axis: repeated
+             "indices": np.array([3, 0, 2], np.int32),  # class indices [3], any integer dtype: one-hot, cycled over n
+             "onehot_int": np.eye(4, dtype=np.int64)[[1, 2, 3, 0, 1][:n]],  # one-hot as integers: read as float32
+             "wrong_shape": np.zeros((n, 5), np.float32), "nan": np.full((n, 4), np.nan, np.float32), "empty": np.zeros((0, 4), np.float32),
+             "bad_indices": np.array([0, 5, 1], np.int64), "too_many_indices": np.zeros(n + 1, np.int64), "two_rows": np.zeros((2, 3, 16, 16), np.float32)}
+    for name, array in files.items():
+        np.save(folder / f"{name}.npy", array)
+    (folder / "folder.npy").mkdir()
+    return {name: str(folder / f"{name}.npy") for name in [*files, "folder", "missing"]}
+
+
+LABEL_FORMS = {  # the runner's and diffexport sample's arguments besides --out; {name}: a file of condition_files
+    "--label list": ["--batch", "5", "--label", "0,3", "-c", "cond={cond}"],
+    "--label with latents": ["--latents", "{latents}", "--label", "2", "-c", "cond={cond}"],
+    "inline class, one image row": ["--batch", "5", "-c", "class_labels=2", "-c", "cond={cond_row}"],
+    "inline classes": ["--batch", "5", "-c", "cond={cond}", "-c", "class_labels=3,1,0"],
+    "class indices .npy": ["--batch", "5", "-c", "class_labels={indices}", "-c", "cond={cond}"],
+    "integer one-hot .npy": ["--batch", "5", "-c", "class_labels={onehot_int}", "-c", "cond={cond}"],
+}
+
+
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_condition_forms_match_diffexport_sample(engine_ok, runner, tmp_path, form):
+    """Every form ``diffexport sample`` takes for conditions (``--label``, inline class labels, class
+    indices in an integer .npy, one row repeated, integer one-hot rows) gives the runner the same samples
+    as ``diffexport sample`` with the same seed (random-weight SongUNet, 5 rows in chunks of 4 and 1)."""
+    files = {**condition_files(engine_ok, tmp_path), "latents": str(make_inputs(engine_ok, tmp_path)["latents"])}
+    args = [a.format(**files) for a in LABEL_FORMS[form]] + ["--seed", "3"]
+    code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args)
+    assert code == 0, error
+    done = subprocess.run([str(runner / BINARY), "--engine", str(engine_ok), "--out", str(tmp_path / "cpp.npy"), "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=runner_env())
+    assert done.returncode == 0, done.stderr
+    ours, ref = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "python.npy")
+    assert ours.shape == ref.shape == (N, 2, 16, 16)
+    assert np.linalg.norm(ours - ref) <= 1e-7 * np.linalg.norm(ref), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+
+
+def test_class_labels_change_the_samples(engine_ok, runner, tmp_path):
+    """The labels reach the engine: --label 0 and --label 1 (same seed, same image condition) differ."""
+    cond = condition_files(engine_ok, tmp_path)["cond"]
+    for label in ("0", "1"):
+        done = subprocess.run([str(runner / BINARY), "--engine", str(engine_ok), "--out", str(tmp_path / f"{label}.npy"), "--threads", "1",
+                               "--batch", "5", "--label", label, "-c", f"cond={cond}"], capture_output=True, text=True, timeout=300, env=runner_env())
+        assert done.returncode == 0, done.stderr
+    assert np.abs(np.load(tmp_path / "0.npy") - np.load(tmp_path / "1.npy")).max() > 1e-3
+
+
+CONDITION_REFUSALS = {  # arguments besides --out --batch 5 (as LABEL_FORMS), a part of the line both must print
+    "label out of range": (["--label", "4", "-c", "cond={cond}"], "class labels must be integers in 0..3, got [4]"),
+    "label not integers": (["--label", "1,b", "-c", "cond={cond}"], "--label expects an integer or a comma-separated list of them, got '1,b'"),
+    "label and condition": (["--label", "1", "-c", "class_labels=2", "-c", "cond={cond}"], "is also given with --condition; give it once"),
+    "inline label out of range": (["-c", "class_labels=0,9", "-c", "cond={cond}"], "--condition class_labels=0,9: condition 'class_labels': class labels"),
+    "inline labels for an image": (["-c", "cond=3", "-c", "class_labels=1"], "class labels need a vector condition named 'cond'; the engine takes ["),
+    "no value": (["-c", "class_labels", "-c", "cond={cond}"], "--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got 'class_labels'"),
+    "given twice": (["-c", "class_labels=1", "-c", "class_labels=2", "-c", "cond={cond}"], "--condition class_labels: given twice"),
+    "class index out of range": (["-c", "class_labels={bad_indices}", "-c", "cond={cond}"], "bad_indices.npy: condition 'class_labels': class labels must"),
+    "more class indices than rows": (["-c", "class_labels={too_many_indices}", "-c", "cond={cond}"], "(class indices) must have at most 5 rows"),
+    "missing file": (["-c", "class_labels={missing}", "-c", "cond={cond}"], "missing.npy: condition 'class_labels' file not found"),
+    "folder": (["-c", "class_labels={folder}", "-c", "cond={cond}"], "folder.npy: condition 'class_labels' must be a .npy file, got a folder"),
+    "wrong shape": (["-c", "class_labels={wrong_shape}", "-c", "cond={cond}"], "condition 'class_labels' (vector) must have shape [5, 4] or [4], got [5, 5]"),
+    "nan": (["-c", "class_labels={nan}", "-c", "cond={cond}"], "nan.npy: condition 'class_labels' holds 20 NaN/Inf values"),
+    "empty": (["-c", "class_labels={empty}", "-c", "cond={cond}"], "empty.npy: condition 'class_labels' is empty (shape [0, 4])"),
+    "image rows": (["-c", "class_labels=1", "-c", "cond={two_rows}"], "condition 'cond' (image) must have shape [5, 3, 16, 16] or [3, 16, 16], got [2, 3, 16, 16]"),
+}
+
+
+@pytest.mark.parametrize("case", CONDITION_REFUSALS)
+def test_condition_refusals_match_diffexport_sample(engine_ok, runner, tmp_path, case):
+    """Each refusal is the line ``diffexport sample`` prints for the same arguments (exit 1, nothing written)."""
+    files = condition_files(engine_ok, tmp_path)
+    args, part = CONDITION_REFUSALS[case]
+    args = ["--batch", "5", *(a.format(**files) for a in args)]
+    code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args)
+    assert code == 1 and part in error, error
+    done = subprocess.run([str(runner / BINARY), "--engine", str(engine_ok), "--out", str(tmp_path / "cpp.npy"), "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=runner_env())
+    assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {error}\n")
+    assert not (tmp_path / "cpp.npy").exists()
+
+
+def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypatch) -> torch.Tensor | str:
+    """``diffexport sample``'s condition parsing and sampler (``_parse_conditions``, ``runtime.sample``) on the
+    index engine's AOTI package (it has no recipe for ``engines.load``): the samples, or the refusal line."""
+    from diffexport.cli import run as cli_run
+    from diffexport.diffusion.testing import single_thread
+    from diffexport.engines.aoti import AOTIEngine
+    from diffexport.recipes import IOSpec
+    from diffexport.runtime.sampler import sample
+
+    monkeypatch.setattr(cli_run, "fail", lambda message, code=1: ValueError(message))  # raised by the caller
+    manifest = manifest_of(engine)
+    aoti = AOTIEngine(engine / "denoiser.pt2", IOSpec.from_dict(manifest["io"]))
+    try:
+        conditions, files = cli_run._parse_conditions(items, aoti, n)
+        with single_thread():
+            return sample(aoti, manifest["sampler"], batch=n, seed=seed, conditions=conditions, condition_sources=files)
+    except ValueError as e:
+        return str(e)
+
+
+def test_index_condition_forms_match_python(index_engine_dir, runner, tmp_path, monkeypatch):
+    """An index condition's inline values (cycled over --batch), an integral float .npy (read as int64) and
+    one row repeated give the runner the samples of ``diffexport sample``'s parsing; out-of-range,
+    beyond-int64 and non-integer values are refused with its line."""
+    folder = tmp_path
+    np.save(folder / "cond1.npy", np.random.default_rng(2).standard_normal((1, 1, 8, 8)).astype(np.float32))
+    np.save(folder / "lead_f32.npy", np.array([4, 0, 1, 3], np.float32))
+    np.save(folder / "lead_row.npy", np.array([2], np.int64))
+    np.save(folder / "lead_frac.npy", np.array([1, 1.5, 2, 0], np.float32))
+    cond = f"cond={folder / 'cond1.npy'}"
+    for lead in ("0,4", "3", f"{folder / 'lead_f32.npy'}", f"{folder / 'lead_row.npy'}"):
+        items = [cond, f"lead={lead}"]
+        ref = python_index_run(index_engine_dir, items, 4, 5, monkeypatch)
+        assert isinstance(ref, torch.Tensor), ref
+        done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "out.npy"), "--threads", "1",
+                               "--batch", "4", "--seed", "5", "--overwrite", *(a for i in items for a in ("-c", i))],
+                              capture_output=True, text=True, timeout=300, env=runner_env())
+        assert done.returncode == 0, done.stderr
+        ours = torch.from_numpy(np.load(tmp_path / "out.npy"))
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-7, lead
+    refusals = {"7": "--condition lead=7: condition 'lead' holds 7 at row 0, outside its range [0, 5)",
+                "1,-2": "--condition lead=1,-2: condition 'lead' holds -2 at row 1, outside its range [0, 5)",
+                "99999999999999999999": "--condition lead=99999999999999999999: an index condition's values are int64",
+                "1.5": "1.5: condition 'lead' file not found",
+                str(folder / "lead_frac.npy"): f"{folder / 'lead_frac.npy'}: condition 'lead' is an index (int64) but holds non-integer values"}
+    for lead, want in refusals.items():
+        items = [cond, f"lead={lead}"]
+        assert python_index_run(index_engine_dir, items, 4, 5, monkeypatch) == want
+        done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "bad.npy"), "--threads", "1",
+                               "--batch", "4", *(a for i in items for a in ("-c", i))], capture_output=True, text=True, timeout=300, env=runner_env())
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {want}\n")
+    assert not (tmp_path / "bad.npy").exists()
 
 
 def _flip_byte(engine: Path) -> None:
@@ -424,7 +580,7 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
         ({"latents": saved("f16.npy", latents.astype(np.float16))}, (), "f16.npy: dtype '<f2' is not supported"),
         ({}, (vector["name"],), f"missing condition '{vector['name']}'"),
         ({vector["name"]: saved("v.npy", np.zeros((n, vector["shape"][1] + 1), np.float32))}, (),
-         f"condition '{vector['name']}': expected float32 [{n}, {vector['shape'][1]}]"),
+         f"v.npy: condition '{vector['name']}' (vector) must have shape [{n}, {vector['shape'][1]}] or [{vector['shape'][1]}], got [{n}, {vector['shape'][1] + 1}]"),
         ({"extra": saved("extra.npy", np.zeros(n, np.float32))}, (), "unknown condition 'extra'"),
     ]
     for replaced, skip, message in cases:

@@ -120,12 +120,12 @@ Engine load_engine(const std::string& dir) {
   return e;
 }
 
-void check_index_range(const TensorSpec& spec, const Array& values) {
+void check_index_range(const TensorSpec& spec, const Array& values, const std::string& where) {
   const int64_t* v = values.i64();
   const int64_t n = numel(values.shape);
   for (int64_t i = 0; i < n; ++i)
     if (v[i] < 0 || (spec.high > 0 && v[i] >= spec.high))
-      throw Error("condition '" + spec.name + "' holds " + std::to_string(v[i]) + " at row " + std::to_string(i) + ", " +
+      throw Error(where + "condition '" + spec.name + "' holds " + std::to_string(v[i]) + " at row " + std::to_string(i) + ", " +
                   (spec.high > 0 ? "outside its range [0, " + std::to_string(spec.high) + ")" : std::string("but must be >= 0")));
 }
 

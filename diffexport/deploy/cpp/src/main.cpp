@@ -1,12 +1,15 @@
 // diffexport-sample: run an engine's sampler on latents from a .npy file (or drawn from --seed),
-// write the samples. Options are parsed by CLI11.
+// write the samples. Options are parsed by CLI11; conditions are taken as `diffexport sample` takes them.
 #include <CLI/CLI.hpp>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <sstream>
+#include <regex>
 
 #include "diffexport/runtime.h"
 
@@ -16,7 +19,8 @@ struct Args {
   std::string engine, latents, out;
   int64_t batch = 0;
   bool overwrite = false;
-  std::vector<std::string> conditions;  // NAME=FILE.npy
+  std::vector<std::string> conditions;  // NAME=FILE.npy, NAME=3, NAME=0,1,2
+  std::string label;                    // --label 3 or 0,1,2: the vector condition's class labels
   diffexport::SamplerOptions options;
 };
 
@@ -37,10 +41,15 @@ void describe(CLI::App& app, Args& a) {
       "from --seed as `diffexport sample --seed S --batch N` draws them.");
   app.add_option("--engine", a.engine, "engine directory (manifest.json)")->required()->type_name("DIR");
   app.add_option("--latents", a.latents, "initial latents .npy")->type_name("IN.npy");
-  app.add_option("--batch", a.batch, "draw N latents from --seed instead of --latents")->type_name("N")->check(CLI::Range(1, 1000000));
-  app.add_option("--out", a.out, "samples .npy (written atomically; an existing file only with --overwrite)")->required()->type_name("OUT.npy");
+  app.add_option("-n,--batch", a.batch, "draw N latents from --seed instead of --latents")->type_name("N")->check(CLI::Range(1, 1000000));
+  app.add_option("-o,--out", a.out, "samples .npy (written atomically; an existing file only with --overwrite)")->required()->type_name("OUT.npy");
   app.add_flag("--overwrite", a.overwrite, "replace an existing --out file");
-  app.add_option("--condition", a.conditions, "a condition input (repeatable)")->type_name("NAME=FILE.npy")->allow_extra_args(false);
+  app.add_option("-c,--condition", a.conditions,
+                 "a condition input (repeatable): FILE.npy [N, ...] (for a vector condition also class indices [N]); or 3, 0,1,2: "
+                 "an index condition's values or a vector condition's one-hot class labels, cycled over the batch")
+      ->type_name("NAME=FILE.npy|NAME=K[,K...]")
+      ->allow_extra_args(false);
+  app.add_option("--label", a.label, "class label(s) of the engine's vector condition (one-hot, cycled over the batch)")->type_name("K[,K...]");
   app.add_option("--steps", a.options.steps, "re-discretise the schedule with K steps")->type_name("K")->check(CLI::Range(1, 1000000));
   app.add_option("--seed", a.options.seed, "seeds the latents and the stochastic solvers' noise (default 0)")->type_name("S")->check(kSeedRange);
   app.add_option("--threads", a.options.threads, "CPU threads")->type_name("N")->check(CLI::Range(1, 4096));
@@ -61,6 +70,100 @@ void check_out(const std::string& out, bool overwrite) {
     throw diffexport::Error("--out " + out + ": already exists; pass --overwrite to replace it, or choose another --out");
 }
 
+/// Python's repr of a string: 'text' (\"text\" when it holds ' and no \").
+std::string repr(const std::string& s) {
+  const char quote = s.find('\'') != std::string::npos && s.find('"') == std::string::npos ? '"' : '\'';
+  std::string out(1, quote);
+  for (char c : s) out += c == '\\' || c == quote ? std::string{'\\', c} : std::string{c};
+  return out + quote;
+}
+
+/// The engine's condition inputs as `diffexport sample` lists them: ['cond (image)', 'class_labels (vector)'] or none.
+std::string condition_list(const diffexport::Engine& engine) {
+  std::string s;
+  for (size_t i = 2; i < engine.inputs.size(); ++i) s += (s.empty() ? "" : ", ") + repr(engine.inputs[i].name + " (" + engine.inputs[i].kind + ")");
+  return s.empty() ? "none" : "[" + s + "]";
+}
+
+const diffexport::TensorSpec* find_condition(const diffexport::Engine& engine, const std::string& name, const std::string& kind = "") {
+  for (size_t i = 2; i < engine.inputs.size(); ++i)
+    if ((name.empty() || engine.inputs[i].name == name) && (kind.empty() || engine.inputs[i].kind == kind)) return &engine.inputs[i];
+  return nullptr;
+}
+
+/// "0,-1,2" -> values; `ok` false when one does not fit int64.
+std::vector<int64_t> integers(const std::string& text, bool& ok) {
+  std::vector<int64_t> values;
+  ok = true;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) {
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), nullptr, 10);
+    ok = ok && errno != ERANGE && v != INT64_MIN;  // Python refuses |v| >= 2^63
+    values.push_back(v);
+  }
+  return values;
+}
+
+/// A .npy input as `diffexport sample` reads it; a folder or missing file is named as it names them.
+diffexport::Array read_input(const std::string& path, const std::string& what) {
+  namespace fs = std::filesystem;
+  if (fs::is_directory(path)) throw diffexport::Error(path + ": " + what + " must be a .npy file, got a folder");
+  if (!fs::exists(path)) throw diffexport::Error(path + ": " + what + " file not found");
+  return diffexport::read_npy(path);
+}
+
+/// `--condition` items (and `--label`) -> the engine's [n, ...] condition arrays, as `diffexport sample`'s
+/// `_parse_conditions`: NAME=FILE.npy; NAME=3 or NAME=0,1,2 (no such file): an index condition's values or
+/// a vector condition's one-hot class labels, cycled over n.
+diffexport::Conditions parse_conditions(const diffexport::Engine& engine, std::vector<std::string> items, const std::string* label, int64_t n) {
+  using diffexport::Error;
+  if (label != nullptr) {
+    if (!std::regex_match(*label, std::regex("\\d+(,\\d+)*")))
+      throw Error("--label expects an integer or a comma-separated list of them, got " + repr(*label));
+    const diffexport::TensorSpec* vector = find_condition(engine, "", "vector");
+    if (vector == nullptr) throw Error("--label: class labels need a vector condition; the engine takes " + condition_list(engine));
+    for (const std::string& item : items)
+      if (item.substr(0, item.find('=')) == vector->name)
+        throw Error("--label: condition '" + vector->name + "' is also given with --condition; give it once");
+    items.push_back(vector->name + "=" + *label);
+  }
+  diffexport::Conditions conditions;
+  for (const std::string& item : items) {
+    const size_t eq = item.find('=');
+    const std::string name = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (eq == std::string::npos || name.empty() || value.empty())
+      throw Error("--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got " + repr(item));
+    if (conditions.count(name)) throw Error("--condition " + name + ": given twice; give each condition once");
+    const diffexport::TensorSpec* spec = find_condition(engine, name);
+    const bool file = std::filesystem::exists(value);
+    std::string source = "--condition " + item;
+    diffexport::Array array;
+    bool ok = true;
+    if (spec != nullptr && spec->kind == "index" && !file && std::regex_match(value, std::regex("-?\\d+(,-?\\d+)*"))) {
+      const std::vector<int64_t> values = integers(value, ok);
+      if (!ok) throw Error(source + ": an index condition's values are int64");
+      array = diffexport::Array(diffexport::DType::Int64, {n});
+      for (int64_t i = 0; i < n; ++i) array.i64()[i] = values[i % values.size()];
+    } else if (!file && std::regex_match(value, std::regex("\\d+(,\\d+)*"))) {
+      const diffexport::TensorSpec* vector = find_condition(engine, name, "vector");
+      if (vector == nullptr)
+        throw Error(source + ": class labels need a vector condition named " + repr(name) + "; the engine takes " + condition_list(engine));
+      try {
+        array = diffexport::one_hot(*vector, integers(value, ok), n);  // a label beyond int64 reads as out of range
+      } catch (const Error& e) {
+        throw Error(source + ": " + e.what());
+      }
+    } else {
+      source = value;
+      array = read_input(value, "condition '" + name + "'");
+    }
+    // an unknown name is passed on as read: the sampler refuses it, naming the engine's conditions
+    conditions.emplace(name, spec == nullptr ? array : diffexport::condition_input(*spec, array, n, source));
+  }
+  return conditions;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -79,16 +182,12 @@ int main(int argc, char** argv) {
     if (args.latents.empty() == (args.batch == 0)) throw diffexport::Error("give exactly one of --latents IN.npy and --batch N (see --help)");
     check_out(args.out, args.overwrite);
     diffexport::Sampler sampler(args.engine, args.options);
-    diffexport::Conditions conditions;
-    for (const std::string& c : args.conditions) {
-      const size_t eq = c.find('=');
-      if (eq == 0 || eq == std::string::npos || eq + 1 == c.size()) throw diffexport::Error("--condition: expected NAME=FILE.npy, got '" + c + "'");
-      if (!conditions.emplace(c.substr(0, eq), diffexport::read_npy(c.substr(eq + 1))).second)
-        throw diffexport::Error("--condition " + c.substr(0, eq) + " given twice");
-    }
+    const diffexport::Array latents = args.latents.empty() ? diffexport::Array() : read_input(args.latents, "latents");
+    const int64_t n = args.latents.empty() ? args.batch : latents.shape.empty() ? 1 : latents.shape[0];
+    const diffexport::Conditions conditions =
+        parse_conditions(sampler.engine(), args.conditions, app.count("--label") ? &args.label : nullptr, n);
     const auto start = std::chrono::steady_clock::now();
-    const diffexport::Array samples =
-        args.latents.empty() ? sampler.sample(args.batch, conditions) : sampler.sample(diffexport::read_npy(args.latents), conditions);
+    const diffexport::Array samples = args.latents.empty() ? sampler.sample(args.batch, conditions) : sampler.sample(latents, conditions);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     diffexport::write_npy(args.out, samples);
     std::fprintf(stderr, "diffexport-sample: %s: %lld samples, %s, %s, %d steps, %d evaluations per batch, %.3f s (%s backend)\n",

@@ -48,8 +48,9 @@ struct Engine {
 Engine load_engine(const std::string& dir);
 
 /// `Error` naming the condition, the first bad value, its row and the range when the int64 values of
-/// the index input `spec` are not all in [0, spec.high) (>= 0 when `high` is not recorded).
-void check_index_range(const TensorSpec& spec, const Array& values);
+/// the index input `spec` are not all in [0, spec.high) (>= 0 when `high` is not recorded); the message
+/// starts with `where` (e.g. "FILE: ").
+void check_index_range(const TensorSpec& spec, const Array& values, const std::string& where = "");
 
 /// A view of one host tensor handed to a backend.
 struct TensorView {

@@ -5,6 +5,7 @@
 //   diffexport::write_npy("samples.npy", samples);
 #pragma once
 
+#include "diffexport/conditions.h"
 #include "diffexport/engine.h"
 #include "diffexport/error.h"
 #include "diffexport/manifest_json.h"
