@@ -2,14 +2,15 @@
 // write the samples. Options are parsed by CLI11; conditions are taken as `diffexport sample` takes them.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
-#include <sstream>
 #include <regex>
+#include <sstream>
 
 #include "diffexport/runtime.h"
 
@@ -108,8 +109,9 @@ std::vector<int64_t> integers(const std::string& text, bool& ok) {
 /// A .npy input as `diffexport sample` reads it; a folder or missing file is named as it names them.
 diffexport::Array read_input(const std::string& path, const std::string& what) {
   namespace fs = std::filesystem;
-  if (fs::is_directory(path)) throw diffexport::Error(path + ": " + what + " must be a .npy file, got a folder");
-  if (!fs::exists(path)) throw diffexport::Error(path + ": " + what + " file not found");
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw diffexport::Error(path + ": " + what + " must be a .npy file, got a folder");
+  if (!fs::exists(path, ec)) throw diffexport::Error(path + ": " + what + " file not found");
   return diffexport::read_npy(path);
 }
 
@@ -136,7 +138,8 @@ diffexport::Conditions parse_conditions(const diffexport::Engine& engine, std::v
       throw Error("--condition expects NAME=FILE.npy or NAME=LABEL[,LABEL...], got " + repr(item));
     if (conditions.count(name)) throw Error("--condition " + name + ": given twice; give each condition once");
     const diffexport::TensorSpec* spec = find_condition(engine, name);
-    const bool file = std::filesystem::exists(value);
+    std::error_code ec;
+    const bool file = std::filesystem::exists(value, ec);
     std::string source = "--condition " + item;
     diffexport::Array array;
     bool ok = true;
@@ -183,7 +186,7 @@ int main(int argc, char** argv) {
     check_out(args.out, args.overwrite);
     diffexport::Sampler sampler(args.engine, args.options);
     const diffexport::Array latents = args.latents.empty() ? diffexport::Array() : read_input(args.latents, "latents");
-    const int64_t n = args.latents.empty() ? args.batch : latents.shape.empty() ? 1 : latents.shape[0];
+    const int64_t n = args.latents.empty() ? args.batch : std::max<int64_t>(1, latents.shape.empty() ? 1 : latents.shape[0]);  // else refused by sample()
     const diffexport::Conditions conditions =
         parse_conditions(sampler.engine(), args.conditions, app.count("--label") ? &args.label : nullptr, n);
     const auto start = std::chrono::steady_clock::now();
