@@ -480,6 +480,16 @@ def test_index_condition_forms_match_python(index_engine_dir, runner, tmp_path, 
         done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "bad.npy"), "--threads", "1",
                                "--batch", "4", *(a for i in items for a in ("-c", i))], capture_output=True, text=True, timeout=300, env=runner_env())
         assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {want}\n")
+    from diffexport.engines.aoti import AOTIEngine
+    from diffexport.recipes import IOSpec
+    from diffexport.runtime.sampler import one_hot_condition
+
+    with pytest.raises(ValueError) as no_vector:  # what `diffexport sample --label` reports for an engine without a vector condition
+        one_hot_condition(AOTIEngine(index_engine_dir / "denoiser.pt2", IOSpec.from_dict(manifest_of(index_engine_dir)["io"])), [0])
+    done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "bad.npy"), "--batch", "4",
+                           "--label", "1", "-c", cond, "-c", "lead=1"], capture_output=True, text=True, timeout=300, env=runner_env())
+    assert "the engine takes ['cond (image)', 'lead (index)']" in str(no_vector.value)
+    assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --label: {no_vector.value}\n")
     assert not (tmp_path / "bad.npy").exists()
 
 
