@@ -302,6 +302,32 @@ def test_sample_cli_cycles_labels_over_the_latents_batch(built_dhariwal, tmp_pat
         assert np.load(out).shape == (3, 3, 16, 16)
 
 
+def test_sample_cli_refuses_more_inline_labels_than_the_batch(built_dhariwal, built_lead_time, tmp_path):
+    """``--label 0,1,2,3`` (or ``-c NAME=0,1,2,3``) with --batch 2 was cut to the first 2 labels silently;
+    it is refused in one line naming the option, the number of values and the batch (--batch or --latents).
+    A condition .npy whose batch differs from --batch is refused naming the file and shapes."""
+    runner, out = CliRunner(), tmp_path / "o.npy"
+    np.save(tmp_path / "latents.npy", (80 * np.random.default_rng(0).normal(size=(2, 3, 16, 16))).astype(np.float32))
+    cases = ((built_dhariwal, ["--label", "0,1,2,3"], "--label"), (built_dhariwal, ["-c", "class_labels=0,1,2,3"], "--condition class_labels"),
+             (built_lead_time, ["-c", "lead_time_label=0,1,2,3"], "--condition lead_time_label"))
+    for engine_dir, args, option in cases:
+        sizes = [(["--batch", "2"], "--batch 2")]
+        if engine_dir == built_dhariwal:
+            sizes.append((["--latents", str(tmp_path / "latents.npy")], f"the rows of --latents {tmp_path / 'latents.npy'}"))
+        for size, source in sizes:
+            r = runner.invoke(app, ["sample", str(engine_dir), *size, *args, "--steps", "1", "--out", str(out)])
+            assert r.exit_code == 1 and not out.exists(), r.output
+            assert r.output.strip() == (f"error: {option}: 4 values for a batch of 2 ({source}); give at most 2 "
+                                        "(fewer are cycled over the batch)"), r.output
+    r = runner.invoke(app, ["sample", str(built_dhariwal), "--batch", "4", "--label", "0,1,2,3", "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 0 and np.load(out).shape == (4, 3, 16, 16), r.output  # as many values as samples: fine
+    np.save(tmp_path / "lt.npy", np.array([0, 1, 2]))
+    r = runner.invoke(app, ["sample", str(built_lead_time), "--batch", "2", "-c", f"lead_time_label={tmp_path / 'lt.npy'}",
+                            "--steps", "1", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 1 and r.output.strip() == (f"error: {tmp_path / 'lt.npy'}: condition 'lead_time_label' (index) must "
+                                                     "have shape [2] or [], got [3]"), r.output
+
+
 def test_sample_cli_refuses_more_class_indices_than_the_batch(built_dhariwal, tmp_path):
     """A class-index file longer than the batch (--batch or --latents) was cut to the batch silently; it is
     refused naming the file, the condition, its rows and the batch, as a one-hot file with too many rows is.
