@@ -256,12 +256,22 @@ def _patching_problems(recipe: Recipe) -> list[str]:
                       lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
 
 
+DEVICE_TARGETS = ("aoti",)  # the targets compiled for export.device (the others' devices are their own)
+
+
 def _export_problems(recipe: Recipe) -> list[str]:
+    """``export.precision`` against each named target, and ``export.device: cuda`` without a target
+    compiled for it: the engine would record the GPU as its device while every artifact runs elsewhere."""
     from diffexport.export import precision_unsupported
 
     e = recipe.export
     whys = {t: precision_unsupported(t, e.precision, e.opset) for t in ([] if e.auto else e.targets)}
-    return [f"export.precision: {e.precision} with target {t}: {why}" for t, why in whys.items() if why]
+    problems = [f"export.precision: {e.precision} with target {t}: {why}" for t, why in whys.items() if why]
+    if e.device != "cpu" and not e.auto and not any(t in DEVICE_TARGETS for t in e.targets):
+        problems.append(f"export.device: {e.device} is the device the aoti target compiles for; targets {', '.join(e.targets)} do not use it "
+                        "(openvino runs on the CPU, onnx where onnxruntime runs it when loaded, tensorrt on the GPU it is built on); "
+                        "use export.device: cpu, or add the aoti target")
+    return problems
 
 
 def _raise(recipe: Recipe, problems: list[str]) -> None:
