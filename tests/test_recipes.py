@@ -155,6 +155,8 @@ BROKEN = {
     # export.device is the aoti target's compile device: the manifest recorded 'cuda' for a CPU-only OpenVINO engine
     "cuda openvino": (lambda d: d["export"].update(targets=["openvino"], device="cuda"),
                       "export.device: cuda is the device the aoti target compiles for; targets openvino do not use it (openvino runs on the CPU"),
+    "iDDPM levels repeated": (lambda d: d.update(preconditioner={"class": "IDDPMPreconditioner", "args": {}}),
+                              "sampler.num_steps: 18 steps of EDMNoiseScheduler rounded to IDDPMPreconditioner's noise levels"),
     "cuda onnx tensorrt": (lambda d: d["export"].update(targets=["onnx", "tensorrt"], device="cuda"), "targets onnx, tensorrt do not use it"),
 }
 

@@ -459,6 +459,39 @@ def test_iddpm_churn_rounds_the_raised_level_to_the_preconditioners_table():
     assert rel_l2(out, steps) <= 1e-6
 
 
+def test_iddpm_preconditioner_rounds_the_time_steps_of_any_scheduler():
+    """With IDDPMPreconditioner, EDM's samplers (generate.py edm_sampler / ablation_sampler, PhysicsNeMo's stochastic
+    sampler) take ``t_steps = sigma_inv(net.round_sigma(sigma(t)))`` whatever the discretisation. An EDM or VP schedule's
+    steps were used unrounded (the engine saw sigma 80 and 0.0065, off its table); the build's time steps, the runtime's
+    re-discretisation (--steps) and so the samples now follow EDM. Steps that would repeat a level are refused."""
+    from diffexport.diffusion import EDMNoiseScheduler
+    from diffexport.diffusion.preconditioners import IDDPMPreconditioner
+    from diffexport.engines.build import sampler_schedule
+    from diffexport.export import validate_recipe
+    from diffexport.recipes import RecipeError
+    from tests.conftest import TINY_RECIPES
+
+    levels = IDDPMPreconditioner.sigma_levels()
+    base = {**TINY_RECIPES["quickstart"], "preconditioner": {"class": "IDDPMPreconditioner", "args": {}}}
+    edm = {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.0065, "sigma_max": 80.0}}
+    for scheduler, n in ((edm, 8), ({"class": "VPNoiseScheduler", "args": {}}, 6)):
+        manifest = sampler_schedule(validate_recipe({**base, "sampler": {"scheduler": scheduler, "solver": "heun", "num_steps": n}}))
+        for sigmas in (torch.tensor(manifest["sigmas"][:-1], dtype=torch.float64), SamplerSpec.from_manifest(manifest).with_steps(5).edm_sigmas()[:-1]):
+            torch.testing.assert_close(sigmas, levels[(sigmas[:, None] - levels[None]).abs().argmin(1)], rtol=1e-12, atol=0)
+        assert manifest["time_steps"][-1] == 0 and manifest["steps"][0]["evals"][0]["sigma"] == manifest["sigmas"][0]
+    manifest = sampler_schedule(validate_recipe({**base, "sampler": {"scheduler": edm, "solver": "heun", "num_steps": 8}}))
+    engine = ConvEngine()
+    latents = manifest["sigmas"][0] * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sample(engine, manifest, latents=latents, seed=5)
+    edm_steps = EDMNoiseScheduler(0.0065, 80.0).timesteps(8, dtype=torch.float64)  # EDM rounds these itself
+    want = edm_stochastic_heun_float64(engine, latents, edm_steps, 0, IDDPMPreconditioner(torch.nn.Identity()).double().round_sigma,
+                                       torch.Generator().manual_seed(5))
+    assert rel_l2(out, want) <= 1e-6, rel_l2(out, want)
+    with pytest.raises(RecipeError, match=r"sampler\.num_steps: 18 steps of EDMNoiseScheduler rounded to IDDPMPreconditioner's noise "
+                                          r"levels .* repeat the level 0\.006425; .* \(the lowest is 0\.006425; EDM raises sigma_min to it\)"):
+        validate_recipe({**base, "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {}}, "solver": "heun", "num_steps": 18}})
+
+
 def _sample_lead_time(engine_dir, tmp_path, value, *extra):
     """``diffexport sample`` of the lead-time engine with ``-c lead_time_label=value``, 4 samples x 2 steps:
     (result, samples or None)."""
