@@ -201,7 +201,7 @@ def test_force_rebuilds_skips_missing_tensorrt_and_runs_finalize(tmp_path: Path,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_cuda_export_device_without_a_gpu_names_file_and_field(tmp_path: Path, tiny_recipe_paths):
     data = yaml.safe_load(tiny_recipe_paths["quickstart"].read_text())
-    data["export"] = {"targets": ["onnx"], "device": "cuda"}
+    data["export"] = {"targets": ["aoti"], "device": "cuda"}  # the target compiled for export.device
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(EngineError, match=r"r\.yaml: export\.device: device cuda requested but CUDA is not available; .* export\.device: cpu"):
         build_engine(tmp_path / "r.yaml", tmp_path / "e")

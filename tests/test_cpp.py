@@ -132,6 +132,15 @@ def test_matches_python_sampler(engine_ok, runner, tmp_path, solver, steps, batc
     assert f"{2 * num_steps - 1 if solver == 'heun' else num_steps} evaluations per batch" in log
 
 
+@pytest.mark.parametrize("scheduler,args", [("EDMNoiseScheduler", {"sigma_min": 0.0065, "sigma_max": 80.0}), ("VPNoiseScheduler", {})])
+def test_steps_override_rounds_to_the_iddpm_preconditioners_levels(engine_ok, runner, tmp_path, scheduler, args):
+    """With ``sampler.round_sigma`` (IDDPMPreconditioner) an EDM or VP schedule re-discretised by --steps is rounded
+    to the table as the Python runtime's (and EDM's) time steps are; the runner used the unrounded ones."""
+    engine = shutil.copytree(engine_ok, tmp_path / "engine")
+    set_sampler(engine, scheduler, args, "heun", 5, iddpm_levels=True)
+    check_parity(runner, engine, make_inputs(engine, tmp_path), tmp_path / "out.npy", steps=4)
+
+
 class IndexDenoiser(nn.Module):
     """EDM-preconditioned ``D(x, sigma, cond, lead)``: a conv over [x, cond] plus an embedding of the
     int64 index ``lead``, following the engine contract directly."""
@@ -177,24 +186,28 @@ def index_engine_dir(tmp_path_factory) -> Path:
     return out
 
 
-def set_sampler(engine: Path, scheduler: str, args: dict, solver: str, num_steps: int, options: dict | None = None) -> None:
+def set_sampler(engine: Path, scheduler: str, args: dict, solver: str, num_steps: int, options: dict | None = None,
+                iddpm_levels: bool | None = None) -> None:
     """Rewrite ``manifest.sampler`` as ``engines.build.sampler_schedule`` records it (step table included); an
-    iDDPM schedule gets the iDDPM preconditioner's ``round_sigma`` (churned noise levels rounded to its table)."""
+    iDDPM schedule (or ``iddpm_levels``) gets the iDDPM preconditioner's ``round_sigma`` (time steps and churned
+    noise levels rounded to its table)."""
     from diffexport.diffusion import noise_schedulers, samplers
     from diffexport.diffusion.preconditioners import rounding_spec, sigma_rounding
     from diffexport.export.validate import resolved_args
 
     sch = getattr(noise_schedulers, scheduler)(**args)
-    t = sch.timesteps(num_steps, dtype=torch.float64)  # as engines.build.sampler_schedule records them
+    rounding = rounding_spec("IDDPMPreconditioner", {}) if (scheduler == "IDDPMNoiseScheduler" if iddpm_levels is None else iddpm_levels) else None
+    round_sigma = rounding and sigma_rounding(rounding["class"], rounding["args"])
+    t = samplers.round_time_steps(sch, sch.timesteps(num_steps, dtype=torch.float64), round_sigma)  # as sampler_schedule records them
     solver_args = resolved_args(samplers.SOLVERS[solver], options or {}, skip=1, supplied=samplers.SUPPLIED)
     sampler = {"scheduler": {"class": scheduler, "args": resolved_args(type(sch), args)}, "solver": solver, "num_steps": num_steps,
                "solver_options": options or {}, "solver_args": {k: str(v) if v in (float("inf"), float("-inf")) else v for k, v in solver_args.items()},
                "discrete": not t.is_floating_point(), "time_steps": t.tolist(),
                "sigmas": sch.edm_sigma(t if not t.is_floating_point() else t.double()).double().tolist(), "alphas": sch.alpha(t).double().tolist(),
                "patching": None}
-    if rounding := rounding_spec("IDDPMPreconditioner", {}) if scheduler == "IDDPMNoiseScheduler" else None:
+    if rounding:
         sampler["round_sigma"] = rounding
-    sampler["steps"] = samplers.step_table(sch, solver, t, options or {}, rounding and sigma_rounding(rounding["class"], rounding["args"]))
+    sampler["steps"] = samplers.step_table(sch, solver, t, options or {}, round_sigma)
     edit_manifest(engine, lambda m: m.update(sampler=sampler))
 
 

@@ -343,3 +343,23 @@ def test_ve_default_two_heun_steps_are_finite_in_float32():
     out64 = sample(den, xN.double(), sched, 2, "heun", time_steps=sched.timesteps(2, dtype=torch.float64))
     assert torch.isfinite(out32).all()
     torch.testing.assert_close(out32.double(), out64, rtol=1e-4, atol=1e-4)
+
+
+def test_round_time_steps_is_edms_sigma_inv_of_round_sigma():
+    """``round_time_steps``: EDM's ``t_steps = sigma_inv(net.round_sigma(sigma(t)))`` with the final 0 kept; the
+    iDDPM table's own u_j steps, a continuous preconditioner (no rounding) and DDPM's integer steps are unchanged."""
+    from diffexport.diffusion import DDPMScheduler, EDMNoiseScheduler, IDDPMNoiseScheduler, VPNoiseScheduler, round_time_steps
+    from diffexport.diffusion.preconditioners import IDDPMPreconditioner, sigma_rounding
+
+    round_sigma, pre = sigma_rounding("IDDPMPreconditioner", {}), IDDPMPreconditioner(torch.nn.Identity())
+    for scheduler in (EDMNoiseScheduler(sigma_min=0.0065), VPNoiseScheduler()):  # within the table (EDM clamps sigma_min to it)
+        t = scheduler.timesteps(12, dtype=torch.float64)
+        got = round_time_steps(scheduler, t, round_sigma)
+        assert got[-1] == 0 and got.dtype == torch.float64 and bool((got[1:] < got[:-1]).all())
+        index = pre.round_sigma(scheduler.edm_sigma(t[:-1]).float(), return_index=True)  # the level EDM's net.round_sigma picks
+        torch.testing.assert_close(scheduler.edm_sigma(got[:-1]), IDDPMPreconditioner.sigma_levels()[index], rtol=1e-12, atol=0)
+    iddpm = IDDPMNoiseScheduler()
+    for scheduler, t, rounding in ((iddpm, iddpm.timesteps(18, dtype=torch.float64), round_sigma),
+                                   (EDMNoiseScheduler(), EDMNoiseScheduler().timesteps(18, dtype=torch.float64), None),
+                                   (DDPMScheduler(), DDPMScheduler().timesteps(10), round_sigma)):
+        assert torch.equal(round_time_steps(scheduler, t, rounding), t)

@@ -72,6 +72,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_artifacts_are_the_candidates(auto_engine):
     m = read_manifest(auto_engine)
     assert list(m["artifacts"]) == ["onnx", *OPENVINO], m["skipped"]
+    assert all(m["artifacts"][key]["device"] == "cpu" for key in OPENVINO)  # where the blobs run, whatever export.device is
     if NO_BF16:  # skipped with the reason, never an f32 blob recorded as bf16
         assert m["skipped"]["openvino-bf16"] == NO_BF16
         return

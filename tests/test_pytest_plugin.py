@@ -56,9 +56,9 @@ def good(built_quickstart, tmp_path_factory):
 def test_good_engine_items_pass_and_junit_has_one_testcase_each(pytester, good, tmp_path):
     xml = tmp_path / "junit.xml"
     result = run(pytester, "--diffexport-engine", good, f"--junitxml={xml}")
-    result.assert_outcomes(passed=1 + len(SIGMAS) + 1)
+    result.assert_outcomes(passed=2 + len(SIGMAS) + 1)
     got = outcomes(result)
-    assert got == {"quickstart::manifest": "PASSED", "quickstart::onnxruntime::trajectory": "PASSED",
+    assert got == {"quickstart::manifest": "PASSED", "quickstart::onnxruntime::verdict": "PASSED", "quickstart::onnxruntime::trajectory": "PASSED",
                    **{f"quickstart::onnxruntime::per_call[sigma={s}]": "PASSED" for s in SIGMAS}}
     cases = ET.parse(xml).getroot().iter("testcase")
     names = sorted(f"{c.get('classname')}::{c.get('name')}" for c in cases)
@@ -113,10 +113,39 @@ def test_tampered_and_failed_engines_give_clear_error_items(pytester, good, tmp_
     got = outcomes(result)
     assert got["tampered::manifest"] == "FAILED" and got["tampered::onnxruntime::trajectory"] == "FAILED"
     assert got["failed::manifest"] == "FAILED" and got["failed::onnxruntime::trajectory"] == "PASSED"
+    assert got["failed::onnxruntime::verdict"] == "FAILED" and got["tampered::onnxruntime::verdict"] == "PASSED"  # verdict, not hashes
     assert got["broken::manifest"] == "FAILED" and got["absent::manifest"] == "FAILED"
     text = result.stdout.str()
     assert "sha256 does not match" in text and "status failed" in text and "manifest.json" in text
     assert result.ret == pytest.ExitCode.TESTS_FAILED and "INTERNALERROR" not in text and "Traceback" not in text
+
+
+def test_each_backend_has_its_own_verdict_item(pytester, good, tmp_path):
+    """An engine whose status is ok (a ``targets: auto`` build) may still hold a backend that failed parity
+    or was never checked; its ``manifest`` item passed. The backend's ``verdict`` item fails, naming the
+    backend and the reason, exactly where ``engines.load`` refuses it; the passing backend's item passes."""
+    from diffexport.engines.load import load
+    from diffexport.engines.verdict import UnverifiedEngine
+
+    engines = []
+    for name, edit in (("failed_backend", lambda b: b["onnxruntime"].update(passed=False, error="RuntimeError: boom")),
+                       ("unchecked_backend", lambda b: b.pop("onnxruntime"))):
+        engine_dir = tmp_path / name
+        shutil.copytree(good, engine_dir)
+        manifest = read_manifest(engine_dir)
+        edit(manifest["parity"]["backends"])
+        assert manifest["status"] == "ok"
+        write_manifest(engine_dir, manifest)
+        engines += ["--diffexport-engine", engine_dir]
+        with pytest.raises(UnverifiedEngine):
+            load(engine_dir, "onnxruntime")
+    result = run(pytester, *engines, "--diffexport-engine", good, "-k", "manifest or verdict")
+    assert outcomes(result) == {"failed_backend::manifest": "PASSED", "failed_backend::onnxruntime::verdict": "FAILED",
+                                "unchecked_backend::manifest": "PASSED", "unchecked_backend::onnxruntime::verdict": "FAILED",
+                                "quickstart::manifest": "PASSED", "quickstart::onnxruntime::verdict": "PASSED"}
+    text = result.stdout.str()
+    assert "onnxruntime: engine " in text and "parity failed for backend onnxruntime" in text and "(its parity error: RuntimeError: boom)" in text
+    assert "parity was not run for backend onnxruntime" in text and "Traceback" not in text
 
 
 def test_k_selects_a_backend_x_stops_and_rtol_scale_applies(pytester, good):
@@ -126,7 +155,7 @@ def test_k_selects_a_backend_x_stops_and_rtol_scale_applies(pytester, good):
     result = run(pytester, *args, "-k", "onnxruntime and trajectory")
     assert outcomes(result) == {"quickstart::onnxruntime::trajectory": "PASSED"}
     result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-x")
-    result.assert_outcomes(passed=1, failed=1)  # manifest, then per_call[sigma=80]: ~1e-7 > 1e-14; -x stops there
+    result.assert_outcomes(passed=2, failed=1)  # manifest, verdict, then per_call[sigma=80]: ~1e-7 > 1e-14; -x stops there
     assert "1e-14" in result.stdout.str()
 
 
@@ -134,9 +163,9 @@ def test_collected_count_and_last_failed_rerun(pytester, good):
     """The items count as collected (``-k`` reports them deselected, never a negative selection), and
     ``--lf`` reruns exactly the failed ``per_call[sigma=...]`` item (its id parses as pytest's own)."""
     result = run(pytester, "--diffexport-engine", good, "-k", "trajectory")
-    result.stdout.fnmatch_lines([f"*collected {2 + len(SIGMAS)} items / {1 + len(SIGMAS)} deselected / 1 selected"])
+    result.stdout.fnmatch_lines([f"*collected {3 + len(SIGMAS)} items / {2 + len(SIGMAS)} deselected / 1 selected"])
     result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "-x", cache=True)
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=2, failed=1)
     result = run(pytester, "--diffexport-engine", good, "--diffexport-rtol-scale", "1e-9", "--lf", cache=True)
     assert outcomes(result) == {f"quickstart::onnxruntime::per_call[sigma={SIGMAS[0]}]": "FAILED"}
     result.stdout.fnmatch_lines(["run-last-failure: rerun previous 1 failure*"])
@@ -179,7 +208,7 @@ def test_fixtures_and_marker_in_users_tests(pytester, good, tmp_path):
 def test_xdist_two_workers(pytester, good):
     pytest.importorskip("xdist")
     result = run(pytester, "--diffexport-engine", good, "-n", "2", subprocess=True)
-    result.assert_outcomes(passed=1 + len(SIGMAS) + 1)
+    result.assert_outcomes(passed=2 + len(SIGMAS) + 1)
 
 
 def test_task_item_where_the_recipe_has_a_judge(pytester, good, tmp_path):

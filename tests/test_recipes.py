@@ -152,6 +152,12 @@ BROKEN = {
     "bf16 onnx": (lambda d: d["export"].update(precision="bf16"), "export.precision: bf16 with target onnx: ONNX Runtime has no bf16 kernels"),
     "fp16 openvino": (lambda d: d["export"].update(targets=["openvino"], precision="fp16"), "export.precision: fp16 with target openvino"),
     "bf16 tensorrt opset 21": (lambda d: d["export"].update(targets=["tensorrt"], precision="bf16"), "export.opset >= 22 (got 21)"),
+    # export.device is the aoti target's compile device: the manifest recorded 'cuda' for a CPU-only OpenVINO engine
+    "cuda openvino": (lambda d: d["export"].update(targets=["openvino"], device="cuda"),
+                      "export.device: cuda is the device the aoti target compiles for; targets openvino do not use it (openvino runs on the CPU"),
+    "iDDPM levels repeated": (lambda d: d.update(preconditioner={"class": "IDDPMPreconditioner", "args": {}}),
+                              "sampler.num_steps: 18 steps of EDMNoiseScheduler rounded to IDDPMPreconditioner's noise levels"),
+    "cuda onnx tensorrt": (lambda d: d["export"].update(targets=["onnx", "tensorrt"], device="cuda"), "targets onnx, tensorrt do not use it"),
 }
 
 
@@ -163,6 +169,12 @@ def test_broken_recipe_names_file_and_field(case: str, tmp_path: Path):
     with pytest.raises(RecipeError) as err:
         check_recipe(load_recipe(path))  # what every build runs first
     assert str(path) in str(err.value) and field in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("targets", [["aoti", "openvino"], "auto"])
+def test_cuda_export_device_with_a_target_compiled_for_it_validates(targets):
+    """``export.device: cuda`` is refused only without a target that compiles for it (aoti)."""
+    assert validate_recipe(_with(lambda d: d["export"].update(targets=targets, device="cuda"))).export.device == "cuda"
 
 
 def test_inf_is_refused_with_a_hint_where_it_is_the_default():

@@ -302,6 +302,32 @@ def test_sample_cli_cycles_labels_over_the_latents_batch(built_dhariwal, tmp_pat
         assert np.load(out).shape == (3, 3, 16, 16)
 
 
+def test_sample_cli_refuses_more_inline_labels_than_the_batch(built_dhariwal, built_lead_time, tmp_path):
+    """``--label 0,1,2,3`` (or ``-c NAME=0,1,2,3``) with --batch 2 was cut to the first 2 labels silently;
+    it is refused in one line naming the option, the number of values and the batch (--batch or --latents).
+    A condition .npy whose batch differs from --batch is refused naming the file and shapes."""
+    runner, out = CliRunner(), tmp_path / "o.npy"
+    np.save(tmp_path / "latents.npy", (80 * np.random.default_rng(0).normal(size=(2, 3, 16, 16))).astype(np.float32))
+    cases = ((built_dhariwal, ["--label", "0,1,2,3"], "--label"), (built_dhariwal, ["-c", "class_labels=0,1,2,3"], "--condition class_labels"),
+             (built_lead_time, ["-c", "lead_time_label=0,1,2,3"], "--condition lead_time_label"))
+    for engine_dir, args, option in cases:
+        sizes = [(["--batch", "2"], "--batch 2")]
+        if engine_dir == built_dhariwal:
+            sizes.append((["--latents", str(tmp_path / "latents.npy")], f"the rows of --latents {tmp_path / 'latents.npy'}"))
+        for size, source in sizes:
+            r = runner.invoke(app, ["sample", str(engine_dir), *size, *args, "--steps", "1", "--out", str(out)])
+            assert r.exit_code == 1 and not out.exists(), r.output
+            assert r.output.strip() == (f"error: {option}: 4 values for a batch of 2 ({source}); give at most 2 "
+                                        "(fewer are cycled over the batch)"), r.output
+    r = runner.invoke(app, ["sample", str(built_dhariwal), "--batch", "4", "--label", "0,1,2,3", "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 0 and np.load(out).shape == (4, 3, 16, 16), r.output  # as many values as samples: fine
+    np.save(tmp_path / "lt.npy", np.array([0, 1, 2]))
+    r = runner.invoke(app, ["sample", str(built_lead_time), "--batch", "2", "-c", f"lead_time_label={tmp_path / 'lt.npy'}",
+                            "--steps", "1", "--out", str(out), "--overwrite"])
+    assert r.exit_code == 1 and r.output.strip() == (f"error: {tmp_path / 'lt.npy'}: condition 'lead_time_label' (index) must "
+                                                     "have shape [2] or [], got [3]"), r.output
+
+
 def test_sample_cli_refuses_more_class_indices_than_the_batch(built_dhariwal, tmp_path):
     """A class-index file longer than the batch (--batch or --latents) was cut to the batch silently; it is
     refused naming the file, the condition, its rows and the batch, as a one-hot file with too many rows is.
@@ -431,6 +457,39 @@ def test_iddpm_churn_rounds_the_raised_level_to_the_preconditioners_table():
     assert rel_l2(out, want) <= 1e-6, rel_l2(out, want)
     steps = samplers.sample_step_table(engine, latents.double(), manifest["steps"], torch.Generator().manual_seed(5), torch.float32)
     assert rel_l2(out, steps) <= 1e-6
+
+
+def test_iddpm_preconditioner_rounds_the_time_steps_of_any_scheduler():
+    """With IDDPMPreconditioner, EDM's samplers (generate.py edm_sampler / ablation_sampler, PhysicsNeMo's stochastic
+    sampler) take ``t_steps = sigma_inv(net.round_sigma(sigma(t)))`` whatever the discretisation. An EDM or VP schedule's
+    steps were used unrounded (the engine saw sigma 80 and 0.0065, off its table); the build's time steps, the runtime's
+    re-discretisation (--steps) and so the samples now follow EDM. Steps that would repeat a level are refused."""
+    from diffexport.diffusion import EDMNoiseScheduler
+    from diffexport.diffusion.preconditioners import IDDPMPreconditioner
+    from diffexport.engines.build import sampler_schedule
+    from diffexport.export import validate_recipe
+    from diffexport.recipes import RecipeError
+    from tests.conftest import TINY_RECIPES
+
+    levels = IDDPMPreconditioner.sigma_levels()
+    base = {**TINY_RECIPES["quickstart"], "preconditioner": {"class": "IDDPMPreconditioner", "args": {}}}
+    edm = {"class": "EDMNoiseScheduler", "args": {"sigma_min": 0.0065, "sigma_max": 80.0}}
+    for scheduler, n in ((edm, 8), ({"class": "VPNoiseScheduler", "args": {}}, 6)):
+        manifest = sampler_schedule(validate_recipe({**base, "sampler": {"scheduler": scheduler, "solver": "heun", "num_steps": n}}))
+        for sigmas in (torch.tensor(manifest["sigmas"][:-1], dtype=torch.float64), SamplerSpec.from_manifest(manifest).with_steps(5).edm_sigmas()[:-1]):
+            torch.testing.assert_close(sigmas, levels[(sigmas[:, None] - levels[None]).abs().argmin(1)], rtol=1e-12, atol=0)
+        assert manifest["time_steps"][-1] == 0 and manifest["steps"][0]["evals"][0]["sigma"] == manifest["sigmas"][0]
+    manifest = sampler_schedule(validate_recipe({**base, "sampler": {"scheduler": edm, "solver": "heun", "num_steps": 8}}))
+    engine = ConvEngine()
+    latents = manifest["sigmas"][0] * torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sample(engine, manifest, latents=latents, seed=5)
+    edm_steps = EDMNoiseScheduler(0.0065, 80.0).timesteps(8, dtype=torch.float64)  # EDM rounds these itself
+    want = edm_stochastic_heun_float64(engine, latents, edm_steps, 0, IDDPMPreconditioner(torch.nn.Identity()).double().round_sigma,
+                                       torch.Generator().manual_seed(5))
+    assert rel_l2(out, want) <= 1e-6, rel_l2(out, want)
+    with pytest.raises(RecipeError, match=r"sampler\.num_steps: 18 steps of EDMNoiseScheduler rounded to IDDPMPreconditioner's noise "
+                                          r"levels .* repeat the level 0\.006425; .* \(the lowest is 0\.006425; EDM raises sigma_min to it\)"):
+        validate_recipe({**base, "sampler": {"scheduler": {"class": "EDMNoiseScheduler", "args": {}}, "solver": "heun", "num_steps": 18}})
 
 
 def _sample_lead_time(engine_dir, tmp_path, value, *extra):

@@ -62,10 +62,21 @@ def _load_npy(path: Path, what: str, integer_ok: bool = False) -> np.ndarray:
     return array
 
 
-def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _check_inline_count(option: str, values: str, batch: int | None, batch_from: str) -> None:
+    """``fail`` when the comma-separated ``values`` of ``option`` outnumber ``batch`` (fewer are cycled
+    over it; more would be cut silently). ``batch_from`` says where the batch comes from."""
+    count = values.count(",") + 1
+    if batch is not None and count > batch:
+        raise fail(f"{option}: {count} values for a batch of {batch} ({batch_from}); give at most {batch} "
+                   f"(fewer are cycled over the batch)")
+
+
+def _parse_conditions(items: list[str], engine=None, batch: int | None = None, batch_from: str = "--batch",
+                      options: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``NAME=FILE.npy`` items -> tensors and file names by condition name; ``NAME=3`` / ``NAME=0,1,2``
     (no such file) is the values of that index condition, or one-hot class labels of that vector
-    condition, cycled over ``batch``."""
+    condition, cycled over ``batch`` (more values than ``batch`` are refused, naming the option:
+    ``options[NAME]``, else ``--condition NAME``, and ``batch_from``)."""
     tensors, files = {}, {}
     kinds = {c.name: c.kind for c in condition_specs(engine)} if engine is not None else {}
     for item in items:
@@ -75,12 +86,14 @@ def _parse_conditions(items: list[str], engine=None, batch: int | None = None) -
         if name in tensors:
             raise fail(f"--condition {name}: given twice; give each condition once")
         if kinds.get(name) == "index" and re.fullmatch(r"-?\d+(,-?\d+)*", file) and not Path(file).exists():
+            _check_inline_count((options or {}).get(name, f"--condition {name}"), file, batch, batch_from)
             values = [int(v) for v in file.split(",")]  # range-checked with the engine's io by the sampler
             if any(abs(v) >= 2**63 for v in values):
                 raise fail(f"--condition {item}: an index condition's values are int64")
             tensors[name], files[name] = torch.tensor([values[i % len(values)] for i in range(batch or len(values))]), f"--condition {item}"
             continue
         if engine is not None and re.fullmatch(r"\d+(,\d+)*", file) and not Path(file).exists():
+            _check_inline_count((options or {}).get(name, f"--condition {name}"), file, batch, batch_from)
             try:
                 tensors[name] = one_hot_condition(engine, [int(v) for v in file.split(",")], batch, name)[1]
             except ValueError as e:
@@ -148,8 +161,8 @@ def sample(
     latents: Path = typer.Option(None, "--latents", help="Initial state [N, C, H, W] .npy at the first time step: unit noise times alphas[0]*sigmas[0] of the manifest "
                                                    "(sigma_max for EDM/VE, about 1 for VP and DDPM)."),
     condition: list[str] = typer.Option([], "--condition", "-c", help="NAME=FILE.npy for each condition input (repeatable); "
-                                        "NAME=3 or NAME=0,1,2: an index condition's values, or a vector condition's one-hot class labels, cycled over --batch."),
-    label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch)."),
+                                        "NAME=3 or NAME=0,1,2: an index condition's values, or a vector condition's one-hot class labels, cycled over --batch (at most --batch values)."),
+    label: str = typer.Option(None, "--label", help="Class label(s) for the engine's vector condition, e.g. 3 or 0,1,...,9 (one-hot, cycled over --batch; at most --batch labels)."),
     steps: int = typer.Option(None, "--steps", min=1, max=MAX_STEPS, help="Number of sampler steps (default: the recipe's)."),
     device: str = typer.Option(None, "--device", help="torch device to run on: cpu, cuda, cuda:N (default: where the artifact runs)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="Replay engine calls from CUDA graphs (CUDA engines)."),
@@ -169,6 +182,7 @@ def sample(
     except EngineError as e:
         raise fail(str(e)) from None
     x_n = torch.from_numpy(_load_npy(latents, "latents")).float() if latents is not None else None
+    options = {}  # condition name -> the option that gave it inline (--label)
     if label is not None:
         if not re.fullmatch(r"\d+(,\d+)*", label):
             raise fail(f"--label expects an integer or a comma-separated list of them, got {label!r}")
@@ -176,10 +190,12 @@ def sample(
             name = one_hot_condition(engine, [0])[0]
             if any(c.partition("=")[0] == name for c in condition):
                 raise fail(f"--label: condition '{name}' is also given with --condition; give it once")
-            condition = [*condition, f"{name}={label}"]
+            condition, options[name] = [*condition, f"{name}={label}"], "--label"
         except ValueError as e:
             raise fail(f"--label: {e}") from None
-    conditions, files = _parse_conditions(condition, engine, batch or (len(x_n) if x_n is not None and x_n.ndim else None))
+    rows = batch or (len(x_n) if x_n is not None and x_n.ndim else None)
+    batch_from = f"--batch {batch}" if batch else f"the rows of --latents {latents}"
+    conditions, files = _parse_conditions(condition, engine, rows, batch_from, options)
     if x_n is not None and (x_n.ndim != 4 or tuple(x_n.shape[1:]) != image):
         raise fail(f"{latents}: latents must be [N, {', '.join(map(str, image))}], got shape {list(x_n.shape)}")
     start = time.perf_counter()

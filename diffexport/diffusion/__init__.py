@@ -55,6 +55,7 @@ from diffexport.diffusion.samplers import (
     Solver,
     check_finite,
     ddpm_sample,
+    round_time_steps,
     sample,
 )
 from diffexport.diffusion.utils import ConcatConditionWrapper, edm_x0_predictor
@@ -97,5 +98,6 @@ __all__ = [
     "check_finite",
     "ddpm_sample",
     "edm_x0_predictor",
+    "round_time_steps",
     "sample",
 ]

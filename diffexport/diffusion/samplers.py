@@ -280,6 +280,19 @@ def sample(
     return x
 
 
+def round_time_steps(noise_scheduler: NoiseScheduler, time_steps: Tensor, round_sigma: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """``time_steps`` [N + 1] at the noise levels ``round_sigma`` (the preconditioner's) rounds them to, the final
+    entry kept: EDM's ``t_steps = sigma_inv(net.round_sigma(sigma_steps))`` (``generate.py``, as PhysicsNeMo's
+    stochastic sampler), so a preconditioner with discrete levels (iDDPM) is only called at its levels, whatever
+    the discretisation. Unchanged without ``round_sigma`` or for a discrete (integer-time) schedule; iDDPM's own
+    u_j steps are levels already."""
+    if round_sigma is None or not time_steps.is_floating_point() or not isinstance(noise_scheduler, LinearGaussianNoiseScheduler):
+        return time_steps
+    head = time_steps[:-1]
+    rounded = noise_scheduler.edm_sigma_inv(round_sigma(noise_scheduler.edm_sigma(head)))
+    return torch.cat([rounded.to(time_steps.dtype), time_steps[-1:]])
+
+
 def check_finite(i: int, t_cur: Tensor, t_next: Tensor, x: Tensor) -> None:
     """An ``on_step`` hook raising ``FloatingPointError`` as soon as x holds NaN or Inf."""
     if not bool(torch.isfinite(x).all()):

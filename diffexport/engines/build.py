@@ -132,9 +132,10 @@ def sampler_schedule(recipe: Recipe) -> dict:
     scheduler = scheduler_of(recipe)
     cls, solver = type(scheduler), samplers.SOLVERS[s.solver]
     rounding = rounding_spec(recipe.preconditioner.class_name, recipe.preconditioner.args)  # iDDPM's levels, else None
-    try:
-        t = scheduler.timesteps(s.num_steps, dtype=torch.float64)  # the runtime's float64 times (int64 when discrete)
-        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options, rounding and sigma_rounding(rounding["class"], rounding["args"]))
+    round_sigma = rounding and sigma_rounding(rounding["class"], rounding["args"])
+    try:  # the runtime's float64 times (int64 when discrete) at the preconditioner's levels, as EDM's samplers round them
+        t = samplers.round_time_steps(scheduler, scheduler.timesteps(s.num_steps, dtype=torch.float64), round_sigma)
+        steps = samplers.step_table(scheduler, s.solver, t, s.solver_options, round_sigma)
     except (TypeError, ValueError) as e:  # check_recipe refuses these first
         raise RecipeError(f"{_source(recipe)}: sampler: {s.scheduler.class_name} with {s.solver}: {e}") from None
     alphas, sigmas = scheduler.alpha(t).double(), scheduler.edm_sigma(t if not t.is_floating_point() else t.double())

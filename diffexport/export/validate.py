@@ -205,6 +205,17 @@ def scheduler_of(recipe: Recipe) -> Any:
     return scheduler
 
 
+def _round_sigma(recipe: Recipe) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The preconditioner's noise-level rounding (iDDPM's table), None when continuous or when its
+    class or args are wrong (reported by :func:`_preconditioner_problems`)."""
+    p = recipe.preconditioner
+    try:
+        spec = preconditioners.rounding_spec(p.class_name, p.args)
+        return spec and preconditioners.sigma_rounding(spec["class"], spec["args"])
+    except (TypeError, ValueError):
+        return None
+
+
 def _schedule_problems(recipe: Recipe, scheduler: Any) -> list[str]:
     n = recipe.sampler.num_steps
     t, problems = _construct("sampler", type(scheduler).__name__, lambda: scheduler.timesteps(n))
@@ -215,6 +226,14 @@ def _schedule_problems(recipe: Recipe, scheduler: Any) -> list[str]:
         head = ", ".join(f"{v:.4g}" for v in sigmas[:4].tolist())
         return [f"sampler.scheduler.args: {type(scheduler).__name__} gives noise levels that are not finite, positive and "
                 f"decreasing over {n} steps ({head}, ...); check its range"]
+    if (round_sigma := _round_sigma(recipe)) is not None and t.is_floating_point():  # the steps at the preconditioner's levels
+        levels = scheduler.edm_sigma(samplers.round_time_steps(scheduler, t.double(), round_sigma)).double()
+        if not bool((levels[1:] < levels[:-1]).all()):
+            repeated = levels[1:][levels[1:] >= levels[:-1]][0].item()
+            lowest = round_sigma(torch.zeros(1, dtype=torch.float64)).item()
+            return [f"sampler.num_steps: {n} steps of {type(scheduler).__name__} rounded to {recipe.preconditioner.class_name}'s "
+                    f"noise levels (as EDM's samplers round the time steps) repeat the level {repeated:.4g}; use fewer steps, or "
+                    f"a sampler.scheduler range within its levels (the lowest is {lowest:.4g}; EDM raises sigma_min to it)"]
     # in float32 as the engines compute with sigma (VP's expm1 overflows exactly where sigma**2 does); the
     # sampler computes sigma in float64 and casts it to float32 for the engine
     sigmas32 = scheduler.edm_sigma(t if not t.is_floating_point() else t.float()).float()
@@ -256,12 +275,22 @@ def _patching_problems(recipe: Recipe) -> list[str]:
                       lambda: GridPatching2D(tuple(p.img_shape), (h, w), p.overlap_pix, p.boundary_pix))[1]
 
 
+DEVICE_TARGETS = ("aoti",)  # the targets compiled for export.device (the others' devices are their own)
+
+
 def _export_problems(recipe: Recipe) -> list[str]:
+    """``export.precision`` against each named target, and ``export.device: cuda`` without a target
+    compiled for it: the engine would record the GPU as its device while every artifact runs elsewhere."""
     from diffexport.export import precision_unsupported
 
     e = recipe.export
     whys = {t: precision_unsupported(t, e.precision, e.opset) for t in ([] if e.auto else e.targets)}
-    return [f"export.precision: {e.precision} with target {t}: {why}" for t, why in whys.items() if why]
+    problems = [f"export.precision: {e.precision} with target {t}: {why}" for t, why in whys.items() if why]
+    if e.device != "cpu" and not e.auto and not any(t in DEVICE_TARGETS for t in e.targets):
+        problems.append(f"export.device: {e.device} is the device the aoti target compiles for; targets {', '.join(e.targets)} do not use it "
+                        "(openvino runs on the CPU, onnx where onnxruntime runs it when loaded, tensorrt on the GPU it is built on); "
+                        "use export.device: cpu, or add the aoti target")
+    return problems
 
 
 def _raise(recipe: Recipe, problems: list[str]) -> None:

@@ -4,6 +4,7 @@
 file of the user's::
 
     quickstart::manifest                               manifest, file hashes and parity verdict
+    quickstart::onnxruntime::verdict                   that backend's recorded parity verdict (as engines.load decides)
     quickstart::onnxruntime::per_call[sigma=80]        one per σ of the sweep (D and F errors)
     quickstart::onnxruntime::trajectory                the whole sampler's final sample
     quickstart::onnxruntime::task                      task-level parity, where the recipe has a judge
@@ -114,6 +115,23 @@ class _Item(pytest.Item):
         if message:
             _fail(message)
 
+    def _verdict(self) -> None:
+        """The backend's recorded verdict: fails where ``engines.load(dir, backend)`` refuses it
+        (its parity failed or was not run, or the engine's status is not ok)."""
+        from diffexport.engines.base import EngineError
+        from diffexport.engines.manifest import read_manifest
+        from diffexport.engines.verdict import refusal
+
+        try:
+            manifest = read_manifest(self.engine_dir)
+        except EngineError as e:
+            _fail(f"{self.backend}: {e}")
+        message = refusal(self.engine_dir, manifest, self.backend)
+        if message:
+            entry = ((manifest.get("parity") or {}).get("backends") or {}).get(self.backend)
+            error = entry.get("error") if isinstance(entry, dict) else None
+            _fail(f"{self.backend}: {message}" + (f" (its parity error: {error})" if error else ""))
+
     def _entry(self) -> dict:
         entry = self.run().check(self.backend)
         if entry.get("error"):
@@ -201,6 +219,7 @@ def _engine_items(session: pytest.Session, engine_dir: Path, name: str, backends
             items.append(item(node, "artifact", backend=backend, check="missing" if backend in BACKENDS else "broken"))
             items[-1].broken = f"{engine_dir}: {why}; expected one of {', '.join(b for b in BACKENDS if b != 'torch')}"
             continue
+        items.append(item(node, "verdict", backend=backend, check="verdict"))
         for i, sigma in enumerate(run.plan.sigmas):
             items.append(item(node, f"per_call[sigma={sigma:.4g}]", backend=backend, check="per_call", index=i))
         items.append(item(node, "trajectory", backend=backend, check="trajectory"))

@@ -93,18 +93,19 @@ class SamplerSpec:
     @classmethod
     def from_manifest(cls, sampler: dict) -> SamplerSpec:
         """From ``manifest["sampler"]``: its scheduler, solver, options, patching and ``time_steps``."""
-        scheduler = make_scheduler(sampler["scheduler"])
+        scheduler, rounding = make_scheduler(sampler["scheduler"]), make_rounding(sampler.get("round_sigma"))
         if (ts := sampler.get("time_steps")) is not None:  # integers for discrete schedules (DDPM)
             times = torch.tensor(ts, dtype=torch.int64 if all(isinstance(t, int) for t in ts) else torch.float64)
         else:
-            times = scheduler.timesteps(int(sampler["num_steps"]), dtype=torch.float64)
+            times = samplers.round_time_steps(scheduler, scheduler.timesteps(int(sampler["num_steps"]), dtype=torch.float64), rounding)
         return cls(scheduler, sampler["solver"], times, dict(sampler.get("solver_options") or {}), sampler.get("patching"),
-                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None,
-                   make_rounding(sampler.get("round_sigma")))
+                   (sampler.get("guidance") or {}).get("cfg"), tuple(sampler["clip"]) if sampler.get("clip") else None, rounding)
 
     def with_steps(self, num_steps: int) -> SamplerSpec:
-        """The same sampler with the schedule re-discretised into ``num_steps`` steps."""
-        return replace(self, time_steps=self.scheduler.timesteps(num_steps, dtype=torch.float64))
+        """The same sampler with the schedule re-discretised into ``num_steps`` steps (at the preconditioner's
+        noise levels when it has them, as the build's)."""
+        times = samplers.round_time_steps(self.scheduler, self.scheduler.timesteps(num_steps, dtype=torch.float64), self.round_sigma)
+        return replace(self, time_steps=times)
 
     def edm_sigmas(self) -> torch.Tensor:
         """The EDM noise level the engine receives at each time step (float64, [N + 1])."""

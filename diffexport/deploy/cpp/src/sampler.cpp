@@ -244,6 +244,16 @@ std::vector<double> round_sigma_levels(const Field& sampler, const std::string& 
   return levels;
 }
 
+/// EDM's t_steps = σ⁻¹(round_sigma(σ(t))) (`samplers.round_time_steps`): the time steps at the preconditioner's
+/// noise ``levels`` (nearest, compared in float64), the final entry kept.
+Tensor round_time_steps(const Schedule& schedule, const Tensor& t, const std::vector<double>& levels) {
+  const Tensor lv = at::tensor(levels, at::kDouble);
+  const int64_t n = t.size(0) - 1;
+  const Tensor s = schedule.edm_sigma(t.slice(0, 0, n));
+  const Tensor index = (s.reshape({-1, 1}) - lv.reshape({1, -1})).abs().argmin(1);
+  return at::cat({schedule.edm_sigma_inv(lv.index({index})), t.slice(0, n)});
+}
+
 /// The solver and its options (samplers.py signatures), checked against what the manifest gives.
 struct SolverSpec {
   std::string name;
@@ -537,6 +547,7 @@ Sampler::Sampler(const std::string& engine_dir, const SamplerOptions& options) :
       throw Error(where + "scheduler: " + s.scheduler + ": " + e.what());
     }
     if (schedule_->discrete()) times = times.to(at::kLong);
+    else if (!levels_.empty()) times = round_time_steps(*schedule_, times, levels_);  // as the build's time_steps
   }
   if (times.size(0) < 2) throw Error(where + "time_steps: expected at least 2 entries");
   const Tensor d = times.to(at::kDouble);
