@@ -79,10 +79,17 @@ def test_artifacts_are_the_candidates(auto_engine):
     for key, hint in (("openvino", "f32"), ("openvino-bf16", "bf16")):
         art = m["artifacts"][key]
         assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
-        assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"]} == set(art["files"])
+        ir = art["file"].replace(".blob", ".xml"), art["weights"]
+        assert art["weights"] == art["file"].replace(".blob", ".bin")
+        assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"], *ir} == set(art["files"])
         assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
-        for blob in art["files"]:  # the blob was compiled with that precision (the CPU plugin may fall back silently)
-            compiled = openvino.Core().import_model((auto_engine / blob).read_bytes(), "CPU", art["config"])
+        weightless = {"ENABLE_WEIGHTLESS": True, "WEIGHTS_PATH": str(auto_engine / art["weights"])}
+        for blob in [art["file"], *art["static"].values()]:  # compiled with that precision (the CPU plugin may fall back silently)
+            data = (auto_engine / blob).read_bytes()
+            assert len(data) < (auto_engine / art["weights"]).stat().st_size, "the blob holds the weights"
+            with pytest.raises(RuntimeError):  # weightless: OpenVINO cannot import it without its weights file
+                openvino.Core().import_model(data, "CPU", art["config"])
+            compiled = openvino.Core().import_model(data, "CPU", {**art["config"], **weightless})
             assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == hint
     assert m["artifacts"]["openvino"]["file"] != m["artifacts"]["openvino-bf16"]["file"]
 
@@ -127,6 +134,20 @@ def test_blob_that_cannot_be_imported_falls_back_to_the_onnx(tmp_path, auto_engi
     art["source"] = None
     write_manifest(engine_dir, m)
     with pytest.raises(EngineError, match="cannot import this blob"):
+        load(engine_dir, "openvino")
+
+
+def test_weightless_blobs_need_their_weights_file(tmp_path, auto_engine):
+    """The blobs hold no weights: a missing or altered ``.bin`` is refused, naming it, before OpenVINO
+    would import a blob against it."""
+    engine_dir = shutil.copytree(auto_engine, tmp_path / "e")
+    weights = engine_dir / read_manifest(engine_dir)["artifacts"]["openvino"]["weights"]
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-4] + bytes(4))
+    with pytest.raises(EngineError, match=rf"{weights.name}.*sha256"):
+        load(engine_dir, "openvino")
+    weights.unlink()
+    with pytest.raises(EngineError, match=rf"{weights.name}"):
         load(engine_dir, "openvino")
 
 

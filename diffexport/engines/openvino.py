@@ -1,7 +1,8 @@
 """OpenVINO backend: the compiled blob of the ``openvino`` target, imported into the CPU plugin.
 
 Loading imports ``openvino`` only (no exporter). Blobs are imported with the compile properties
-their manifest record lists; when this OpenVINO cannot import one (another version), the record's
+their manifest record lists, and, when the record names ``weights`` (weightless blobs), with the
+IR ``.bin`` they take their weights from; when this OpenVINO cannot import one (another version), the record's
 ``source`` ONNX is compiled again with the same properties and shape (slower, same result), once its
 sha256 matches the manifest's.
 """
@@ -60,13 +61,15 @@ class OpenVINOEngine:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._core = self._ov.Core()
         self._static = {int(b): self.path.with_name(name) for b, name in (record.get("static") or {}).items()}
+        weights = record.get("weights")  # weightless blobs (CACHE_MODE: OPTIMIZE_SIZE) read their weights from it
+        self._import = {"ENABLE_WEIGHTLESS": True, "WEIGHTS_PATH": str(self.path.with_name(weights))} if weights else {}
         self._requests: dict[int | None, object] = {None: self._request(self.path, None)}
 
     def _request(self, path: Path, batch: int | None):
         """An infer request of the blob ``path`` (``batch``: its static batch, None: dynamic)."""
         device = self.record.get("device", "cpu").upper()
         try:
-            compiled = self._core.import_model(path.read_bytes(), device, self.config)
+            compiled = self._core.import_model(path.read_bytes(), device, {**self.config, **self._import})
         except Exception as e:  # another OpenVINO version: compile the ONNX it came from
             if self.source is None or not self.source.is_file():
                 raise EngineError(f"{path}: OpenVINO {self._ov.get_version()} cannot import this blob (written by "
