@@ -11,7 +11,8 @@ compared with the eager denoiser at several noise levels with
 (:data:`diffexport.parity.tolerances.PRESETS`).
 
 Budget: ``SWEEP_ONNX`` (default 25) drawn configs plus one explicit example per model class and
-the NCSN++ config of issue 9 (31, every one exported), all in *one* ONNX file, and ``SWEEP_AOTI``
+the NCSN++ config of issue 9 (31, every one exported), in ONNX files of ``SWEEP_ONNX_GROUP`` (6) configs exported by
+``SWEEP_WORKERS`` (2) processes, and ``SWEEP_AOTI``
 (default 6) drawn configs in *one* AOTInductor package: a module holding the denoisers side by
 side, each fed its own inputs and compared on its own output (one export and one compile instead
 of 31 and 6: tracing and the C++ compile dominate; the denoisers share no tensors, so each
@@ -24,8 +25,10 @@ The seed is printed; replay a failure with ``SWEEP_SEED=<seed>``.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +52,7 @@ SEED = random.randrange(2**31) if _SEED == "random" else int(_SEED)
 ONNX_EXAMPLES = int(os.environ.get("SWEEP_ONNX", 25))
 AOTI_CONFIGS = int(os.environ.get("SWEEP_AOTI", 6))
 ONNX_GROUP = int(os.environ.get("SWEEP_ONNX_GROUP", 6))  # configs per side-by-side ONNX file
+SWEEP_WORKERS = int(os.environ.get("SWEEP_WORKERS", min(2, os.cpu_count() or 1)))  # processes exporting ONNX groups
 RTOL = PRESETS["fp32"]["per_call_rtol"]
 SIGMAS = (0.002, 0.5, 80.0)
 print(f"\ntest_config_sweep: SWEEP_SEED={SEED} (replay: SWEEP_SEED={SEED} pytest tests/test_config_sweep.py)")
@@ -234,23 +238,37 @@ def check_all(configs: list[dict], got: list, wants: list) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(st.lists(recipes(), min_size=ONNX_EXAMPLES, max_size=ONNX_EXAMPLES, unique_by=repr))
 def test_onnx_sweep(tmp_path_factory, drawn):
-    """One example per model class and the NCSN++ config, plus ``SWEEP_ONNX`` drawn configs, in one
-    ONNX file (``export_onnx``) run by one ONNX Runtime session of the file on disk."""
+    """One example per model class and the NCSN++ config, plus ``SWEEP_ONNX`` drawn configs, in ONNX
+    files of ``ONNX_GROUP`` configs each (``export_onnx``), each run by an ONNX Runtime session of the
+    file on disk. Groups run in ``SWEEP_WORKERS`` spawned processes (one thread each): the exporter is
+    single-threaded Python, so one process left the other core idle."""
     print(f"SWEEP_SEED={SEED}")  # shown with a failure: replay with this environment variable
-    everything, checked = EXAMPLES + drawn, 0
-    for start in range(0, len(everything), ONNX_GROUP):  # the ONNX optimiser's cost grows faster than the graph
-        configs, program, io, flat, wants = side_by_side(everything[start:start + ONNX_GROUP])
-        path = Path(tmp_path_factory.mktemp("sweep")) / "denoiser.onnx"
-        export_onnx(program, io, path)
-        torch.export.save(program, path.with_suffix(".pt2"))  # what the build hands its AOTI worker
-        with torch.no_grad():
-            again = torch.export.load(path.with_suffix(".pt2")).module()(*flat[0])
-            assert all(torch.equal(a, b) for a, b in zip(again, program.module()(*flat[0]))), "torch.export.save/load changed a program"
-        session = make_session(path, threads=1)
-        got = [session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)}) for args in flat]
-        check_all(configs, got, wants)
-        checked += len(configs)
+    everything = EXAMPLES + drawn
+    groups = [everything[start:start + ONNX_GROUP] for start in range(0, len(everything), ONNX_GROUP)]  # the ONNX
+    folders = [Path(tmp_path_factory.mktemp("sweep")) for _ in groups]  # optimiser's cost grows faster than the graph
+    if SWEEP_WORKERS <= 1:
+        checked = sum(onnx_group(g, f) for g, f in zip(groups, folders))
+    else:
+        with ProcessPoolExecutor(SWEEP_WORKERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+            checked = sum(f.result() for f in [pool.submit(onnx_group, g, f) for g, f in zip(groups, folders)])
     assert checked == len(everything) == len(EXAMPLES) + ONNX_EXAMPLES
+
+
+def onnx_group(configs: list[dict], folder: Path) -> int:
+    """Export ``configs`` side by side to ``folder/denoiser.onnx`` and check each against eager (also
+    through ``torch.export.save``/``load``, as the build hands programs to its AOTI worker); how many."""
+    torch.set_num_threads(1)
+    configs, program, io, flat, wants = side_by_side(configs)
+    path = folder / "denoiser.onnx"
+    export_onnx(program, io, path)
+    torch.export.save(program, path.with_suffix(".pt2"))
+    with torch.no_grad():
+        again = torch.export.load(path.with_suffix(".pt2")).module()(*flat[0])
+        assert all(torch.equal(a, b) for a, b in zip(again, program.module()(*flat[0]))), "torch.export.save/load changed a program"
+    session = make_session(path, threads=1)
+    got = [session.run(None, {s.name: a.numpy() for s, a in zip(io.inputs, args)}) for args in flat]
+    check_all(configs, got, wants)
+    return len(configs)
 
 
 @pytest.mark.slow
