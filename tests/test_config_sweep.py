@@ -11,14 +11,15 @@ compared with the eager denoiser at several noise levels with
 (:data:`diffexport.parity.tolerances.PRESETS`).
 
 Budget: ``SWEEP_ONNX`` (default 25) drawn configs plus one explicit example per model class and
-the NCSN++ config of issue 9 (31, every one exported), in ONNX files of ``SWEEP_ONNX_GROUP`` (6) configs exported by
-``SWEEP_WORKERS`` (2) processes, and ``SWEEP_AOTI``
-(default 6) drawn configs in *one* AOTInductor package: a module holding the denoisers side by
-side, each fed its own inputs and compared on its own output (one export and one compile instead
-of 31 and 6: tracing and the C++ compile dominate; the denoisers share no tensors, so each
-computes its own function). The side-by-side program is traced like ``export_program`` (eval,
-no_grad, non-strict) with a static batch of 2; lowering is the library's ``export_onnx`` /
-``export_aoti``. ``test_every_draw_validates`` validates 60 more draws (validation only).
+the NCSN++ config of issue 9 (31, every one exported) in ONNX files of ``SWEEP_ONNX_GROUP`` (6)
+configs, and ``SWEEP_AOTI`` (default 6) drawn configs in ``SWEEP_WORKERS`` (2) AOTInductor packages.
+Each file or package is a module holding the denoisers side by side, each fed its own inputs and
+compared on its own output (a few exports and compiles instead of 31 and 6: tracing and the C++
+compile dominate; the denoisers share no tensors, so each computes its own function). Both are
+single-threaded Python for most of their time, so ``SWEEP_WORKERS`` processes do them at once. The
+side-by-side program is traced like ``export_program`` (eval, no_grad, non-strict) with a static
+batch of 2; lowering is the library's ``export_onnx`` / ``export_aoti``.
+``test_every_draw_validates`` validates 60 more draws (validation only).
 The seed is printed; replay a failure with ``SWEEP_SEED=<seed>``.
 """
 
@@ -277,17 +278,24 @@ def onnx_group(configs: list[dict], folder: Path) -> int:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(st.lists(recipes(), min_size=AOTI_CONFIGS, max_size=AOTI_CONFIGS, unique_by=repr))
 def test_aoti_sweep(tmp_path_factory, drawn):
-    """``SWEEP_AOTI`` drawn configs compiled by ``export_aoti`` into one AOTInductor package, in the
-    build's worker process (the program goes through ``torch.export.save`` / ``load``)."""
+    """``SWEEP_AOTI`` drawn configs compiled by ``export_aoti`` into AOTInductor packages (``SWEEP_WORKERS``
+    side-by-side programs), each in the build's worker process (the program goes through
+    ``torch.export.save`` / ``load``); the workers compile at the same time, as in a build."""
     print(f"SWEEP_SEED={SEED}")  # shown with a failure: replay with this environment variable
-    configs, program, io, flat, wants = side_by_side(drawn)
+    parts = [drawn[k::SWEEP_WORKERS] for k in range(SWEEP_WORKERS) if drawn[k::SWEEP_WORKERS]]
+    sides, workers = [side_by_side(part) for part in parts], []
     folder = Path(tmp_path_factory.mktemp("sweep"))
-    worker = AotiWorker({"side": (program, folder / "side.pt2", "fp32")}, io, "cpu", folder / "work")  # as engines.build compiles
     try:
-        worker.result("side")
+        for k, (_, program, io, _, _) in enumerate(sides):  # as engines.build compiles
+            workers.append(AotiWorker({"side": (program, folder / f"side{k}.pt2", "fp32")}, io, "cpu", folder / f"work{k}"))
+        for worker in workers:
+            worker.result("side")
     finally:
-        worker.close()
-    runner = torch._inductor.aoti_load_package(str(folder / "side.pt2"))
-    with torch.no_grad():
-        got = [runner(*args) for args in flat]
-    check_all(configs, got, wants)
+        for worker in workers:
+            worker.close()
+    for k, (configs, _, _, flat, wants) in enumerate(sides):
+        runner = torch._inductor.aoti_load_package(str(folder / f"side{k}.pt2"))
+        with torch.no_grad():
+            got = [runner(*args) for args in flat]
+        check_all(configs, got, wants)
+    assert sum(len(side[0]) for side in sides) == AOTI_CONFIGS
