@@ -24,7 +24,9 @@ from diffexport.cli import app
 from diffexport.cli.build import ranking
 from diffexport.engines import EngineError, build_engine, load, read_manifest
 from diffexport.engines.manifest import sha256_file, write_manifest
+from diffexport.engines.openvino import OpenVINOEngine
 from diffexport.parity import parity_stage
+from diffexport.recipes import IOSpec
 from diffexport.runtime.bench import bench_engine, rank_stage
 
 openvino = pytest.importorskip("openvino", reason="the openvino package is not installed")
@@ -80,7 +82,7 @@ def test_artifacts_are_the_candidates(auto_engine):
         art = m["artifacts"][key]
         assert art["config"]["INFERENCE_PRECISION_HINT"] == hint and art["source"] == "denoiser.onnx"
         ir = art["file"].replace(".blob", ".xml"), art["weights"]
-        assert art["weights"] == art["file"].replace(".blob", ".bin")
+        assert art["weights"] == "denoiser.openvino.bin"  # the same weights for both precisions, kept once
         assert set(art["static"]) == {"1", "2", "4"} and set(art["static"].values()) | {art["file"], *ir} == set(art["files"])
         assert art["sha256"] == sha256_file(auto_engine / art["file"]) and art["openvino"] == openvino.get_version()
         weightless = {"ENABLE_WEIGHTLESS": True, "WEIGHTS_PATH": str(auto_engine / art["weights"])}
@@ -149,6 +151,24 @@ def test_weightless_blobs_need_their_weights_file(tmp_path, auto_engine):
     weights.unlink()
     with pytest.raises(EngineError, match=rf"{weights.name}"):
         load(engine_dir, "openvino")
+
+
+def test_weights_of_another_model_are_not_shared(tmp_path, built_quickstart, perturbed_onnx_engine):
+    """Where the shared weights file holds another model's weights, the artifact writes its own and
+    every artifact still computes with its own weights."""
+    from diffexport.export.openvino import export_openvino
+
+    io = IOSpec.from_dict(read_manifest(built_quickstart)["io"])
+    shared = tmp_path / "denoiser.openvino.bin"
+    export = lambda onnx, name: export_openvino(onnx, io, tmp_path / name, batches=[], weights=shared)  # noqa: E731
+    first = export(built_quickstart / "denoiser.onnx", "denoiser.openvino.blob")
+    again = export(built_quickstart / "denoiser.onnx", "again.openvino.blob")
+    other = export(perturbed_onnx_engine[0] / "denoiser.onnx", "other.openvino.blob")
+    assert first["weights"] == again["weights"] == shared.name and other["weights"] == "other.openvino.bin"
+    assert not (tmp_path / "again.openvino.bin").exists() and (tmp_path / "again.openvino.xml").is_file()
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    outs = [OpenVINOEngine(tmp_path / r["file"], io, r)(x, sigma) for r in (first, again, other)]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
 def test_engine_module_does_not_import_the_exporter():

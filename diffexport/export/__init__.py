@@ -102,7 +102,8 @@ def _openvino(program: ExportedProgram, io: IOSpec, out_dir: Path, *, precision:
 
     # the build's fp32 ONNX (named as ``source``: the loader may recompile it) or an fp32 one on the side
     return _from_onnx(program, io, onnx_path, "fp32", opset,
-                      lambda onnx, source: export_openvino(onnx, io, out_dir / filename, precision=precision, source=source))
+                      lambda onnx, source: export_openvino(onnx, io, out_dir / filename, precision=precision, source=source,
+                                                           weights=out_dir / Path(FILENAMES["openvino"]).with_suffix(".bin")))
 
 
 TARGETS: dict[str, Callable[..., dict]] = {"onnx": _onnx, "aoti": _aoti, "tensorrt": _tensorrt, "openvino": _openvino}

@@ -2,8 +2,9 @@
 
 The blob (``core.export_model``) is what ``engines.load(dir, backend="openvino")`` imports: a few
 hundred milliseconds instead of a full compile. Blobs are weightless (``CACHE_MODE: OPTIMIZE_SIZE``,
-about 1.6 MB for EDM CIFAR-10 instead of 224): the weights are kept once per artifact as OpenVINO IR
-(``<stem>.xml`` + ``<stem>.bin``, the model the blobs were compiled from), and the loader imports each
+about 1.6 MB for EDM CIFAR-10 instead of 224): the weights are kept once, with the OpenVINO IR the
+blobs were compiled from (``<stem>.xml``; the weights ``denoiser.openvino.bin`` are shared by the
+fp32 and bf16 artifacts of a build), and the loader imports each
 blob with ``ENABLE_WEIGHTLESS`` and ``WEIGHTS_PATH`` pointing at that ``.bin`` (``weights`` in the
 record). Its manifest record carries everything else the loader needs: ``config`` (the compile
 properties, passed again on import: the blob alone does not keep the precision hint), the OpenVINO
@@ -21,6 +22,7 @@ it keeps are the input scalings and the noise embedding. Parity decides whether 
 
 from __future__ import annotations
 
+import filecmp
 import os
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def static_batches(io: IOSpec) -> list[int]:
 
 
 def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, precision: str = "fp32", source: str | None = None,
-                    batches: list[int] | None = None) -> dict:
+                    batches: list[int] | None = None, weights: str | Path | None = None) -> dict:
     """Compile the fp32 ``onnx_path`` and write the blobs next to ``path`` atomically; returns the
     artifact's manifest fields.
 
@@ -68,16 +70,20 @@ def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, prec
     of ``batches`` (default :func:`static_batches`) gets its own static-shape blob, ``static``
     in the record (OpenVINO's CPU kernels for a fixed shape were about 1.8x faster than the
     dynamic ones at batch 8 on a tiny SongUNet). ``source`` names the ONNX file of the engine
-    directory the loader may recompile from (``None``: the ONNX was temporary).
+    directory the loader may recompile from (``None``: the ONNX was temporary). The blobs are compiled
+    from the IR ``path`` with ``.xml``, whose weights go to ``weights`` (default: ``path`` with
+    ``.bin``), shared with another precision's artifact that wrote the same bytes there (see
+    :func:`write_ir`).
     """
     import openvino as ov
 
     path, config = Path(path), compile_config(precision)
     core = ov.Core()
     lo, hi = io.batch.get("min", 1), io.batch.get("max", -1)
-    xml, weights = write_ir(ov, core.read_model(str(onnx_path)), path.with_suffix(".xml"))
+    xml = path.with_suffix(".xml")
+    weights = write_ir(ov, core.read_model(str(onnx_path)), xml, Path(weights) if weights else xml.with_suffix(".bin"))
     files, static = [path.name, xml.name, weights.name], {}
-    ir_model = core.read_model(str(xml))  # read from the IR: the blobs then name their weights by offset in its .bin
+    ir_model = core.read_model(str(xml), str(weights))  # from the IR: the blobs then name their weights by offset in the .bin
     for batch in [None, *(batches if batches is not None else static_batches(io))]:
         model = ir_model.clone()
         dim = ov.Dimension(lo, hi) if batch is None else ov.Dimension(batch)
@@ -95,15 +101,21 @@ def export_openvino(onnx_path: str | Path, io: IOSpec, path: str | Path, *, prec
             "static": static, "weights": weights.name, "openvino": ov.get_version(), "source": source}
 
 
-def write_ir(ov, model, xml: Path) -> tuple[Path, Path]:
-    """``model`` saved as OpenVINO IR ``xml`` + its ``.bin`` (fp32 weights, not compressed), both
-    replaced atomically; returns their paths."""
+def write_ir(ov, model, xml: Path, weights: Path) -> Path:
+    """``model`` saved as OpenVINO IR ``xml`` and its weights (fp32, not compressed), both replaced
+    atomically; returns the weights file. The weights go to ``weights`` unless that file exists with
+    other bytes (then next to ``xml``, as ``.bin``): the fp32 and bf16 artifacts of one ONNX write
+    the same weights (their ``.xml`` differ in generated node names only), so they share one file,
+    written once, whose hash stays true."""
     tmp = xml.with_name(f".{xml.stem}.tmp.xml")
     try:
         ov.save_model(model, str(tmp), compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+        if weights.is_file() and not filecmp.cmp(tmp.with_suffix(".bin"), weights, shallow=False):
+            weights = xml.with_suffix(".bin")
+        if not weights.is_file() or weights == xml.with_suffix(".bin"):
+            os.replace(tmp.with_suffix(".bin"), weights)
         os.replace(tmp, xml)
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)
-    return xml, xml.with_suffix(".bin")
+    return weights
