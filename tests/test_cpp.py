@@ -442,6 +442,56 @@ def test_condition_refusals_match_diffexport_sample(engine_ok, runner, tmp_path,
     assert not (tmp_path / "cpp.npy").exists()
 
 
+def cpp_sample(binary: Path, engine: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """The runner with ``diffexport sample``'s arguments (as ``cli_sample``), on one thread."""
+    return subprocess.run([str(binary), "--engine", str(engine), "--out", str(out), "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=runner_env())
+
+
+def assert_same_run(binary: Path, engine: Path, tmp_path: Path, args: list[str]) -> None:
+    """``diffexport sample`` and the runner on the same arguments: the same samples, or the same refusal line
+    (exit 1, nothing written)."""
+    code, error = cli_sample(engine, tmp_path / "python.npy", *args)
+    done = cpp_sample(binary, engine, tmp_path / "cpp.npy", *args)
+    if code != 0:
+        assert code == 1 and error, error
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {error}\n")
+        assert not (tmp_path / "cpp.npy").exists()
+        return
+    assert done.returncode == 0, done.stderr
+    ours, ref = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "python.npy")
+    assert ours.shape == ref.shape
+    assert np.linalg.norm(ours - ref) <= 1e-7 * np.linalg.norm(ref), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    (tmp_path / "cpp.npy").unlink()
+    (tmp_path / "python.npy").unlink()
+    (tmp_path / "python.png").unlink(missing_ok=True)
+
+
+def test_float16_inputs_match_diffexport_sample(engine_ok, runner, tmp_path):
+    """float16 latents and conditions (either byte order, subnormal halves included) are read exactly, cast to
+    float32 as ``diffexport sample`` casts them: the samples equal those from the same values in float32 files
+    and ``diffexport sample``'s; a float16 inf or nan is refused with its NaN/Inf line."""
+    files = condition_files(engine_ok, tmp_path)
+    cond = np.load(files["cond"]).astype(np.float16)
+    cond.flat[:5] = [2**-24, -3e-6, 2**-14, -0.0, 65504]  # the smallest subnormal, a subnormal, the smallest normal, -0, the largest
+    latents = np.load(make_inputs(engine_ok, tmp_path)["latents"]).astype(np.float16)
+    assert np.count_nonzero(np.abs(cond.astype(np.float32)).ravel()[:3] < 2**-14) == 2  # two subnormal halves
+    for name, a in {"cond16": cond.astype(">f2"), "lat16": latents.astype("<f2"), "cond32": cond.astype(np.float32), "lat32": latents.astype(np.float32)}.items():
+        np.save(tmp_path / f"{name}.npy", a)
+    done = cpp_sample(runner / BINARY, engine_ok, tmp_path / "from32.npy", "--latents", str(tmp_path / "lat32.npy"), "--label", "1,2", "-c", f"cond={tmp_path / 'cond32.npy'}")
+    assert done.returncode == 0, done.stderr
+    args = ["--latents", str(tmp_path / "lat16.npy"), "--label", "1,2", "-c", f"cond={tmp_path / 'cond16.npy'}"]
+    done = cpp_sample(runner / BINARY, engine_ok, tmp_path / "from16.npy", *args)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "from16.npy"), np.load(tmp_path / "from32.npy"))
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, args)
+    bad = cond.copy()
+    bad.flat[[5, 9, 11]] = [np.inf, -np.inf, np.nan]
+    np.save(tmp_path / "bad16.npy", bad)
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, ["--batch", "5", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}"])
+    assert "bad16.npy: condition 'cond' holds 3 NaN/Inf values" in cli_sample(engine_ok, tmp_path / "x.npy", "--batch", "5", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}")[1]
+
+
 def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypatch) -> torch.Tensor | str:
     """``diffexport sample``'s condition parsing and sampler (``_parse_conditions``, ``runtime.sample``) on the
     index engine's AOTI package (it has no recipe for ``engines.load``): the samples, or the refusal line."""
@@ -449,6 +499,7 @@ def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypa
     from diffexport.diffusion.testing import single_thread
     from diffexport.engines.aoti import AOTIEngine
     from diffexport.recipes import IOSpec
+    from diffexport.runtime.guards import SamplingError
     from diffexport.runtime.sampler import sample
 
     monkeypatch.setattr(cli_run, "fail", lambda message, code=1: ValueError(message))  # raised by the caller
@@ -458,7 +509,7 @@ def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypa
         conditions, files = cli_run._parse_conditions(items, aoti, n)
         with single_thread():
             return sample(aoti, manifest["sampler"], batch=n, seed=seed, conditions=conditions, condition_sources=files)
-    except ValueError as e:
+    except (ValueError, SamplingError) as e:
         return str(e)
 
 
@@ -504,6 +555,33 @@ def test_index_condition_forms_match_python(index_engine_dir, runner, tmp_path, 
     assert "the engine takes ['cond (image)', 'lead (index)']" in str(no_vector.value)
     assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --label: {no_vector.value}\n")
     assert not (tmp_path / "bad.npy").exists()
+
+
+def test_float64_index_values_checked_before_the_cast(index_engine_dir, runner, tmp_path, monkeypatch):
+    """float64 files stay float64 until the engine's dtype is known, as in ``diffexport sample``: an index value
+    3.0000000001 is not an integer (float32 would round it to 3), 1e20 is out of range (named in full, not as
+    NaN/Inf), integral float64 values are used as int64; a float condition beyond float32's range is cast to inf."""
+    cond = tmp_path / "cond1.npy"
+    np.save(cond, np.random.default_rng(2).standard_normal((1, 1, 8, 8)))  # float64
+    np.save(tmp_path / "cond_huge.npy", np.full((1, 1, 8, 8), 1e300))
+    leads = {"ok": [4, 0, 1, 3], "frac": [1, 3.0000000001, 2, 0], "huge": [1e20, 0, 1, 2], "negative": [0, -1e20, 1, 2]}
+    for name, values in leads.items():
+        np.save(tmp_path / f"lead_{name}.npy", np.array(values, np.float64))
+    cases = [[f"cond={cond}", f"lead={tmp_path / f'lead_{name}.npy'}"] for name in leads]
+    cases.append([f"cond={tmp_path / 'cond_huge.npy'}", "lead=1"])
+    for items in cases:
+        ref = python_index_run(index_engine_dir, items, 4, 5, monkeypatch)
+        done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "out.npy"), "--threads", "1",
+                               "--batch", "4", "--seed", "5", "--overwrite", *(a for i in items for a in ("-c", i))],
+                              capture_output=True, text=True, timeout=300, env=runner_env())
+        if isinstance(ref, str):
+            assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {ref}\n"), items
+        else:
+            assert done.returncode == 0, done.stderr
+            ours = torch.from_numpy(np.load(tmp_path / "out.npy"))
+            assert float((ours - ref).norm() / ref.norm()) <= 1e-7
+    assert python_index_run(index_engine_dir, cases[1], 4, 5, monkeypatch).endswith("condition 'lead' is an index (int64) but holds non-integer values")
+    assert python_index_run(index_engine_dir, cases[2], 4, 5, monkeypatch).endswith("'lead' holds 100000000000000000000 at row 0, outside its range [0, 5)")
 
 
 def _flip_byte(engine: Path) -> None:
@@ -600,7 +678,7 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
 
     cases = [  # (replaced inputs, conditions left out, message)
         ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"latents: expected float32 [N, {c}, {h}, {w}]"),
-        ({"latents": saved("f16.npy", latents.astype(np.float16))}, (), "f16.npy: dtype '<f2' is not supported"),
+        ({"latents": saved("c8.npy", latents.astype(np.complex64))}, (), "c8.npy: dtype '<c8' is not supported"),
         ({}, (vector["name"],), f"missing condition '{vector['name']}'"),
         ({vector["name"]: saved("v.npy", np.zeros((n, vector["shape"][1] + 1), np.float32))}, (),
          f"v.npy: condition '{vector['name']}' (vector) must have shape [{n}, {vector['shape'][1]}] or [{vector['shape'][1]}], got [{n}, {vector['shape'][1] + 1}]"),

@@ -115,6 +115,14 @@ diffexport::Array read_input(const std::string& path, const std::string& what) {
   return diffexport::read_npy(path);
 }
 
+/// float64 latents as `diffexport sample` casts them to float32 (beyond its range: inf, as torch casts it).
+diffexport::Array float32(const diffexport::Array& array) {
+  if (array.dtype != diffexport::DType::Float64) return array;
+  diffexport::Array out(diffexport::DType::Float32, array.shape);
+  for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = static_cast<float>(array.f64()[i]);
+  return out;
+}
+
 /// `--condition` items (and `--label`) -> the engine's [n, ...] condition arrays, as `diffexport sample`'s
 /// `_parse_conditions`: NAME=FILE.npy; NAME=3 or NAME=0,1,2 (no such file): an index condition's values or
 /// a vector condition's one-hot class labels, cycled over n.
@@ -185,7 +193,7 @@ int main(int argc, char** argv) {
     if (args.latents.empty() == (args.batch == 0)) throw diffexport::Error("give exactly one of --latents IN.npy and --batch N (see --help)");
     check_out(args.out, args.overwrite);
     diffexport::Sampler sampler(args.engine, args.options);
-    const diffexport::Array latents = args.latents.empty() ? diffexport::Array() : read_input(args.latents, "latents");
+    const diffexport::Array latents = args.latents.empty() ? diffexport::Array() : float32(read_input(args.latents, "latents"));
     const int64_t n = args.latents.empty() ? args.batch : std::max<int64_t>(1, latents.shape.empty() ? 1 : latents.shape[0]);  // else refused by sample()
     const diffexport::Conditions conditions =
         parse_conditions(sampler.engine(), args.conditions, app.count("--label") ? &args.label : nullptr, n);
