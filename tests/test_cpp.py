@@ -492,6 +492,42 @@ def test_float16_inputs_match_diffexport_sample(engine_ok, runner, tmp_path):
     assert "bad16.npy: condition 'cond' holds 3 NaN/Inf values" in cli_sample(engine_ok, tmp_path / "x.npy", "--batch", "5", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}")[1]
 
 
+LATENT_REFUSALS = {  # latents (saved as latents.npy), extra arguments; the runner must print diffexport sample's line
+    "empty": (np.zeros((0, 2, 16, 16), np.float32), []),
+    "nan and inf": (np.array([np.nan, np.inf, 1.0], np.float64).repeat(2 * 16 * 16 // 3 + 1)[: 2 * 16 * 16].reshape(1, 2, 16, 16), []),
+    "integers": (np.zeros((1, 2, 16, 16), np.int32), []),
+    "big endian integers": (np.zeros((1, 2, 16, 16), ">i2"), []),
+    "wrong shape": (np.zeros((2, 2, 16), np.float32), []),
+    "beyond float32": (np.full((1, 2, 16, 16), 1e300, np.float64), []),
+}
+
+
+@pytest.mark.parametrize("case", LATENT_REFUSALS)
+def test_latents_refusals_match_diffexport_sample(engine_ok, runner, tmp_path, case):
+    """--latents as ``diffexport sample`` takes them: an empty array, NaN/Inf, integers and a wrong shape are
+    refused with its line; float64 beyond float32's range is cast to inf, as torch casts it, and stopped by the
+    same NaN/Inf guard."""
+    latents, extra = LATENT_REFUSALS[case]
+    np.save(tmp_path / "latents.npy", latents)
+    args = ["--latents", str(tmp_path / "latents.npy"), "--label", "1", "-c", f"cond={condition_files(engine_ok, tmp_path)['cond_row']}", *extra]
+    code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args)
+    assert code == 1, error
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, args)
+
+
+def test_size_limits_match_diffexport_sample(engine_ok, runner, tmp_path):
+    """Latents or a condition over 2 GB as float32 (a sparse float16 file: refused from its header, before it is
+    read) are refused with ``diffexport sample``'s lines."""
+    big = tmp_path / "big.npy"
+    with open(big, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": ((2 << 28) + 1, 2, 1, 1)})
+        f.truncate(f.tell() + 2 * 2 * ((2 << 28) + 1))
+    for args in (["--latents", str(big)], ["--batch", "1", "-c", f"cond={big}"]):
+        code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args, "--label", "1")
+        assert code == 1 and ("over the limit of 2.1 GB per run" in error), error
+        assert_same_run(runner / BINARY, engine_ok, tmp_path, [*args, "--label", "1"])
+
+
 def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypatch) -> torch.Tensor | str:
     """``diffexport sample``'s condition parsing and sampler (``_parse_conditions``, ``runtime.sample``) on the
     index engine's AOTI package (it has no recipe for ``engines.load``): the samples, or the refusal line."""
@@ -677,7 +713,7 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
         return tmp_path / name
 
     cases = [  # (replaced inputs, conditions left out, message)
-        ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"latents: expected float32 [N, {c}, {h}, {w}]"),
+        ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"shape.npy: latents must be [N, {c}, {h}, {w}], got shape [{n}, {c}, {h - 1}, {w}]"),
         ({"latents": saved("c8.npy", latents.astype(np.complex64))}, (), "c8.npy: dtype '<c8' is not supported"),
         ({}, (vector["name"],), f"missing condition '{vector['name']}'"),
         ({vector["name"]: saved("v.npy", np.zeros((n, vector["shape"][1] + 1), np.float32))}, (),

@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <map>
 #include <regex>
 #include <sstream>
 
@@ -106,20 +108,62 @@ std::vector<int64_t> integers(const std::string& text, bool& ok) {
   return values;
 }
 
-/// A .npy input as `diffexport sample` reads it; a folder or missing file is named as it names them.
-diffexport::Array read_input(const std::string& path, const std::string& what) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) throw diffexport::Error(path + ": " + what + " must be a .npy file, got a folder");
-  if (!fs::exists(path, ec)) throw diffexport::Error(path + ": " + what + " file not found");
-  return diffexport::read_npy(path);
+/// `diffexport sample`'s MAX_SAMPLE_BYTES: the float32 state of one run (latents, --batch, each condition file).
+constexpr int64_t kMaxSampleBytes = int64_t(2) << 30;
+
+/// Python's "{:.1f}" of `bytes` / 1e9: "2.1".
+std::string gigabytes(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f", bytes / 1e9);
+  return text;
 }
 
-/// float64 latents as `diffexport sample` casts them to float32 (beyond its range: inf, as torch casts it).
-diffexport::Array float32(const diffexport::Array& array) {
-  if (array.dtype != diffexport::DType::Float64) return array;
-  diffexport::Array out(diffexport::DType::Float32, array.shape);
-  for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = static_cast<float>(array.f64()[i]);
+/// NumPy's name of a .npy dtype: "int32" (native byte order), ">i4" (big endian).
+std::string numpy_dtype(const std::string& descr) {
+  if (descr[0] == '>' && descr != ">i1" && descr != ">u1") return descr;
+  static const std::map<char, std::string> kinds = {{'f', "float"}, {'i', "int"}, {'u', "uint"}};
+  return kinds.at(descr[1]) + std::to_string(8 * std::atoi(descr.c_str() + 2));
+}
+
+/// A .npy input as `diffexport sample`'s `_load_npy` reads it, with its messages: a file (not a folder),
+/// floats (integers when `integer_ok`), not empty, at most kMaxSampleBytes as float32, no NaN/Inf.
+diffexport::Array read_input(const std::string& path, const std::string& what, bool integer_ok = true) {
+  namespace fs = std::filesystem;
+  using diffexport::Error;
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) throw Error(path + ": " + what + " must be a .npy file, got a folder");
+  if (!fs::exists(path, ec)) throw Error(path + ": " + what + " file not found");
+  const diffexport::NpyHeader header = diffexport::read_npy_header(path);
+  if (!integer_ok && header.descr[1] != 'f')
+    throw Error(path + ": " + what + " must be one real float16/32/64 array, got " + numpy_dtype(header.descr));
+  const int64_t n = diffexport::numel(header.shape);
+  if (n == 0) throw Error(path + ": " + what + " is empty (shape " + diffexport::shape_str(header.shape) + ")");
+  if (n > kMaxSampleBytes / 4)
+    throw Error(path + ": " + what + " has " + std::to_string(n) + " values (" + gigabytes(4.0 * n) + " GB as float32), over the limit of " +
+                gigabytes(kMaxSampleBytes) + " GB per run");
+  diffexport::Array array = diffexport::read_npy(path);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; ++i)
+    bad += array.dtype == diffexport::DType::Float32 ? !std::isfinite(array.f32()[i])
+           : array.dtype == diffexport::DType::Float64 ? !std::isfinite(array.f64()[i]) : 0;
+  if (bad) throw Error(path + ": " + what + " holds " + std::to_string(bad) + " NaN/Inf values");
+  return array;
+}
+
+/// `--latents` as `diffexport sample` takes them: [N, C, H, W] like the engine's input 'x' (N = `batch` when
+/// given), float64 cast to float32 (beyond its range: inf, as torch casts it).
+diffexport::Array latents_input(const diffexport::Array& x_n, const std::string& path, const diffexport::TensorSpec& x, int64_t batch) {
+  using diffexport::Error;
+  std::string dims;
+  for (size_t k = 1; k < x.shape.size(); ++k) dims += ", " + std::to_string(x.shape[k]);
+  const std::vector<int64_t> image(x.shape.begin() + 1, x.shape.end());
+  if (x_n.shape.size() != 4 || std::vector<int64_t>(x_n.shape.begin() + 1, x_n.shape.end()) != image)
+    throw Error(path + ": latents must be [N" + dims + "], got shape " + diffexport::shape_str(x_n.shape));
+  if (batch > 0 && x_n.shape[0] != batch)
+    throw Error(path + ": latents must have shape [" + std::to_string(batch) + dims + "], got " + diffexport::shape_str(x_n.shape));
+  if (x_n.dtype == diffexport::DType::Float32) return x_n;
+  diffexport::Array out(diffexport::DType::Float32, x_n.shape);
+  for (int64_t i = 0; i < out.numel(); ++i) out.f32()[i] = static_cast<float>(x_n.f64()[i]);
   return out;
 }
 
@@ -193,10 +237,11 @@ int main(int argc, char** argv) {
     if (args.latents.empty() == (args.batch == 0)) throw diffexport::Error("give exactly one of --latents IN.npy and --batch N (see --help)");
     check_out(args.out, args.overwrite);
     diffexport::Sampler sampler(args.engine, args.options);
-    const diffexport::Array latents = args.latents.empty() ? diffexport::Array() : float32(read_input(args.latents, "latents"));
-    const int64_t n = args.latents.empty() ? args.batch : std::max<int64_t>(1, latents.shape.empty() ? 1 : latents.shape[0]);  // else refused by sample()
+    diffexport::Array latents = args.latents.empty() ? diffexport::Array() : read_input(args.latents, "latents", false);
+    const int64_t n = args.latents.empty() ? args.batch : latents.shape.empty() ? 1 : latents.shape[0];  // a 0-d array: refused by latents_input
     const diffexport::Conditions conditions =
         parse_conditions(sampler.engine(), args.conditions, app.count("--label") ? &args.label : nullptr, n);
+    if (!args.latents.empty()) latents = latents_input(latents, args.latents, sampler.engine().inputs[0], 0);
     const auto start = std::chrono::steady_clock::now();
     const diffexport::Array samples = args.latents.empty() ? sampler.sample(args.batch, conditions) : sampler.sample(latents, conditions);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
