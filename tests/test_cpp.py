@@ -488,8 +488,8 @@ def test_float16_inputs_match_diffexport_sample(engine_ok, runner, tmp_path):
     bad = cond.copy()
     bad.flat[[5, 9, 11]] = [np.inf, -np.inf, np.nan]
     np.save(tmp_path / "bad16.npy", bad)
-    assert_same_run(runner / BINARY, engine_ok, tmp_path, ["--batch", "5", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}"])
-    assert "bad16.npy: condition 'cond' holds 3 NaN/Inf values" in cli_sample(engine_ok, tmp_path / "x.npy", "--batch", "5", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}")[1]
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, ["--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}"])
+    assert "bad16.npy: condition 'cond' holds 3 NaN/Inf values" in cli_sample(engine_ok, tmp_path / "x.npy", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}")[1]
 
 
 LATENT_REFUSALS = {  # latents (saved as latents.npy), extra arguments; the runner must print diffexport sample's line
@@ -498,15 +498,16 @@ LATENT_REFUSALS = {  # latents (saved as latents.npy), extra arguments; the runn
     "integers": (np.zeros((1, 2, 16, 16), np.int32), []),
     "big endian integers": (np.zeros((1, 2, 16, 16), ">i2"), []),
     "wrong shape": (np.zeros((2, 2, 16), np.float32), []),
+    "rows other than --batch": (np.zeros((5, 2, 16, 16), np.float32), ["--batch", "4"]),
     "beyond float32": (np.full((1, 2, 16, 16), 1e300, np.float64), []),
 }
 
 
 @pytest.mark.parametrize("case", LATENT_REFUSALS)
 def test_latents_refusals_match_diffexport_sample(engine_ok, runner, tmp_path, case):
-    """--latents as ``diffexport sample`` takes them: an empty array, NaN/Inf, integers and a wrong shape are
-    refused with its line; float64 beyond float32's range is cast to inf, as torch casts it, and stopped by the
-    same NaN/Inf guard."""
+    """--latents as ``diffexport sample`` takes them: an empty array, NaN/Inf, integers, a wrong shape and rows
+    other than --batch are refused with its line; float64 beyond float32's range is cast to inf, as torch
+    casts it, and stopped by the same NaN/Inf guard."""
     latents, extra = LATENT_REFUSALS[case]
     np.save(tmp_path / "latents.npy", latents)
     args = ["--latents", str(tmp_path / "latents.npy"), "--label", "1", "-c", f"cond={condition_files(engine_ok, tmp_path)['cond_row']}", *extra]
@@ -517,15 +518,36 @@ def test_latents_refusals_match_diffexport_sample(engine_ok, runner, tmp_path, c
 
 def test_size_limits_match_diffexport_sample(engine_ok, runner, tmp_path):
     """Latents or a condition over 2 GB as float32 (a sparse float16 file: refused from its header, before it is
-    read) are refused with ``diffexport sample``'s lines."""
+    read) and a --batch over it are refused with ``diffexport sample``'s lines."""
     big = tmp_path / "big.npy"
     with open(big, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": ((2 << 28) + 1, 2, 1, 1)})
         f.truncate(f.tell() + 2 * 2 * ((2 << 28) + 1))
-    for args in (["--latents", str(big)], ["--batch", "1", "-c", f"cond={big}"]):
+    for args in (["--latents", str(big)], ["--batch", "1", "-c", f"cond={big}"], ["--batch", "2000000"]):
         code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args, "--label", "1")
         assert code == 1 and ("over the limit of 2.1 GB per run" in error), error
         assert_same_run(runner / BINARY, engine_ok, tmp_path, [*args, "--label", "1"])
+
+
+BATCH_FORMS = {  # arguments besides --out (no --batch or --latents: the batch comes from the conditions, else 1)
+    "image rows": ["-c", "cond={cond}", "--label", "2"],
+    "label list, one image row": ["--label", "0,3", "-c", "cond={cond_row}"],
+    "class indices": ["-c", "class_labels={indices}", "-c", "cond={cond_row}"],
+    "one of each": ["-c", "cond={cond_row}", "-c", "class_labels=2"],
+    "rows disagree": ["-c", "cond={two_rows}", "-c", "class_labels={indices}"],
+    "labels beyond the latents": ["--latents", "{latents}", "--label", "0,1,2,3,0,1", "-c", "cond={cond}"],
+    "labels beyond --batch": ["--batch", "2", "-c", "class_labels=0,1,2", "-c", "cond={cond_row}"],
+    "--batch and latents": ["--batch", "5", "--latents", "{latents}", "--label", "1", "-c", "cond={cond}"],
+}
+
+
+@pytest.mark.parametrize("form", BATCH_FORMS)
+def test_batch_matches_diffexport_sample(engine_ok, runner, tmp_path, form):
+    """The batch as ``diffexport sample`` sets it: --batch, else the rows of --latents, else those of the first
+    condition given with its batch axis, else 1; --batch with --latents must agree; inline values beyond the
+    batch are refused naming where it came from. Same samples (seed 3) or the same refusal line."""
+    files = {**condition_files(engine_ok, tmp_path), "latents": str(make_inputs(engine_ok, tmp_path)["latents"])}
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, [a.format(**files) for a in BATCH_FORMS[form]] + ["--seed", "3"])
 
 
 def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypatch) -> torch.Tensor | str:
