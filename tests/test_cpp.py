@@ -425,6 +425,8 @@ CONDITION_REFUSALS = {  # arguments besides --out --batch 5 (as LABEL_FORMS), a 
     "nan": (["-c", "class_labels={nan}", "-c", "cond={cond}"], "nan.npy: condition 'class_labels' holds 20 NaN/Inf values"),
     "empty": (["-c", "class_labels={empty}", "-c", "cond={cond}"], "empty.npy: condition 'class_labels' is empty (shape [0, 4])"),
     "image rows": (["-c", "class_labels=1", "-c", "cond={two_rows}"], "condition 'cond' (image) must have shape [5, 3, 16, 16] or [3, 16, 16], got [2, 3, 16, 16]"),
+    "missing condition": (["-c", "cond={cond}"], "conditions: the engine takes ['cond', 'class_labels']; missing ['class_labels'], unexpected -"),
+    "unknown conditions": (["--label", "1", "-c", "cond={cond}", "-c", "zz={cond}", "-c", "extra={cond_row}"], "missing -, unexpected ['extra', 'zz']"),
 }
 
 
@@ -737,10 +739,10 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
     cases = [  # (replaced inputs, conditions left out, message)
         ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"shape.npy: latents must be [N, {c}, {h}, {w}], got shape [{n}, {c}, {h - 1}, {w}]"),
         ({"latents": saved("c8.npy", latents.astype(np.complex64))}, (), "c8.npy: dtype '<c8' is not supported"),
-        ({}, (vector["name"],), f"missing condition '{vector['name']}'"),
+        ({}, (vector["name"],), f"conditions: the engine takes {[s['name'] for s in manifest_of(engine_ok)['io']['inputs'][2:]]}; missing ['{vector['name']}'], unexpected -"),
         ({vector["name"]: saved("v.npy", np.zeros((n, vector["shape"][1] + 1), np.float32))}, (),
          f"v.npy: condition '{vector['name']}' (vector) must have shape [{n}, {vector['shape'][1]}] or [{vector['shape'][1]}], got [{n}, {vector['shape'][1] + 1}]"),
-        ({"extra": saved("extra.npy", np.zeros(n, np.float32))}, (), "unknown condition 'extra'"),
+        ({"extra": saved("extra.npy", np.zeros(n, np.float32))}, (), "missing -, unexpected ['extra']"),
     ]
     for replaced, skip, message in cases:
         done = run(runner / BINARY, engine_ok, {**inputs, **replaced}, tmp_path / "out.npy", skip=skip)

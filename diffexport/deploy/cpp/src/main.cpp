@@ -252,15 +252,26 @@ std::vector<Given> parse_conditions(const diffexport::Engine& engine, std::vecto
   return given;
 }
 
-/// The engine's [n, ...] condition arrays from those `given`, as `runtime.sample`'s `check_conditions` (its lines);
-/// an unknown name is passed on as read: the sampler refuses it, naming the engine's conditions.
+/// The engine's [n, ...] condition arrays from those `given`, as `runtime.sample`'s `check_conditions` (its lines).
 diffexport::Conditions engine_conditions(const diffexport::Engine& engine, const std::vector<Given>& given, int64_t n) {
+  std::string names, missing, unknown;
+  std::vector<std::string> unknown_names;
+  for (size_t i = 2; i < engine.inputs.size(); ++i) {
+    const std::string& name = engine.inputs[i].name;
+    names += (names.empty() ? "" : ", ") + repr(name);
+    if (std::none_of(given.begin(), given.end(), [&](const Given& g) { return g.name == name; })) missing += (missing.empty() ? "" : ", ") + repr(name);
+  }
+  for (const Given& g : given)
+    if (find_condition(engine, g.name) == nullptr) unknown_names.push_back(g.name);
+  std::sort(unknown_names.begin(), unknown_names.end());
+  for (const std::string& name : unknown_names) unknown += (unknown.empty() ? "" : ", ") + repr(name);
+  if (!missing.empty() || !unknown.empty())
+    throw diffexport::Error("conditions: the engine takes " + (names.empty() ? "none" : "[" + names + "]") + "; missing " +
+                            (missing.empty() ? "-" : "[" + missing + "]") + ", unexpected " + (unknown.empty() ? "-" : "[" + unknown + "]"));
   diffexport::Conditions conditions;
   for (size_t i = 2; i < engine.inputs.size(); ++i)
     for (const Given& g : given)
       if (g.name == engine.inputs[i].name) conditions.emplace(g.name, diffexport::condition_input(engine.inputs[i], g.array, n, g.source));
-  for (const Given& g : given)
-    if (find_condition(engine, g.name) == nullptr) conditions.emplace(g.name, g.array);
   return conditions;
 }
 
