@@ -425,6 +425,8 @@ CONDITION_REFUSALS = {  # arguments besides --out --batch 5 (as LABEL_FORMS), a 
     "nan": (["-c", "class_labels={nan}", "-c", "cond={cond}"], "nan.npy: condition 'class_labels' holds 20 NaN/Inf values"),
     "empty": (["-c", "class_labels={empty}", "-c", "cond={cond}"], "empty.npy: condition 'class_labels' is empty (shape [0, 4])"),
     "image rows": (["-c", "class_labels=1", "-c", "cond={two_rows}"], "condition 'cond' (image) must have shape [5, 3, 16, 16] or [3, 16, 16], got [2, 3, 16, 16]"),
+    "missing condition": (["-c", "cond={cond}"], "conditions: the engine takes ['cond', 'class_labels']; missing ['class_labels'], unexpected -"),
+    "unknown conditions": (["--label", "1", "-c", "cond={cond}", "-c", "zz={cond}", "-c", "extra={cond_row}"], "missing -, unexpected ['extra', 'zz']"),
 }
 
 
@@ -442,6 +444,114 @@ def test_condition_refusals_match_diffexport_sample(engine_ok, runner, tmp_path,
     assert not (tmp_path / "cpp.npy").exists()
 
 
+def cpp_sample(binary: Path, engine: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    """The runner with ``diffexport sample``'s arguments (as ``cli_sample``), on one thread."""
+    return subprocess.run([str(binary), "--engine", str(engine), "--out", str(out), "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=runner_env())
+
+
+def assert_same_run(binary: Path, engine: Path, tmp_path: Path, args: list[str]) -> None:
+    """``diffexport sample`` and the runner on the same arguments: the same samples, or the same refusal line
+    (exit 1, nothing written)."""
+    code, error = cli_sample(engine, tmp_path / "python.npy", *args)
+    done = cpp_sample(binary, engine, tmp_path / "cpp.npy", *args)
+    if code != 0:
+        assert code == 1 and error, error
+        assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {error}\n")
+        assert not (tmp_path / "cpp.npy").exists()
+        return
+    assert done.returncode == 0, done.stderr
+    ours, ref = np.load(tmp_path / "cpp.npy"), np.load(tmp_path / "python.npy")
+    assert ours.shape == ref.shape
+    assert np.linalg.norm(ours - ref) <= 1e-7 * np.linalg.norm(ref), np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+    (tmp_path / "cpp.npy").unlink()
+    (tmp_path / "python.npy").unlink()
+    (tmp_path / "python.png").unlink(missing_ok=True)
+
+
+def test_float16_inputs_match_diffexport_sample(engine_ok, runner, tmp_path):
+    """float16 latents and conditions (either byte order, subnormal halves included) are read exactly, cast to
+    float32 as ``diffexport sample`` casts them: the samples equal those from the same values in float32 files
+    and ``diffexport sample``'s; a float16 inf or nan is refused with its NaN/Inf line."""
+    files = condition_files(engine_ok, tmp_path)
+    cond = np.load(files["cond"]).astype(np.float16)
+    cond.flat[:5] = [2**-24, -3e-6, 2**-14, -0.0, 65504]  # the smallest subnormal, a subnormal, the smallest normal, -0, the largest
+    latents = np.load(make_inputs(engine_ok, tmp_path)["latents"]).astype(np.float16)
+    assert np.count_nonzero(np.abs(cond.astype(np.float32)).ravel()[:3] < 2**-14) == 2  # two subnormal halves
+    for name, a in {"cond16": cond.astype(">f2"), "lat16": latents.astype("<f2"), "cond32": cond.astype(np.float32), "lat32": latents.astype(np.float32)}.items():
+        np.save(tmp_path / f"{name}.npy", a)
+    done = cpp_sample(runner / BINARY, engine_ok, tmp_path / "from32.npy", "--latents", str(tmp_path / "lat32.npy"), "--label", "1,2", "-c", f"cond={tmp_path / 'cond32.npy'}")
+    assert done.returncode == 0, done.stderr
+    args = ["--latents", str(tmp_path / "lat16.npy"), "--label", "1,2", "-c", f"cond={tmp_path / 'cond16.npy'}"]
+    done = cpp_sample(runner / BINARY, engine_ok, tmp_path / "from16.npy", *args)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "from16.npy"), np.load(tmp_path / "from32.npy"))
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, args)
+    bad = cond.copy()
+    bad.flat[[5, 9, 11]] = [np.inf, -np.inf, np.nan]
+    np.save(tmp_path / "bad16.npy", bad)
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, ["--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}"])
+    assert "bad16.npy: condition 'cond' holds 3 NaN/Inf values" in cli_sample(engine_ok, tmp_path / "x.npy", "--label", "1", "-c", f"cond={tmp_path / 'bad16.npy'}")[1]
+
+
+LATENT_REFUSALS = {  # latents (saved as latents.npy), extra arguments; the runner must print diffexport sample's line
+    "empty": (np.zeros((0, 2, 16, 16), np.float32), []),
+    "nan and inf": (np.array([np.nan, np.inf, 1.0], np.float64).repeat(2 * 16 * 16 // 3 + 1)[: 2 * 16 * 16].reshape(1, 2, 16, 16), []),
+    "integers": (np.zeros((1, 2, 16, 16), np.int32), []),
+    "big endian integers": (np.zeros((1, 2, 16, 16), ">i2"), []),
+    "wrong shape": (np.zeros((2, 2, 16), np.float32), []),
+    "rows other than --batch": (np.zeros((5, 2, 16, 16), np.float32), ["--batch", "4"]),
+    "beyond float32": (np.full((1, 2, 16, 16), 1e300, np.float64), []),
+}
+
+
+@pytest.mark.parametrize("case", LATENT_REFUSALS)
+def test_latents_refusals_match_diffexport_sample(engine_ok, runner, tmp_path, case):
+    """--latents as ``diffexport sample`` takes them: an empty array, NaN/Inf, integers, a wrong shape and rows
+    other than --batch are refused with its line; float64 beyond float32's range is cast to inf, as torch
+    casts it, and stopped by the same NaN/Inf guard."""
+    latents, extra = LATENT_REFUSALS[case]
+    np.save(tmp_path / "latents.npy", latents)
+    args = ["--latents", str(tmp_path / "latents.npy"), "--label", "1", "-c", f"cond={condition_files(engine_ok, tmp_path)['cond_row']}", *extra]
+    code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args)
+    assert code == 1, error
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, args)
+
+
+def test_size_limits_match_diffexport_sample(engine_ok, runner, tmp_path):
+    """Latents or a condition over 2 GB as float32 (a sparse float16 file: refused from its header, before it is
+    read) and a --batch over it are refused with ``diffexport sample``'s lines."""
+    big = tmp_path / "big.npy"
+    with open(big, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": ((2 << 28) + 1, 2, 1, 1)})
+        f.truncate(f.tell() + 2 * 2 * ((2 << 28) + 1))
+    for args in (["--latents", str(big)], ["--batch", "1", "-c", f"cond={big}"], ["--batch", "2000000"]):
+        code, error = cli_sample(engine_ok, tmp_path / "python.npy", *args, "--label", "1")
+        assert code == 1 and ("over the limit of 2.1 GB per run" in error), error
+        assert_same_run(runner / BINARY, engine_ok, tmp_path, [*args, "--label", "1"])
+
+
+BATCH_FORMS = {  # arguments besides --out (no --batch or --latents: the batch comes from the conditions, else 1)
+    "image rows": ["-c", "cond={cond}", "--label", "2"],
+    "label list, one image row": ["--label", "0,3", "-c", "cond={cond_row}"],
+    "class indices": ["-c", "class_labels={indices}", "-c", "cond={cond_row}"],
+    "one of each": ["-c", "cond={cond_row}", "-c", "class_labels=2"],
+    "rows disagree": ["-c", "cond={two_rows}", "-c", "class_labels={indices}"],
+    "labels beyond the latents": ["--latents", "{latents}", "--label", "0,1,2,3,0,1", "-c", "cond={cond}"],
+    "labels beyond --batch": ["--batch", "2", "-c", "class_labels=0,1,2", "-c", "cond={cond_row}"],
+    "--batch and latents": ["--batch", "5", "--latents", "{latents}", "--label", "1", "-c", "cond={cond}"],
+}
+
+
+@pytest.mark.parametrize("form", BATCH_FORMS)
+def test_batch_matches_diffexport_sample(engine_ok, runner, tmp_path, form):
+    """The batch as ``diffexport sample`` sets it: --batch, else the rows of --latents, else those of the first
+    condition given with its batch axis, else 1; --batch with --latents must agree; inline values beyond the
+    batch are refused naming where it came from. Same samples (seed 3) or the same refusal line."""
+    files = {**condition_files(engine_ok, tmp_path), "latents": str(make_inputs(engine_ok, tmp_path)["latents"])}
+    assert_same_run(runner / BINARY, engine_ok, tmp_path, [a.format(**files) for a in BATCH_FORMS[form]] + ["--seed", "3"])
+
+
 def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypatch) -> torch.Tensor | str:
     """``diffexport sample``'s condition parsing and sampler (``_parse_conditions``, ``runtime.sample``) on the
     index engine's AOTI package (it has no recipe for ``engines.load``): the samples, or the refusal line."""
@@ -449,6 +559,7 @@ def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypa
     from diffexport.diffusion.testing import single_thread
     from diffexport.engines.aoti import AOTIEngine
     from diffexport.recipes import IOSpec
+    from diffexport.runtime.guards import SamplingError
     from diffexport.runtime.sampler import sample
 
     monkeypatch.setattr(cli_run, "fail", lambda message, code=1: ValueError(message))  # raised by the caller
@@ -458,7 +569,7 @@ def python_index_run(engine: Path, items: list[str], n: int, seed: int, monkeypa
         conditions, files = cli_run._parse_conditions(items, aoti, n)
         with single_thread():
             return sample(aoti, manifest["sampler"], batch=n, seed=seed, conditions=conditions, condition_sources=files)
-    except ValueError as e:
+    except (ValueError, SamplingError) as e:
         return str(e)
 
 
@@ -504,6 +615,33 @@ def test_index_condition_forms_match_python(index_engine_dir, runner, tmp_path, 
     assert "the engine takes ['cond (image)', 'lead (index)']" in str(no_vector.value)
     assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: --label: {no_vector.value}\n")
     assert not (tmp_path / "bad.npy").exists()
+
+
+def test_float64_index_values_checked_before_the_cast(index_engine_dir, runner, tmp_path, monkeypatch):
+    """float64 files stay float64 until the engine's dtype is known, as in ``diffexport sample``: an index value
+    3.0000000001 is not an integer (float32 would round it to 3), 1e20 is out of range (named in full, not as
+    NaN/Inf), integral float64 values are used as int64; a float condition beyond float32's range is cast to inf."""
+    cond = tmp_path / "cond1.npy"
+    np.save(cond, np.random.default_rng(2).standard_normal((1, 1, 8, 8)))  # float64
+    np.save(tmp_path / "cond_huge.npy", np.full((1, 1, 8, 8), 1e300))
+    leads = {"ok": [4, 0, 1, 3], "frac": [1, 3.0000000001, 2, 0], "huge": [1e20, 0, 1, 2], "negative": [0, -1e20, 1, 2]}
+    for name, values in leads.items():
+        np.save(tmp_path / f"lead_{name}.npy", np.array(values, np.float64))
+    cases = [[f"cond={cond}", f"lead={tmp_path / f'lead_{name}.npy'}"] for name in leads]
+    cases.append([f"cond={tmp_path / 'cond_huge.npy'}", "lead=1"])
+    for items in cases:
+        ref = python_index_run(index_engine_dir, items, 4, 5, monkeypatch)
+        done = subprocess.run([str(runner / BINARY), "--engine", str(index_engine_dir), "--out", str(tmp_path / "out.npy"), "--threads", "1",
+                               "--batch", "4", "--seed", "5", "--overwrite", *(a for i in items for a in ("-c", i))],
+                              capture_output=True, text=True, timeout=300, env=runner_env())
+        if isinstance(ref, str):
+            assert (done.returncode, done.stderr) == (1, f"diffexport-sample: error: {ref}\n"), items
+        else:
+            assert done.returncode == 0, done.stderr
+            ours = torch.from_numpy(np.load(tmp_path / "out.npy"))
+            assert float((ours - ref).norm() / ref.norm()) <= 1e-7
+    assert python_index_run(index_engine_dir, cases[1], 4, 5, monkeypatch).endswith("condition 'lead' is an index (int64) but holds non-integer values")
+    assert python_index_run(index_engine_dir, cases[2], 4, 5, monkeypatch).endswith("'lead' holds 100000000000000000000 at row 0, outside its range [0, 5)")
 
 
 def _flip_byte(engine: Path) -> None:
@@ -599,12 +737,12 @@ def test_bad_inputs_fail_clearly(engine_ok, runner, tmp_path):
         return tmp_path / name
 
     cases = [  # (replaced inputs, conditions left out, message)
-        ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"latents: expected float32 [N, {c}, {h}, {w}]"),
-        ({"latents": saved("f16.npy", latents.astype(np.float16))}, (), "f16.npy: dtype '<f2' is not supported"),
-        ({}, (vector["name"],), f"missing condition '{vector['name']}'"),
+        ({"latents": saved("shape.npy", latents[:, :, :-1])}, (), f"shape.npy: latents must be [N, {c}, {h}, {w}], got shape [{n}, {c}, {h - 1}, {w}]"),
+        ({"latents": saved("c8.npy", latents.astype(np.complex64))}, (), "c8.npy: dtype '<c8' is not supported"),
+        ({}, (vector["name"],), f"conditions: the engine takes {[s['name'] for s in manifest_of(engine_ok)['io']['inputs'][2:]]}; missing ['{vector['name']}'], unexpected -"),
         ({vector["name"]: saved("v.npy", np.zeros((n, vector["shape"][1] + 1), np.float32))}, (),
          f"v.npy: condition '{vector['name']}' (vector) must have shape [{n}, {vector['shape'][1]}] or [{vector['shape'][1]}], got [{n}, {vector['shape'][1] + 1}]"),
-        ({"extra": saved("extra.npy", np.zeros(n, np.float32))}, (), "unknown condition 'extra'"),
+        ({"extra": saved("extra.npy", np.zeros(n, np.float32))}, (), "missing -, unexpected ['extra']"),
     ]
     for replaced, skip, message in cases:
         done = run(runner / BINARY, engine_ok, {**inputs, **replaced}, tmp_path / "out.npy", skip=skip)

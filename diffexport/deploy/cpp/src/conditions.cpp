@@ -3,6 +3,7 @@
 #include "diffexport/conditions.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 
 #include "diffexport/error.h"
@@ -27,20 +28,31 @@ Array cycle_rows(const Array& values, int64_t n) {
   return out;
 }
 
-/// The engine dtype of `values`: integers as float32 for a float input; integral floats as int64 for an index input.
+/// Element i of a float32 or float64 array, exactly.
+double real(const Array& values, int64_t i) { return values.dtype == DType::Float64 ? values.f64()[i] : values.f32()[i]; }
+
+/// The engine dtype of `values`, as `check_conditions` casts them: integers and float64 as float32 for a float
+/// input; integral floats as int64 for an index input, checked (non-integers, then the range) before the cast.
 Array to_dtype(const TensorSpec& spec, const Array& values, const std::string& where) {
   if (values.dtype == spec.dtype) return values;
   Array out(spec.dtype, values.shape);
   const int64_t n = values.numel();
   if (spec.dtype == DType::Float32) {
-    for (int64_t i = 0; i < n; ++i) out.f32()[i] = static_cast<float>(values.i64()[i]);
+    for (int64_t i = 0; i < n; ++i)
+      out.f32()[i] = values.dtype == DType::Int64 ? static_cast<float>(values.i64()[i]) : static_cast<float>(real(values, i));
     return out;
   }
+  for (int64_t i = 0; i < n; ++i)
+    if (real(values, i) != std::floor(real(values, i)))
+      throw Error(where + "condition '" + spec.name + "' is an index (int64) but holds non-integer values");
   for (int64_t i = 0; i < n; ++i) {
-    const double v = values.f32()[i];
-    if (v != std::floor(v)) throw Error(where + "condition '" + spec.name + "' is an index (int64) but holds non-integer values");
-    if (std::abs(v) >= 9223372036854775808.0)
-      throw Error(where + "condition '" + spec.name + "' holds " + std::to_string(v) + " at row " + std::to_string(i) + ", beyond int64");
+    const double v = real(values, i);
+    char text[400];  // an integral double in full, as Python's int(v): 1e20 -> 100000000000000000000
+    std::snprintf(text, sizeof text, "%.0f", v);
+    if (v < 0 || (spec.high > 0 && v >= spec.high))
+      throw Error(where + "condition '" + spec.name + "' holds " + text + " at row " + std::to_string(i) + ", " +
+                  (spec.high > 0 ? "outside its range [0, " + std::to_string(spec.high) + ")" : std::string("but must be >= 0")));
+    if (v >= 9223372036854775808.0) throw Error(where + "condition '" + spec.name + "' holds " + text + " at row " + std::to_string(i) + ", beyond int64");
     out.i64()[i] = static_cast<int64_t>(v);
   }
   return out;
@@ -62,9 +74,9 @@ Array condition_input(const TensorSpec& spec, const Array& values, int64_t n, co
   const std::string where = source.empty() ? "" : source + ": ";
   const std::string name = "condition '" + spec.name + "'";
   if (values.numel() == 0) throw Error(where + name + " is empty (shape " + shape_str(values.shape) + ")");
-  if (values.dtype == DType::Float32) {
+  if (values.dtype != DType::Int64) {
     int64_t bad = 0;
-    for (int64_t i = 0; i < values.numel(); ++i) bad += !std::isfinite(values.f32()[i]);
+    for (int64_t i = 0; i < values.numel(); ++i) bad += !std::isfinite(real(values, i));
     if (bad) throw Error(where + name + " holds " + std::to_string(bad) + " NaN/Inf values");
   }
   Array t = values;

@@ -3,18 +3,22 @@
 // {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } padded with spaces and '\n'.
 #include "diffexport/npy.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <map>
 
 #include "diffexport/error.h"
 
 namespace diffexport {
 
-const char* dtype_name(DType dtype) { return dtype == DType::Float32 ? "float32" : "int64"; }
+const char* dtype_name(DType dtype) {
+  return dtype == DType::Float32 ? "float32" : dtype == DType::Int64 ? "int64" : "float64";
+}
 
 DType parse_dtype(const std::string& name) {
   if (name == "float32") return DType::Float32;
@@ -41,6 +45,7 @@ Array::Array(DType dtype_, std::vector<int64_t> shape_)
 
 float* Array::f32() { return const_cast<float*>(static_cast<const Array*>(this)->f32()); }
 int64_t* Array::i64() { return const_cast<int64_t*>(static_cast<const Array*>(this)->i64()); }
+double* Array::f64() { return const_cast<double*>(static_cast<const Array*>(this)->f64()); }
 
 const float* Array::f32() const {
   if (dtype != DType::Float32) throw Error(std::string("array is ") + dtype_name(dtype) + ", not float32");
@@ -50,6 +55,11 @@ const float* Array::f32() const {
 const int64_t* Array::i64() const {
   if (dtype != DType::Int64) throw Error(std::string("array is ") + dtype_name(dtype) + ", not int64");
   return reinterpret_cast<const int64_t*>(bytes.data());
+}
+
+const double* Array::f64() const {
+  if (dtype != DType::Float64) throw Error(std::string("array is ") + dtype_name(dtype) + ", not float64");
+  return reinterpret_cast<const double*>(bytes.data());
 }
 
 namespace {
@@ -142,10 +152,30 @@ class HeaderParser {
 
 uint32_t le32(const unsigned char* p) { return p[0] | p[1] << 8 | p[2] << 16 | uint32_t(p[3]) << 24; }
 
-}  // namespace
+/// IEEE binary16 -> float, exactly (subnormals, inf and nan included).
+float half_to_float(uint16_t h) {
+  const int exponent = (h >> 10) & 0x1F, fraction = h & 0x3FF;
+  float v;
+  if (exponent == 0) v = std::ldexp(static_cast<float>(fraction), -24);  // zero or subnormal
+  else if (exponent == 31) v = fraction ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else v = std::ldexp(static_cast<float>(fraction | 0x400), exponent - 25);
+  return h >> 15 ? -v : v;
+}
 
-Array read_npy(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
+/// An open `.npy` file positioned at its data, with its parsed header.
+struct NpyFile {
+  std::ifstream in;
+  NpyHeader header;
+  bool fortran = false;
+  char kind = '?';  // 'f', 'i' or 'u'
+  int size = 0;     // bytes per element
+  bool swap = false;
+  uint64_t data_bytes = 0;
+};
+
+void open_npy(const std::string& path, NpyFile& f) {
+  std::ifstream& in = f.in;
+  in.open(path, std::ios::binary | std::ios::ate);
   if (!in) throw Error(path + ": cannot open file");
   const auto file_size = static_cast<uint64_t>(in.tellg());
   in.seekg(0);
@@ -168,35 +198,50 @@ Array read_npy(const std::string& path) {
   for (const char* key : {"descr", "fortran_order", "shape"})
     if (!dict.count(key)) throw Error(path + ": .npy header has no '" + key + "'");
   const auto& descr = dict["descr"].text;
-  const bool fortran = dict["fortran_order"].text == "True";
+  f.fortran = dict["fortran_order"].text == "True";
   if (!dict["shape"].is_tuple) throw Error(path + ": .npy header 'shape' is not a tuple");
-  // as `diffexport sample` reads them: any float (f4, f8) as float32, any integer as int64, either byte order, C or Fortran order
+  // as `diffexport sample` reads them: any float (f2, f4, f8), any integer, either byte order, C or Fortran order
   const char order = descr.empty() ? '?' : descr[0], kind = descr.size() > 1 ? descr[1] : '?';
   const int size = descr.size() > 2 ? std::atoi(descr.c_str() + 2) : 0;
   const bool known = (order == '<' || order == '>' || order == '|' || order == '=') &&
-                     ((kind == 'f' && (size == 4 || size == 8)) || ((kind == 'i' || kind == 'u') && (size == 1 || size == 2 || size == 4 || size == 8)));
+                     ((kind == 'f' && (size == 2 || size == 4 || size == 8)) || ((kind == 'i' || kind == 'u') && (size == 1 || size == 2 || size == 4 || size == 8)));
   if (!known || descr.size() != 2 + std::to_string(size).size())
-    throw Error(path + ": dtype '" + descr + "' is not supported (float32/float64, or integers for index and class-label conditions)");
-  const DType dtype = kind == 'f' ? DType::Float32 : DType::Int64;
-  const bool swap = order == '>' && size > 1;  // hosts are little endian (x86-64, aarch64)
+    throw Error(path + ": dtype '" + descr + "' is not supported (float16/32/64, or integers for index and class-label conditions)");
+  f.header = {descr, dict["shape"].ints};
+  f.kind = kind, f.size = size;
+  f.swap = order == '>' && size > 1;  // hosts are little endian (x86-64, aarch64)
 
-  const std::vector<int64_t>& shape = dict["shape"].ints;
+  const std::vector<int64_t>& shape = f.header.shape;
   uint64_t expected = static_cast<uint64_t>(size);  // data bytes, saturating instead of overflowing
   for (int64_t d : shape) expected = d && expected > (UINT64_MAX >> 1) / d ? UINT64_MAX >> 1 : expected * d;
   expected += offset + header_len;
   if (file_size != expected)
     throw Error(path + ": file has " + std::to_string(file_size) + " bytes but shape " + shape_str(shape) + " '" + descr +
                 "' needs " + std::to_string(expected) + (file_size < expected ? " (truncated)" : ""));
-  std::vector<unsigned char> raw(static_cast<size_t>(expected - offset - header_len));  // allocated once the file is known to hold it
-  in.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
-  if (!in) throw Error(path + ": read error");
-  Array a(dtype, shape);
+  f.data_bytes = expected - offset - header_len;
+}
+
+}  // namespace
+
+NpyHeader read_npy_header(const std::string& path) {
+  NpyFile f;
+  open_npy(path, f);
+  return f.header;
+}
+
+Array read_npy(const std::string& path) {
+  NpyFile f;
+  open_npy(path, f);
+  const std::vector<int64_t>& shape = f.header.shape;
+  const int size = f.size;
+  std::vector<unsigned char> raw(static_cast<size_t>(f.data_bytes));  // allocated once the file is known to hold it
+  f.in.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
+  if (!f.in) throw Error(path + ": read error");
+  Array a(f.kind != 'f' ? DType::Int64 : size == 8 ? DType::Float64 : DType::Float32, shape);
   const int64_t n = a.numel();
-  float* f32 = kind == 'f' ? a.f32() : nullptr;
-  int64_t* i64 = kind == 'f' ? nullptr : a.i64();
   for (int64_t i = 0; i < n; ++i) {
     int64_t src = i;  // Fortran order: the element at C index i is stored at its column-major offset
-    if (fortran) {
+    if (f.fortran) {
       src = 0;
       int64_t rest = i, stride = 1;
       std::vector<int64_t> index(shape.size());
@@ -205,24 +250,20 @@ Array read_npy(const std::string& path) {
     }
     unsigned char b[8];
     std::memcpy(b, raw.data() + src * size, size);
-    if (swap) std::reverse(b, b + size);
-    if (kind == 'f') {
-      double v;
-      if (size == 4) {
-        float f;
-        std::memcpy(&f, b, 4);
-        v = f;
-      } else {
-        std::memcpy(&v, b, 8);
-      }
-      f32[i] = static_cast<float>(v);
+    if (f.swap) std::reverse(b, b + size);
+    if (f.kind == 'f' && size == 2) {
+      uint16_t h;
+      std::memcpy(&h, b, 2);
+      a.f32()[i] = half_to_float(h);
+    } else if (f.kind == 'f') {
+      std::memcpy(size == 4 ? static_cast<void*>(a.f32() + i) : static_cast<void*>(a.f64() + i), b, size);
     } else {
       uint64_t u = 0;
       std::memcpy(&u, b, size);
-      if (kind == 'i' && size < 8 && (u >> (8 * size - 1)) & 1) u |= ~uint64_t(0) << (8 * size);  // sign-extend
-      if (kind == 'u' && size == 8 && u > uint64_t(INT64_MAX))
+      if (f.kind == 'i' && size < 8 && (u >> (8 * size - 1)) & 1) u |= ~uint64_t(0) << (8 * size);  // sign-extend
+      if (f.kind == 'u' && size == 8 && u > uint64_t(INT64_MAX))
         throw Error(path + ": value " + std::to_string(u) + " at element " + std::to_string(i) + " does not fit int64");
-      i64[i] = static_cast<int64_t>(u);
+      a.i64()[i] = static_cast<int64_t>(u);
     }
   }
   return a;
@@ -234,7 +275,7 @@ void write_npy(const std::string& path, const Array& a) {
   if (a.shape.size() > 1) shape.resize(shape.size() - 2);
   else if (a.shape.size() == 1) shape.resize(shape.size() - 1);  // "(5,)"
   shape += ")";
-  std::string header = std::string("{'descr': '") + (a.dtype == DType::Float32 ? "<f4" : "<i8") +
+  std::string header = std::string("{'descr': '") + (a.dtype == DType::Float32 ? "<f4" : a.dtype == DType::Int64 ? "<i8" : "<f8") +
                        "', 'fortran_order': False, 'shape': " + shape + ", }";
   header.append(63 - (10 + header.size()) % 64, ' ');  // magic + header + '\n' is a multiple of 64
   header += '\n';

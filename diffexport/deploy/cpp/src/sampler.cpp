@@ -357,8 +357,9 @@ class Run {
         x = solver_.heun() ? heun(x, t_cur, t_next) : x + bv(t_next - t_cur, x) * ode(x, t_cur);
       }
       if (!at::isfinite(x).all().item<bool>())
-        throw Error("sampling produced NaN/Inf at step " + std::to_string(i) + " (t " + std::to_string(times[i].item<double>()) + " -> " +
-                    std::to_string(times[i + 1].item<double>()) + ")");
+        throw Error(backend_.name() + ": non-finite values in the state x after step " + std::to_string(i) + " (t " + g(times[i].item<double>()) +
+                    " -> " + g(times[i + 1].item<double>()) + "); " + non_finite(x));
+      step_ = static_cast<int>(i) + 1;
     }
     return x;
   }
@@ -387,7 +388,26 @@ class Run {
       backend_.run(views, out.data_ptr<float>());
       outs.push_back(out.slice(0, 0, size));
     }
-    return outs.size() == 1 ? outs[0] : at::cat(outs);
+    const Tensor out = outs.size() == 1 ? outs[0] : at::cat(outs);
+    if (!at::isfinite(out).all().item<bool>()) {  // runtime.guards.FiniteGuard's check and line
+      const double lo = sigma.min().item<double>(), hi = sigma.max().item<double>();
+      throw Error(backend_.name() + ": non-finite values in the denoiser output at step " + std::to_string(step_) + " (sigma=" +
+                  (lo == hi ? g(lo) : g(lo) + ".." + g(hi)) + "); " + non_finite(out));
+    }
+    return out;
+  }
+
+  /// Python's f"{v:g}".
+  static std::string g(double v) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%g", v);
+    return text;
+  }
+
+  /// "3 of 512 values are NaN/Inf (1 NaN)", as runtime.guards counts them.
+  static std::string non_finite(const Tensor& t) {
+    return std::to_string((~at::isfinite(t)).sum().item<int64_t>()) + " of " + std::to_string(t.numel()) + " values are NaN/Inf (" +
+           std::to_string(at::isnan(t).sum().item<int64_t>()) + " NaN)";
   }
 
   /// `edm_x0_predictor(denoiser_dtype=float32)`: x0 = D(x_t / α(t), σ(t)/α(t)), computed in the state's
@@ -466,6 +486,7 @@ class Run {
   std::vector<Tensor> conditions_, joint_;
   double guidance_;
   at::Generator gen_;
+  int step_ = 0;  // the step being taken, named when the engine's output is not finite
   Tensor levels_;  // the preconditioner's noise levels (sampler.round_sigma), undefined: no rounding
 };
 
