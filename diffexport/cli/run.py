@@ -101,7 +101,7 @@ def _parse_conditions(items: list[str], engine=None, batch: int | None = None, b
             files[name] = f"--condition {item}"
             continue
         array = _load_npy(Path(file), f"condition '{name}'", integer_ok=True)
-        vector = engine is not None and any(c.name == name and c.kind == "vector" for c in condition_specs(engine))
+        vector = kinds.get(name) == "vector"
         if vector and array.ndim == 1 and np.issubdtype(array.dtype, np.integer):  # class indices
             if batch is not None and len(array) > batch:  # fewer are cycled; more would be dropped (as a one-hot file is refused)
                 raise fail(f"{file}: condition '{name}' (class indices) must have at most {batch} rows, the batch "
